@@ -1,0 +1,51 @@
+"""Losses of the two training stages, masked by which steps and chunk entries are real."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vitavla.batch import RobotSpec
+
+
+def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over the entries where ``mask`` is True; ``mask`` broadcasts over trailing feature axes."""
+    if mask is None:
+        return values.mean()
+    m = mask.to(values.dtype)
+    while m.dim() < values.dim():
+        m = m.unsqueeze(-1)
+    m = m.expand_as(values)
+    return (values * m).sum() / m.sum().clamp_min(1.0)
+
+
+def alignment_loss(student: Tensor, teacher: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Stage 1: MSE between mapped student hidden states and teacher hidden states, (B, T, Q, D) each."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student hidden {tuple(student.shape)} and teacher hidden {tuple(teacher.shape)} differ")
+    return _masked_mean((student - teacher.to(student.dtype)) ** 2, valid)
+
+
+def action_loss(pred, target: Tensor, mask: Tensor | None, robot: RobotSpec,
+                gripper_weight: float = 0.01) -> tuple[Tensor, dict[str, Tensor]]:
+    """Stage 2: MAE on arm actions + ``gripper_weight`` * BCE on gripper targets.
+
+    ``pred`` is an :class:`~teachers.base.ActionOutput` with (B, T, C, ·) fields; ``target`` is
+    (B, T, C, arm_dim + gripper_dim); ``mask`` (B, T, C) marks the chunk entries inside the episode.
+    """
+    arm_t, grip_t = target[..., : robot.arm_dim], target[..., robot.arm_dim :]
+    arm = _masked_mean((pred.arm - arm_t).abs(), mask)
+    bce = F.binary_cross_entropy_with_logits(pred.gripper_logit, grip_t.to(pred.gripper_logit.dtype),
+                                             reduction="none")
+    grip = _masked_mean(bce, mask)
+    loss = arm + gripper_weight * grip
+    return loss, {"arm_mae": arm.detach(), "gripper_bce": grip.detach()}
+
+
+def gripper_accuracy(pred, target: Tensor, mask: Tensor | None, robot: RobotSpec) -> Tensor:
+    hit = ((pred.gripper_logit > 0) == (target[..., robot.arm_dim :] > 0.5)).float()
+    return _masked_mean(hit, mask)
+
+
+__all__ = ["alignment_loss", "action_loss", "gripper_accuracy"]
