@@ -1,0 +1,74 @@
+"""The ``vitavla`` command: LightningCLI (fit / validate / test / predict) plus a few extra subcommands.
+
+    vitavla fit --config configs/align_calvin.yaml
+    vitavla fit --config configs/finetune_calvin.yaml --model.init_from runs/align/.../last.ckpt
+    vitavla quickstart            # both stages on tiny models, CPU, a few minutes
+
+Every part (teacher, student backbone, datamodule, strategy) is chosen by ``class_path`` in YAML.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+EXTRA_COMMANDS = {
+    "quickstart": "vitavla.quickstart:main",
+}
+
+
+def _enable_attribute_docstrings() -> None:
+    """Dataclass field docstrings (e.g. OptimConfig) become ``--help`` text."""
+    import jsonargparse
+
+    if hasattr(jsonargparse, "set_parsing_settings"):
+        try:
+            jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+            return
+        except (TypeError, ValueError):
+            pass
+    if hasattr(jsonargparse, "set_docstring_parse_options"):
+        jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
+
+
+class VitaCLI(LightningCLI):
+    """LightningCLI that maps ``strategy: deepspeed_stage_N`` to a CPU-capable DeepSpeed strategy when no
+    GPU is present, so the same YAML trains on a laptop and on a GPU node."""
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        from vitavla.strategies import resolve_strategy
+
+        config = dict(config)
+        config["strategy"] = resolve_strategy(config.get("strategy", "auto"), config.get("accelerator", "auto"))
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> VitaCLI:
+    _enable_attribute_docstrings()
+    return VitaCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        import importlib
+
+        module, func = EXTRA_COMMANDS[argv[0]].split(":")
+        getattr(importlib.import_module(module), func)(argv[1:])
+        return
+    build_cli(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""What both training stages share: optimizer and schedule, parameter accounting, slim checkpoints."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import lightning as L
+import torch
+from torch import nn
+
+from vitavla.batch import Window
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay (paper Table 5)."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_epochs: float = 1.0
+    """Warmup length in epochs (paper: 1 for alignment, 2 for fine-tuning); converted to optimizer steps."""
+    warmup_steps: int | None = None
+    """Warmup in optimizer steps; overrides ``warmup_epochs`` when set."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine decay, as a fraction of ``lr``."""
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear ramp over ``warmup`` steps, then cosine down to ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def schedule_lengths(trainer: L.Trainer, cfg: OptimConfig) -> tuple[int, int]:
+    """(warmup steps, total steps) in optimizer steps, gradient accumulation included."""
+    total = max(1, int(trainer.estimated_stepping_batches))
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps, total
+    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+    per_epoch = total / epochs
+    return min(total, int(round(cfg.warmup_epochs * per_epoch))), total
+
+
+def configure_adamw(module: L.LightningModule, cfg: OptimConfig):
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(module).__name__} has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+    warmup, total = schedule_lengths(module.trainer, cfg)
+
+    def factor(step: int) -> float:
+        return cosine_with_warmup(step, warmup, total, cfg.min_lr_ratio)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def count_parameters(named: dict[str, nn.Module | nn.Parameter]) -> dict[str, dict[str, int]]:
+    """Trainable / frozen parameter counts per named part (shared tensors counted once per part)."""
+    out = {}
+    for name, part in named.items():
+        params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+        out[name] = {
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+            "frozen": sum(p.numel() for p in params if not p.requires_grad),
+        }
+    return out
+
+
+def format_parameter_table(counts: dict[str, dict[str, int]]) -> str:
+    rows = [f"{'part':<22}{'trainable':>16}{'frozen':>16}"]
+    for name, c in counts.items():
+        rows.append(f"{name:<22}{c['trainable']:>16,}{c['frozen']:>16,}")
+    tot_t = sum(c["trainable"] for c in counts.values())
+    tot_f = sum(c["frozen"] for c in counts.values())
+    rows.append(f"{'total':<22}{tot_t:>16,}{tot_f:>16,}")
+    return "\n".join(rows)
+
+
+class WindowModule(L.LightningModule):
+    """Base for the stage modules: moves Windows to the device, saves only what trains.
+
+    Frozen weights (vision tower, teacher, and in stage 1 the whole VLM) come back from the paths in the
+    config, so checkpoints hold only trainable parameters: ~30M instead of ~8B parameters for stage 1.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.strict_loading = False
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        if isinstance(batch, Window):
+            return batch.to(device, non_blocking=True)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def parameter_groups(self) -> dict[str, nn.Module | nn.Parameter]:
+        raise TypeError(f"{type(self).__name__} must define parameter_groups()")
+
+    def parameter_counts(self) -> dict[str, dict[str, int]]:
+        return count_parameters(self.parameter_groups())
+
+    def on_fit_start(self) -> None:
+        counts = self.parameter_counts()
+        self.print(f"{type(self).__name__} parameters:\n{format_parameter_table(counts)}")
+        for logger in self.loggers:
+            logger.log_hyperparams({f"params/{k}_{kind}": v[kind] for k, v in counts.items()
+                                    for kind in ("trainable", "frozen")})
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        sd = checkpoint.get("state_dict")
+        if sd is not None:
+            checkpoint["state_dict"] = {k: v for k, v in sd.items() if k in trainable}

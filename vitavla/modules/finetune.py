@@ -1,0 +1,134 @@
+"""Stage 2 (fine-tuning): train the student end to end on actions through the teacher's decoder."""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+
+from teachers.base import Teacher
+from vitavla.batch import Window
+from vitavla.checkpoint_io import load_strict, read_state_dict, select_prefix
+from vitavla.losses import action_loss, gripper_accuracy
+from vitavla.modules.alignment import check_compatible
+from vitavla.modules.common import OptimConfig, WindowModule, configure_adamw
+from vitavla.policy import VLAPolicy
+from vitavla.student import ActionMapper, VLAStudent
+
+InitMode = Literal["two_stage", "only_finetune", "freeze_vlm"]
+
+
+class PolicyModule(WindowModule):
+    """Stage 2: loss = MAE(arm) + gripper_loss_weight * BCE(gripper).
+
+    Init modes (paper §4.1):
+      - ``two_stage``: state encoder, action token and mapper from a stage-1 checkpoint (``init_from``);
+        trains the LLM, state encoder, action token, mapper and decoder.
+      - ``only_finetune``: no alignment; decoder from the teacher, fresh mapper; trains the same parts.
+      - ``freeze_vlm``: as ``two_stage`` but the LLM stays frozen.
+    The vision tower and projector stay frozen in every mode; the decoder always starts from the teacher's.
+    """
+
+    def __init__(self, student: VLAStudent, teacher: Teacher, init_mode: InitMode = "two_stage",
+                 init_from: str | None = None, mapper_hidden_dim: int | None = None,
+                 gripper_loss_weight: float = 0.01, optim: OptimConfig | None = None):
+        """
+        Args:
+            student: the VLM student.
+            teacher: the action expert whose decoder (``action_head``) is copied; the teacher itself is not kept.
+            init_mode: ``two_stage``, ``only_finetune`` or ``freeze_vlm``.
+            init_from: stage-1 checkpoint (Lightning .ckpt, .safetensors or DeepSpeed dir) for two_stage/freeze_vlm.
+            mapper_hidden_dim: hidden width of the mapper (default: the teacher's hidden size).
+            gripper_loss_weight: weight of the gripper BCE term (paper: 0.01).
+            optim: optimizer and schedule (paper Table 5: lr 1e-4, 2 warmup epochs, 2 epochs).
+        """
+        super().__init__()
+        if init_mode not in ("two_stage", "only_finetune", "freeze_vlm"):
+            raise ValueError(f"init_mode must be two_stage, only_finetune or freeze_vlm, got {init_mode!r}")
+        if init_mode != "only_finetune" and init_from is None:
+            raise ValueError(f"init_mode={init_mode!r} needs init_from=<stage-1 checkpoint>")
+        check_compatible(student, teacher, None)
+        head = copy.deepcopy(teacher.action_head)
+        mapper = ActionMapper(student.hidden_size, teacher.hidden_size, mapper_hidden_dim)
+        self.policy = VLAPolicy(student, mapper, head)
+        self.init_mode = init_mode
+        self.gripper_loss_weight = gripper_loss_weight
+        self.optim = optim or OptimConfig(warmup_epochs=2.0)
+        if init_from is not None:
+            self.load_alignment(init_from)
+        self.policy.requires_grad_(True)
+        for m in student.backbone.vision_modules():
+            m.requires_grad_(False)
+        if init_mode == "freeze_vlm":
+            student.backbone.language_model().requires_grad_(False)
+        self._freeze_unused(student)
+
+    @staticmethod
+    def _freeze_unused(student: VLAStudent) -> None:
+        """Parameters outside vision, LLM and our additions (e.g. an unused LM head) stay frozen."""
+        used = {id(p) for m in [student.backbone.language_model(), *student.backbone.vision_modules()]
+                for p in m.parameters()}
+        for p in student.backbone.parameters():
+            if id(p) not in used:
+                p.requires_grad_(False)
+
+    def load_alignment(self, path: str) -> None:
+        """State encoder, action token and mapper from a stage-1 (DistillationModule) checkpoint."""
+        sd = read_state_dict(path)
+        student = self.policy.student
+        load_strict(student.state_encoder, select_prefix(sd, "student.state_encoder."), f"{path} [state_encoder]")
+        load_strict(self.policy.mapper, select_prefix(sd, "mapper."), f"{path} [mapper]")
+        if "student.action_token" not in sd:
+            raise ValueError(f"{path} has no 'student.action_token'; is it a stage-1 (DistillationModule) "
+                             f"checkpoint? keys: {sorted(sd)[:6]}")
+        token = sd["student.action_token"]
+        if token.shape != student.action_token.shape:
+            raise ValueError(f"{path}: student.action_token has shape {tuple(token.shape)}, expected "
+                             f"{tuple(student.action_token.shape)}")
+        with torch.no_grad():
+            student.action_token.copy_(token)
+
+    def parameter_groups(self):
+        student = self.policy.student
+        return {
+            "vision": torch.nn.ModuleList(student.backbone.vision_modules()),
+            "llm": student.backbone.language_model(),
+            "state_encoder": student.state_encoder,
+            "action_token": student.action_token,
+            "action_mapper": self.policy.mapper,
+            "action_decoder": self.policy.action_head,
+        }
+
+    def forward(self, batch: Window):
+        return self.policy(batch)
+
+    def _step(self, batch: Window, stage: str):
+        batch.validate(self.policy.robot, require_actions=True)
+        pred = self.policy(batch)
+        loss, parts = action_loss(pred, batch.actions, batch.action_valid, self.policy.robot,
+                                  self.gripper_loss_weight)
+        bs = batch.batch_size
+        sync = stage != "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=sync, batch_size=bs)
+        self.log(f"{stage}/arm_mae", parts["arm_mae"], sync_dist=sync, batch_size=bs)
+        self.log(f"{stage}/gripper_bce", parts["gripper_bce"], sync_dist=sync, batch_size=bs)
+        if stage != "train":
+            acc = gripper_accuracy(pred, batch.actions, batch.action_valid, self.policy.robot)
+            self.log(f"{stage}/gripper_acc", acc, sync_dist=True, batch_size=bs)
+        return loss
+
+    def training_step(self, batch: Window, batch_idx: int):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Window, batch_idx: int):
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Window, batch_idx: int):
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: Window, batch_idx: int):
+        return self.policy(batch).as_action()
+
+    def configure_optimizers(self):
+        return configure_adamw(self, self.optim)

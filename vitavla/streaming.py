@@ -1,0 +1,181 @@
+"""Streaming inference: one observation in, one action chunk out, past steps kept in a KV cache.
+
+Why it is exact: with the ``action_isolated`` mask no token attends to an earlier step's action tokens, so
+after reading a step's action outputs their keys and values are cropped from the cache, and the cache then
+holds exactly the observation tokens a full-window forward would attend to, at the same rotary positions.
+A new step costs one language-model pass over that step's tokens (P of them) against the cache instead of a
+pass over all T * P tokens of the window; image and instruction embeddings are computed once per frame and
+kept, never recomputed.
+
+Window overflow (the refill policy): a full-window forward over ``max_steps`` steps puts the oldest kept
+step at position 0. Rotary positions are baked into cached keys, so the oldest step cannot be dropped from
+the front of the cache. When a step arrives and ``max_steps`` steps are already held, the cache is rebuilt
+from the most recent ``max_steps - refill_block`` steps (from their stored embeddings: no vision work), then
+the new step is appended. The context therefore cycles between ``max_steps - refill_block + 1`` and
+``max_steps`` steps, and every output equals a full-window forward over exactly the steps held. Cost per
+step: one P-token pass, plus once every ``refill_block`` steps a prefill of ``(max_steps - refill_block) * P``
+tokens; ``refill_block = 1`` reproduces a sliding window of exactly ``max_steps`` steps at the price of a
+prefill every step, ``refill_block = max_steps`` restarts the history.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from teachers.base import ActionOutput
+from vitavla.batch import BatchError
+from vitavla.policy import VLAPolicy
+from vitavla.sequence import ACTION, TEXT, TokenMeta, additive_mask, allowed_attention, positions_from_real
+from vitavla.student import StepBlocks
+
+
+@dataclass
+class Observation:
+    """One control step of B environments: images uint8 (B, V, 3, H, W), state (B, state_dim), B strings."""
+
+    images: Tensor
+    state: Tensor
+    instruction: list[str]
+
+
+class StreamingPolicy:
+    """Keeps the history of one batch of episodes; :meth:`step` returns the action chunk of the newest step."""
+
+    def __init__(self, policy: VLAPolicy, max_steps: int | None = None, refill_block: int | None = None):
+        self.policy = policy
+        self.student = policy.student
+        self.max_steps = max_steps or self.student.max_steps
+        self.refill_block = refill_block or max(1, self.max_steps // 2)
+        if not 1 <= self.refill_block <= self.max_steps:
+            raise ValueError(f"refill_block must be in [1, max_steps={self.max_steps}], got {self.refill_block}")
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the episode: call at the start of every episode (and every CALVIN subtask)."""
+        self._history: deque[StepBlocks] = deque()
+        self._cache = None
+        self._keys: TokenMeta | None = None
+        self._next_pos: Tensor | None = None
+        self._next_order = 0
+        self._instruction: list[str] | None = None
+        self._text: tuple[Tensor, Tensor] | None = None
+        self.refills = 0
+
+    @property
+    def held_steps(self) -> int:
+        return len(self._history)
+
+    @property
+    def cached_tokens(self) -> int:
+        return 0 if self._cache is None else self._cache.get_seq_length()
+
+    @torch.no_grad()
+    def step(self, obs: Observation) -> ActionOutput:
+        """Actions for the newest step: fields (B, action_chunk, ·)."""
+        student = self.student
+        self._check(obs)
+        if self._instruction is None:
+            self._instruction = list(obs.instruction)
+            self._text = student.embed_instruction(self._instruction)
+        elif list(obs.instruction) != self._instruction:
+            raise BatchError("the instruction changed mid-episode; call reset() before a new instruction")
+        text, text_real = self._text
+        per_step = student.instruction_per_step
+        block = student.step_blocks(student.embed_images(obs.images[:, None]), obs.state[:, None],
+                                    text if per_step else None, text_real if per_step else None)
+        if self._cache is None or self.held_steps >= self.max_steps:
+            keep = 0 if self._cache is None else self.max_steps - self.refill_block
+            self._history = deque(list(self._history)[self.held_steps - keep:])
+            self._refill(list(self._history))
+        hidden = self._append(block)
+        self._history.append(block)
+        c = student.robot.action_chunk
+        return self.policy.decode(hidden[:, -c:])
+
+    # -- cache bookkeeping -------------------------------------------------------------------------
+    def _meta(self, block: StepBlocks) -> TokenMeta:
+        b, _, p = block.real.shape
+        kind = block.kind[None].expand(b, p)
+        order = torch.arange(self._next_order, self._next_order + p, device=kind.device)[None].expand(b, p)
+        return TokenMeta(kind, block.real[:, 0], order)
+
+    def _run(self, embeds: Tensor, queries: TokenMeta, positions: Tensor) -> Tensor:
+        keys = queries if self._keys is None else self._keys.cat(queries)
+        mask = additive_mask(allowed_attention(queries, keys, self.student.attention), embeds.dtype)
+        out = self.student.backbone(embeds, mask, positions, past_key_values=self._cache, use_cache=True)
+        self._cache = out.cache
+        self._keys = keys
+        self._next_order += embeds.shape[1]
+        return out.hidden
+
+    def _drop_action_keys(self) -> None:
+        """Action tokens are invisible to later tokens, so their keys are dead weight in the cache."""
+        if self.student.attention != "action_isolated":
+            return
+        c = self.student.robot.action_chunk
+        self._cache.crop(-c)
+        self._keys = self._keys.keep(torch.arange(self._keys.length - c, device=self._keys.kind.device))
+
+    def _append(self, block: StepBlocks) -> Tensor:
+        meta = self._meta(block)
+        positions = positions_from_real(meta.real, self._next_pos)
+        hidden = self._run(block.embeds[:, 0], meta, positions)
+        self._next_pos = positions[:, -1] + 1
+        self._drop_action_keys()
+        return hidden
+
+    def _refill(self, kept: list[StepBlocks]) -> None:
+        """Rebuild the cache from the instruction prefix (if any) and the kept steps' observation tokens."""
+        student = self.student
+        self.refills += self._cache is not None
+        self._cache = student.backbone.new_cache()
+        self._keys, self._next_order = None, 0
+        text, text_real = self._text
+        b = text.shape[0]
+        embeds, metas, reals = [], [], []
+        if not student.instruction_per_step:
+            kind = torch.full_like(text_real, TEXT, dtype=torch.long)
+            order = torch.arange(text.shape[1], device=text.device)[None].expand(b, -1)
+            embeds.append(text)
+            metas.append(TokenMeta(kind, text_real, order))
+            reals.append(text_real)
+            self._next_order = text.shape[1]
+        for blk in kept:
+            meta = self._meta(blk)
+            self._next_order += meta.length
+            embeds.append(blk.embeds[:, 0])
+            metas.append(meta)
+            reals.append(meta.real)
+        if not embeds:
+            self._next_pos = torch.zeros(b, dtype=torch.long, device=text.device)
+            return
+        seq, real = torch.cat(embeds, 1), torch.cat(reals, 1)
+        meta = metas[0]
+        for m in metas[1:]:
+            meta = meta.cat(m)
+        positions = positions_from_real(real)
+        self._next_pos = positions[:, -1] + 1
+        order_after = self._next_order
+        if student.attention == "action_isolated":
+            # Old action tokens shape only the numbering (positions computed above), never the outputs.
+            keep = (meta.kind[0] != ACTION).nonzero().squeeze(1)
+            seq, meta, positions = seq[:, keep], meta.keep(keep), positions[:, keep]
+        self._next_order = 0
+        self._run(seq, meta, positions)
+        self._next_order = order_after
+
+    def _check(self, obs: Observation) -> None:
+        s = self.student
+        if obs.images.dim() != 5 or obs.images.dtype != torch.uint8:
+            raise BatchError(f"Observation.images must be uint8 (B, V, 3, H, W), got {obs.images.dtype} "
+                             f"{tuple(obs.images.shape)}")
+        b = obs.images.shape[0]
+        if obs.state.shape != (b, s.robot.state_dim):
+            raise BatchError(f"Observation.state has shape {tuple(obs.state.shape)}, expected "
+                             f"({b}, {s.robot.state_dim})")
+        if len(obs.instruction) != b:
+            raise BatchError(f"Observation.instruction has {len(obs.instruction)} strings for {b} images")
