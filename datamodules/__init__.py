@@ -1,0 +1,1 @@
+from datamodules.synthetic import SyntheticWindowDataModule  # noqa: F401

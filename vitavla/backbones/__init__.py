@@ -1,0 +1,2 @@
+from vitavla.backbones.internvl import InternVLBackbone, paper_internvl_config
+from vitavla.backbones.llava import HFVLMBackbone, LlavaBackbone

@@ -1,0 +1,144 @@
+"""Stage modules: which parameters train, losses fall, stage 1 feeds stage 2, mismatches fail early."""
+
+import lightning as L
+import pytest
+import torch
+
+from teachers.transformer_teacher import TransformerTeacher
+from tests.vitavla.helpers import tiny_backbone, window
+from vitavla.checkpoint_io import CheckpointMismatchError, read_state_dict
+from vitavla.modules import DistillationModule, OptimConfig, PolicyModule
+from vitavla.student import VLAStudent
+
+
+def student(**kw):
+    return VLAStudent(tiny_backbone("internvl"), max_steps=4, **kw)
+
+
+def teacher(**kw):
+    return TransformerTeacher(hidden_size=32, num_layers=1, max_steps=8, **kw)
+
+
+def grad_names(module, loss):
+    module.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n for n, p in module.named_parameters() if p.grad is not None}
+
+
+def names_under(module, *prefixes):
+    return {n for n, _ in module.named_parameters() if n.startswith(prefixes)}
+
+
+def test_stage1_trains_only_state_encoder_action_token_and_mapper():
+    m = DistillationModule(student(), teacher())
+    got = grad_names(m, m.losses(window())["loss"])
+    expected = names_under(m, "student.state_encoder.", "student.action_token", "mapper.")
+    assert got == expected
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == expected
+    assert not m.teacher.training and not any(p.requires_grad for p in m.teacher.parameters())
+    m.train()
+    assert not m.teacher.training  # a frozen teacher stays in eval mode (dropout off)
+
+
+@pytest.mark.parametrize("mode", ["two_stage", "only_finetune", "freeze_vlm"])
+def test_stage2_gradient_sets(mode, tmp_path):
+    s1 = DistillationModule(student(), teacher())
+    ckpt = tmp_path / "stage1.ckpt"
+    torch.save({"state_dict": {k: v for k, v in s1.state_dict().items()
+                               if k.startswith(("student.state_encoder", "student.action_token", "mapper"))}}, ckpt)
+    m = PolicyModule(student(), teacher(), init_mode=mode, init_from=None if mode == "only_finetune" else str(ckpt))
+    w = window()
+    pred = m(w)
+    loss = (pred.arm - w.actions[..., :6]).abs().mean() + pred.gripper_logit.mean()
+    got = grad_names(m, loss)
+    llm = {f"policy.student.backbone.{n}" for n, _ in
+           m.policy.student.backbone.named_parameters() if n.startswith(_llm_prefix(m))}
+    ours = names_under(m, "policy.student.state_encoder.", "policy.student.action_token", "policy.mapper.",
+                       "policy.action_head.")
+    expected = ours | (set() if mode == "freeze_vlm" else llm)
+    assert got == expected
+    vision = {id(p) for v in m.policy.student.backbone.vision_modules() for p in v.parameters()}
+    assert all(not p.requires_grad for p in m.parameters() if id(p) in vision)
+
+
+def _llm_prefix(m):
+    backbone = m.policy.student.backbone
+    llm = backbone.language_model()
+    for name, mod in backbone.named_modules():
+        if mod is llm:
+            return name + "."
+    raise AssertionError("language model not found in backbone")
+
+
+def _overfit(module, loss_fn, steps, lr):
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
+    first = None
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    return first, loss_fn().item()
+
+
+@pytest.fixture(scope="module")
+def smooth_batch():
+    """A batch from the (learnable) synthetic datamodule: consecutive actions of smooth trajectories."""
+    from datamodules.synthetic import SyntheticWindowDataModule
+
+    dm = SyntheticWindowDataModule(num_episodes=4, episode_length=8, num_steps=2, batch_size=1, val_fraction=0.25)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def test_stage1_overfits_a_fixed_batch(smooth_batch):
+    m1 = DistillationModule(student(), teacher())
+    first, last = _overfit(m1, lambda: m1.losses(smooth_batch)["loss"], steps=250, lr=3e-3)
+    assert last < first / 10, (first, last)
+
+
+def test_stage2_overfits_a_fixed_batch(smooth_batch):
+    from vitavla.losses import action_loss
+
+    w = smooth_batch
+    m2 = PolicyModule(student(), teacher(), init_mode="only_finetune")
+    first, last = _overfit(m2, lambda: action_loss(m2(w), w.actions, w.action_valid, m2.policy.robot)[0],
+                           steps=60, lr=3e-3)
+    assert last < first / 10, (first, last)
+
+
+def test_stage1_checkpoint_feeds_stage2_through_lightning(tmp_path):
+    from datamodules.synthetic import SyntheticWindowDataModule
+
+    data = SyntheticWindowDataModule(num_episodes=4, episode_length=6, num_steps=3, batch_size=2, val_fraction=0.25)
+    m1 = DistillationModule(student(), teacher(), optim=OptimConfig(lr=1e-3))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, limit_val_batches=1, enable_model_summary=False)
+    trainer.fit(m1, datamodule=data)
+    ckpt = tmp_path / "s1.ckpt"
+    trainer.save_checkpoint(ckpt)
+    sd = read_state_dict(ckpt)  # weights_only=True inside
+    assert set(sd) == {n for n, p in m1.named_parameters() if p.requires_grad}  # slim: trainable only
+    m2 = PolicyModule(student(), teacher(), init_mode="two_stage", init_from=str(ckpt))
+    assert torch.equal(m2.policy.student.action_token, m1.student.action_token)
+    for (k, a), b in zip(m1.mapper.state_dict().items(), m2.policy.mapper.state_dict().values()):
+        assert torch.equal(a, b), k
+    # the decoder starts from the teacher's
+    t = teacher()
+    assert torch.equal(m2.policy.action_head.action_decoder[0].weight, t.action_head.action_decoder[0].weight)
+
+
+def test_mismatched_parts_fail_at_construction_naming_both_sides(tmp_path):
+    with pytest.raises(ValueError, match=r"mapper_out_dim=99 .*hidden size 32"):
+        DistillationModule(student(), teacher(), mapper_out_dim=99)
+    with pytest.raises(ValueError, match=r"student.robot.arm_dim=6 but teacher .*arm_dim=12"):
+        DistillationModule(student(), teacher(arm_dim=12, gripper_dim=2))
+    with pytest.raises(ValueError, match=r"teacher reads 112px .*224px"):
+        DistillationModule(student(), teacher(image_size=112))
+    with pytest.raises(ValueError, match="needs init_from"):
+        PolicyModule(student(), teacher(), init_mode="two_stage")
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {"student.state_encoder.arm_encoder.weight": torch.zeros(3, 3)}}, bad)
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)bad.ckpt.*missing keys .*arm_encoder.weight: expected \(64, 6\), found \(3, 3\)"):
+        PolicyModule(student(), teacher(), init_mode="two_stage", init_from=str(bad))
