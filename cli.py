@@ -48,15 +48,20 @@ class VitaCLI(LightningCLI):
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> VitaCLI:
     _enable_attribute_docstrings()
-    return VitaCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    # Explicit args replace the command line; LightningCLI warns when it sees both.
+    saved, sys.argv = sys.argv, (sys.argv[:1] if args is not None else sys.argv)
+    try:
+        return VitaCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+    finally:
+        sys.argv = saved
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,7 +72,20 @@ def main(argv: list[str] | None = None) -> None:
         module, func = EXTRA_COMMANDS[argv[0]].split(":")
         getattr(importlib.import_module(module), func)(argv[1:])
         return
-    build_cli(argv)
+    try:
+        build_cli(argv)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        root = _root_cause(e)
+        if root is e and not isinstance(e, FileNotFoundError):
+            raise
+        # jsonargparse wraps construction errors in a union-validation report; show the cause we raised.
+        sys.exit(f"vitavla: error: {type(root).__name__}: {root}")
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def _run(config: Path, out: Path, name: str, epochs: int, extra: list[str]) -> d
     after = trainer.validate(model, datamodule=data, verbose=False)[0]
     trainable = sum(c["trainable"] for c in model.parameter_counts().values())
     return {"before": before, "after": after, "seconds": seconds, "trainable": trainable,
-            "checkpoint": str(run_dir / "checkpoints" / "last.ckpt")}
+            "checkpoint": trainer.checkpoint_callback.last_model_path, "log_dir": trainer.log_dir}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
