@@ -60,9 +60,12 @@ class HFVLMBackbone(Backbone):
     def __init__(self, path: str = "tiny", tokens_per_image: int = 49, image_size: int = 224,
                  pool: str = "bilinear", dtype: str = "float32", attn_implementation: str = "sdpa",
                  trust_remote_code: bool = False, image_mean: tuple[float, float, float] | None = None,
-                 image_std: tuple[float, float, float] | None = None, gradient_checkpointing: bool = False):
+                 image_std: tuple[float, float, float] | None = None, gradient_checkpointing: bool = False,
+                 init: str = "pretrained"):
         super().__init__()
         torch_dtype = parse_dtype(dtype)
+        if init not in ("pretrained", "random"):
+            raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
         if attn_implementation not in _MASKABLE_ATTENTION:
             raise ValueError(f"attn_implementation={attn_implementation!r} cannot take vitavla's custom 4-D "
                              f"attention mask; use one of {_MASKABLE_ATTENTION}")
@@ -85,6 +88,10 @@ class HFVLMBackbone(Backbone):
 
             self.tokenizer = tiny_tokenizer()
             stats = {}
+        elif init == "random":
+            # The real architecture with random weights: smoke tests at true shapes, and parameter
+            # accounting on the meta device, from a directory that may hold only config.json.
+            hf, self.tokenizer, stats = self._random(path, torch_dtype, attn_implementation, trust_remote_code)
         else:
             hf, self.tokenizer, stats = self._load(path, torch_dtype, attn_implementation, trust_remote_code)
         self.config = hf.config
@@ -147,6 +154,21 @@ class HFVLMBackbone(Backbone):
             raise ValueError(f"{name}: {root}/config.json has model_type={model_type!r}, but {name} needs "
                              f"{self.model_type!r}. {self._model_type_hint()}")
         return self._hf_class().config_class.from_pretrained(root, local_files_only=True)
+
+    def _random(self, path: str, torch_dtype: torch.dtype, attn: str, trust_remote_code: bool):
+        from transformers import AutoTokenizer
+
+        self.config._attn_implementation = attn
+        hf = self._hf_class()(self.config).to(torch_dtype)
+        root = Path(path).expanduser()
+        if any((root / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True,
+                                                      trust_remote_code=trust_remote_code)
+        else:
+            from vitavla.tiny_tokenizer import tiny_tokenizer
+
+            tokenizer = tiny_tokenizer()
+        return hf, tokenizer, {}
 
     def _load(self, path: str, torch_dtype: torch.dtype, attn: str, trust_remote_code: bool):
         from transformers import AutoTokenizer
@@ -273,11 +295,12 @@ class LlavaBackbone(HFVLMBackbone):
     def __init__(self, path: str = "tiny", tokens_per_image: int = 49, image_size: int = 224,
                  pool: str = "bilinear", dtype: str = "float32", attn_implementation: str = "sdpa",
                  trust_remote_code: bool = False, image_mean: tuple[float, float, float] | None = None,
-                 image_std: tuple[float, float, float] | None = None, gradient_checkpointing: bool = False):
+                 image_std: tuple[float, float, float] | None = None, gradient_checkpointing: bool = False,
+                 init: str = "pretrained"):
         super().__init__(path=path, tokens_per_image=tokens_per_image, image_size=image_size, pool=pool,
                          dtype=dtype, attn_implementation=attn_implementation,
                          trust_remote_code=trust_remote_code, image_mean=image_mean, image_std=image_std,
-                         gradient_checkpointing=gradient_checkpointing)
+                         gradient_checkpointing=gradient_checkpointing, init=init)
 
     def _tiny_config(self):
         return tiny_llava_config()
