@@ -3,6 +3,7 @@
     vitavla fit --config configs/align_calvin.yaml
     vitavla fit --config configs/finetune_calvin.yaml --model.init_from runs/align/.../last.ckpt
     vitavla quickstart            # both stages on tiny models, CPU, a few minutes
+    vitavla data check PATH --format calvin|libero|aloha
 
 Every part (teacher, student backbone, datamodule, strategy) is chosen by ``class_path`` in YAML.
 """
@@ -17,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 
 EXTRA_COMMANDS = {
     "quickstart": "vitavla.quickstart:main",
+    "data": "datamodules.check:main",
 }
 
 

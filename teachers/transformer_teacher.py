@@ -13,7 +13,6 @@ as a streaming policy requires.
 from __future__ import annotations
 
 import json
-import pickle
 import zlib
 from pathlib import Path
 
@@ -23,16 +22,11 @@ from torch import Tensor, nn
 
 from teachers.base import ActionHead, Teacher
 from vitavla.batch import RobotSpec, Window
+from vitavla.checkpoint_io import check_fit, read_state_dict
 
 _OBS_TOKENS = 4  # instruction, view 0, view 1, state
 _WORD_BUCKETS = 4096
 _MAX_INSTRUCTION_BYTES = 256
-_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")  # Lightning, then common training loops
-_MAX_LISTED = 25
-
-
-class CheckpointError(ValueError):
-    """A checkpoint whose tensors do not fit the model it is loaded into."""
 
 
 class _ViewEncoder(nn.Module):
@@ -71,7 +65,7 @@ class TransformerTeacher(Teacher):
         num_layers, num_heads: transformer depth and attention heads (``hidden_size % num_heads == 0``).
         image_size: side of the square uint8 images it reads.
         max_steps: longest window (length of the step embedding).
-        arm_dim, gripper_dim, gripper_state: the robot, see :class:`~vitavla.batch.RobotSpec`.
+        arm_dim, gripper_dim, gripper_state, gripper_state_dim: the robot, see :class:`~vitavla.batch.RobotSpec`.
         action_chunk: actions predicted per step; also the number of action queries ``Q``.
         checkpoint: ``.safetensors`` file (or a directory holding ``model.safetensors``) or a
             ``.pt``/``.ckpt`` state dict, possibly a Lightning checkpoint whose keys carry a prefix such
@@ -81,19 +75,21 @@ class TransformerTeacher(Teacher):
 
     def __init__(self, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, image_size: int = 224,
                  max_steps: int = 16, arm_dim: int = 6, gripper_dim: int = 1, gripper_state: str = "binary",
-                 action_chunk: int = 3, checkpoint: str | None = None, seed: int = 0):
+                 action_chunk: int = 3, checkpoint: str | None = None, seed: int = 0,
+                 gripper_state_dim: int | None = None):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
         self.robot = RobotSpec(arm_dim=arm_dim, gripper_dim=gripper_dim, gripper_state=gripper_state,
-                               action_chunk=action_chunk)
+                               gripper_state_dim=gripper_state_dim, action_chunk=action_chunk)
         self.hidden_size = hidden_size
         self.num_action_queries = action_chunk
         self.image_size = image_size
         self.max_steps = max_steps
         self.config = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                            image_size=image_size, max_steps=max_steps, arm_dim=arm_dim,
-                           gripper_dim=gripper_dim, gripper_state=gripper_state, action_chunk=action_chunk)
+                           gripper_dim=gripper_dim, gripper_state=gripper_state, action_chunk=action_chunk,
+                           gripper_state_dim=gripper_state_dim)
 
         # Forked RNG: building a teacher must not shift the global random stream of the run that builds it.
         with torch.random.fork_rng(devices=[]):
@@ -190,45 +186,18 @@ class TransformerTeacher(Teacher):
         saved_config = None
         if path.suffix == ".safetensors":
             from safetensors import safe_open
-            from safetensors.torch import load_file
 
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
             saved_config = json.loads(meta["config"]) if "config" in meta else None
-            state = load_file(str(path))
-        else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except (pickle.UnpicklingError, RuntimeError) as err:
-                raise CheckpointError(f"{path} cannot be read with torch.load(weights_only=True) (pickled "
-                                      f"Python objects are refused; save a plain state dict): {err}") from err
-            for container in _CONTAINER_KEYS:
-                if isinstance(state, dict) and isinstance(state.get(container), dict):
-                    state = state[container]
-                    break
-            if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-                raise CheckpointError(f"{path} holds no flat state dict of tensors (also looked under "
-                                      f"{', '.join(_CONTAINER_KEYS)})")
-        state = self._strip_prefix(state)
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                      for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-        if missing or unexpected or mismatched:
-            lines = [f"cannot load {path} into TransformerTeacher:"]
-            for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                 ("shape mismatches", mismatched)):
-                if items:
-                    more = f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-                    lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:_MAX_LISTED]) + more)
-            if saved_config is not None:
-                diff = {k: (v, self.config.get(k)) for k, v in saved_config.items()
-                        if self.config.get(k) != v}
-                if diff:
-                    lines.append("  the checkpoint was saved with a different config (saved, this model): "
-                                 + ", ".join(f"{k}=({a}, {b})" for k, (a, b) in diff.items()))
-            raise CheckpointError("\n".join(lines))
+        state = self._strip_prefix(read_state_dict(path))
+        notes = []
+        if saved_config is not None:
+            diff = {k: (v, self.config.get(k)) for k, v in saved_config.items() if self.config.get(k) != v}
+            if diff:
+                notes.append("the checkpoint was saved with a different config (saved, this model): "
+                             + ", ".join(f"{k}=({a}, {b})" for k, (a, b) in diff.items()))
+        check_fit(state, {k: v.shape for k, v in self.state_dict().items()}, path, "TransformerTeacher", notes)
         self.load_state_dict(state)
         return self
 
@@ -247,4 +216,4 @@ class TransformerTeacher(Teacher):
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-__all__ = ["TransformerTeacher", "CheckpointError"]
+__all__ = ["TransformerTeacher"]

@@ -1,70 +1,93 @@
-"""Reading weights safely and loading them with one clear error when they do not fit."""
+"""Reading weights safely, and one clear error when they do not fit.
+
+Every weight file in vitavla goes through :func:`read_state_dict`: safetensors, or ``torch.load`` with
+``weights_only=True`` (no unpickling of code), or a DeepSpeed checkpoint directory. Every fit check goes
+through :func:`check_fit`, which lists all missing keys, unexpected keys and shape mismatches at once.
+"""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")
+"""Where training loops nest their weights: Lightning, Seer's loops, MAE / timm files."""
+MAX_LISTED = 25
 
 
 class CheckpointMismatchError(ValueError):
-    """Weights that do not fit a module: names every missing, unexpected and mis-shaped key."""
+    """Weights that do not fit a module: the message names every missing, unexpected and mis-shaped key."""
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights from a Lightning ``.ckpt``, a ``.pt``/``.pth`` dict, a ``.safetensors`` file, or a DeepSpeed
-    checkpoint directory. Never unpickles code (``weights_only=True``)."""
+def read_state_dict(path: str | Path, containers: tuple[str, ...] = CONTAINER_KEYS) -> dict[str, Tensor]:
+    """Tensors of a ``.safetensors`` file, a torch file (flat or nested under one of ``containers``), or a
+    DeepSpeed checkpoint directory. Other entries of a torch file (optimizer state, epoch) are ignored."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
-        try:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        except ImportError as e:
-            raise ValueError(f"{path} is a DeepSpeed checkpoint directory; install the 'deepspeed' extra to "
-                             f"read it") from e
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(path))
-        return {k.removeprefix("_forward_module."): v for k, v in sd.items()}
+        return _read_deepspeed_dir(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        return load_file(str(path), device="cpu")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors name internals; say what the file should be instead
-        raise ValueError(f"could not read {path} as a weights-only checkpoint ({e}); expected a Lightning "
-                         f".ckpt, a torch state dict or a .safetensors file") from e
-    if isinstance(obj, dict) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} holds no state dict of tensors (keys: {list(obj)[:8]})")
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(
+            f"{path} cannot be read with torch.load(weights_only=True): {err}. TorchScript archives (such as "
+            "OpenAI's ViT-B-32.pt), truncated files and checkpoints that pickle Python objects are refused; "
+            "convert the weights to a plain state dict or a .safetensors file.") from err
+    if isinstance(obj, dict):
+        for key in containers:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path} holds no state dict of tensors (looked for a flat dict or one under "
+                         f"{list(containers)}; found {keys})")
     return obj
 
 
-def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                ignore_unexpected: tuple[str, ...] = ()) -> None:
-    """Load ``state_dict`` into ``module``; raise one :class:`CheckpointMismatchError` listing every problem.
-
-    Keys starting with a prefix in ``ignore_unexpected`` are dropped silently (known-unused keys).
-    """
-    own = module.state_dict()
-    sd = {k: v for k, v in state_dict.items() if not k.startswith(ignore_unexpected) or k in own}
-    missing = sorted(k for k in own if k not in sd)
-    unexpected = sorted(k for k in sd if k not in own)
-    shapes = sorted(f"{k}: expected {tuple(own[k].shape)}, found {tuple(sd[k].shape)}"
-                    for k in sd if k in own and tuple(own[k].shape) != tuple(sd[k].shape))
-    if missing or unexpected or shapes:
-        lines = [f"{source} does not fit {type(module).__name__}:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", shapes)):
-            if items:
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
-        raise CheckpointMismatchError("\n".join(lines))
-    module.load_state_dict(sd, strict=True)
+def _read_deepspeed_dir(path: Path) -> dict[str, Tensor]:
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as e:
+        raise ValueError(f"{path} is a directory (a DeepSpeed checkpoint?); install the 'deepspeed' extra "
+                         f"to read it") from e
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(path))
+    return {k.removeprefix("_forward_module."): v for k, v in sd.items()}
 
 
-def select_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def check_fit(state: dict[str, Tensor], expected: dict[str, torch.Size | tuple], source: str | Path,
+              what: str, notes: list[str] = ()) -> None:
+    """Raise one :class:`CheckpointMismatchError` listing every way ``state`` differs from ``expected``."""
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    mismatched = sorted(f"{k}: expected {tuple(expected[k])}, found {tuple(state[k].shape)}"
+                        for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k]))
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"{source} does not fit {what}:"]
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", mismatched)):
+        if items:
+            more = f", ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:MAX_LISTED]) + more)
+    lines.extend(f"  {n}" for n in notes)
+    raise CheckpointMismatchError("\n".join(lines))
+
+
+def load_strict(module: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+    """Load ``state_dict`` into ``module`` after :func:`check_fit` against the module's own keys."""
+    check_fit(state_dict, {k: v.shape for k, v in module.state_dict().items()}, source, type(module).__name__)
+    module.load_state_dict(state_dict, strict=True)
+
+
+def select_prefix(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """The entries under ``prefix`` (e.g. ``"mapper."``), with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}

@@ -74,6 +74,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
     def setup_distributed(self) -> None:
         # Lightning validates CUDA device indices here; CPU devices have none, so the check can only fail.
+        _clear_stale_build_lock()
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
@@ -92,6 +93,26 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
             dist_init_required=False,
         )
         return engine, ds_optimizer
+
+
+_STALE_LOCK_SECONDS = 600
+
+
+def _clear_stale_build_lock() -> None:
+    """Remove the JIT-build lock of DeepSpeed's shm op when a killed build left it behind.
+
+    torch's extension builder waits forever on that lock; the build itself takes about a minute, so a lock
+    older than ten minutes belongs to a process that no longer exists.
+    """
+    import time
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    if lock.is_file() and time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
+        rank_zero_info(f"removing a stale DeepSpeed build lock left by an interrupted build: {lock}")
+        lock.unlink(missing_ok=True)
 
 
 def _register() -> None:

@@ -7,84 +7,25 @@ of the official ``strict=False`` load that silently leaves parameters at their r
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from teachers.seer.modeling import SeerModel
 from teachers.seer.vision import MAEEncoder
+from vitavla.checkpoint_io import CheckpointMismatchError, check_fit, read_state_dict
 
-_CONTAINER_KEYS = ("model_state_dict", "model", "state_dict")
 _POS_KEY = "transformer_backbone_position_embedding"
 # Frozen or recomputed parts that a full (unfiltered) Seer state dict may contain; they never come from here.
 _SEER_IGNORED_PREFIXES = ("clip_model.", "vision_encoder.")
 _SEER_IGNORED_KEYS = ("attention_mask", "image_decoder_position_embedding")
 # The MAE decoder, present in some MAE files and never used by Seer.
 _MAE_IGNORED_PREFIXES = ("decoder_", "mask_token")
-_MAX_LISTED = 25
-
-
-class CheckpointMismatchError(ValueError):
-    """A weight file whose keys or shapes do not fit the model it is loaded into."""
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a ``.safetensors`` file or of a torch file.
-
-    Torch files may wrap the state dict in ``model_state_dict`` / ``model`` / ``state_dict``; other entries
-    such as ``optimizer_state_dict`` or ``epoch`` are ignored.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weight file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as err:
-        raise ValueError(
-            f"{path} cannot be read with torch.load(weights_only=True): {err}. TorchScript archives (such as "
-            "OpenAI's ViT-B-32.pt) and checkpoints that pickle Python objects are refused; convert the "
-            "weights to a plain state dict or .safetensors file."
-        ) from err
-    if isinstance(obj, dict):
-        for key in _CONTAINER_KEYS:
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path} holds no state dict of tensors (looked for a flat dict or one of the keys "
-                         f"{list(_CONTAINER_KEYS)})")
-    return obj
 
 
 def strip_prefix(state: dict[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
     """Drop the prefix DDP adds to every key of Seer's saved model (keys without it are kept as they are)."""
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-
-
-def check_fit(state: dict[str, Tensor], expected: dict[str, torch.Size], path: str | Path, what: str) -> None:
-    """Raise one :class:`CheckpointMismatchError` listing every problem of ``state`` against ``expected``."""
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected)
-    mismatched = sorted(
-        f"{k}: expected {tuple(expected[k])}, found {tuple(state[k].shape)}"
-        for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k])
-    )
-    if not (missing or unexpected or mismatched):
-        return
-    lines = [f"{path} does not fit {what}:"]
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                         ("shape mismatches", mismatched)):
-        if items:
-            shown = ", ".join(items[:_MAX_LISTED])
-            more = f", ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-            lines.append(f"  {title} ({len(items)}): {shown}{more}")
-    raise CheckpointMismatchError("\n".join(lines))
 
 
 def load_seer_checkpoint(model: SeerModel, path: str | Path, allow_history_truncation: bool = False) -> None:

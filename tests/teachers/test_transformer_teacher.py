@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from teachers.base import Teacher
-from teachers.transformer_teacher import CheckpointError, TransformerTeacher
+from teachers.transformer_teacher import TransformerTeacher
+from vitavla.checkpoint_io import CheckpointMismatchError
 from vitavla.batch import BatchError, fake_window
 
 IMG = 32  # small images keep every test well under a second on CPU
@@ -113,24 +114,24 @@ def test_loads_lightning_checkpoint_with_prefix(tmp_path):
 def test_bad_checkpoint_lists_every_problem(tmp_path):
     small = _teacher(hidden_size=32)
     path = small.save_pretrained(tmp_path / "small.safetensors")
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(CheckpointMismatchError) as err:
         _teacher(hidden_size=64, checkpoint=str(path))
     msg = str(err.value)
-    assert "shape mismatches" in msg and "final_norm.weight: checkpoint (32,) vs model (64,)" in msg
+    assert "shape mismatches" in msg and "final_norm.weight: expected (64,), found (32,)" in msg
     assert "hidden_size=(32, 64)" in msg
 
     state = _teacher().state_dict()
     state.pop("action_queries")
     state["extra.weight"] = torch.zeros(2)
     torch.save(state, tmp_path / "broken.pt")
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(CheckpointMismatchError) as err:
         _teacher(checkpoint=str(tmp_path / "broken.pt"))
     msg = str(err.value)
     assert "missing keys (1): action_queries" in msg and "unexpected keys (1): extra.weight" in msg
 
     pickled = {"state_dict": {"a": torch.zeros(1)}, "callbacks": [torch.nn.Linear(1, 1)]}
     torch.save(pickled, tmp_path / "pickled.ckpt")
-    with pytest.raises(CheckpointError, match="weights_only=True"):
+    with pytest.raises(ValueError, match="weights_only=True"):
         _teacher(checkpoint=str(tmp_path / "pickled.ckpt"))
 
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):

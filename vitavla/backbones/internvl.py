@@ -26,15 +26,6 @@ class InternVLBackbone(HFVLMBackbone):
     family = "internvl"
     model_type = "internvl"
 
-    def __init__(self, path: str = "tiny", tokens_per_image: int = 49, image_size: int = 224,
-                 pool: str = "bilinear", dtype: str = "float32", attn_implementation: str = "sdpa",
-                 trust_remote_code: bool = False, image_mean: tuple[float, float, float] | None = None,
-                 image_std: tuple[float, float, float] | None = None, gradient_checkpointing: bool = False,
-                 init: str = "pretrained"):
-        super().__init__(path=path, tokens_per_image=tokens_per_image, image_size=image_size, pool=pool,
-                         dtype=dtype, attn_implementation=attn_implementation,
-                         trust_remote_code=trust_remote_code, image_mean=image_mean, image_std=image_std,
-                         gradient_checkpointing=gradient_checkpointing, init=init)
 
     def _tiny_config(self):
         return tiny_internvl_config()

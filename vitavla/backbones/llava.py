@@ -62,6 +62,21 @@ class HFVLMBackbone(Backbone):
                  trust_remote_code: bool = False, image_mean: tuple[float, float, float] | None = None,
                  image_std: tuple[float, float, float] | None = None, gradient_checkpointing: bool = False,
                  init: str = "pretrained"):
+        """
+        Args:
+            path: ``"tiny"`` for a seeded toy model, else a local checkpoint directory (never downloaded).
+            tokens_per_image: image tokens per view after pooling the connector's grid (a square; paper: 49).
+            image_size: side of the square frames the student sees (paper: 224).
+            pool: grid pooling, ``bilinear`` (VITA-1.5's video-frame pooling) or ``avg``.
+            dtype: ``float32``, ``bfloat16`` or ``float16`` weights.
+            attn_implementation: ``sdpa`` or ``eager`` (both take the custom 4-D mask; flash-attention cannot).
+            trust_remote_code: let ``transformers`` run code shipped with the checkpoint (off unless you say so).
+            image_mean: per-channel mean in [0, 1] units; default from preprocessor_config.json or the family.
+            image_std: per-channel std, likewise.
+            gradient_checkpointing: recompute LLM activations in backward (saves memory at 7B).
+            init: ``pretrained`` loads the weights; ``random`` builds the architecture from config.json only
+                (smoke tests at true shapes, parameter accounting on the meta device).
+        """
         super().__init__()
         torch_dtype = parse_dtype(dtype)
         if init not in ("pretrained", "random"):
@@ -292,15 +307,6 @@ class LlavaBackbone(HFVLMBackbone):
     family = "llava"
     model_type = "llava"
 
-    def __init__(self, path: str = "tiny", tokens_per_image: int = 49, image_size: int = 224,
-                 pool: str = "bilinear", dtype: str = "float32", attn_implementation: str = "sdpa",
-                 trust_remote_code: bool = False, image_mean: tuple[float, float, float] | None = None,
-                 image_std: tuple[float, float, float] | None = None, gradient_checkpointing: bool = False,
-                 init: str = "pretrained"):
-        super().__init__(path=path, tokens_per_image=tokens_per_image, image_size=image_size, pool=pool,
-                         dtype=dtype, attn_implementation=attn_implementation,
-                         trust_remote_code=trust_remote_code, image_mean=image_mean, image_std=image_std,
-                         gradient_checkpointing=gradient_checkpointing, init=init)
 
     def _tiny_config(self):
         return tiny_llava_config()

@@ -112,8 +112,20 @@ class WindowModule(L.LightningModule):
             logger.log_hyperparams({f"params/{k}_{kind}": v[kind] for k, v in counts.items()
                                     for kind in ("trainable", "frozen")})
 
+    normalizer_state: dict | None = None
+    """The data's action normalization (plain lists), kept with the weights so inference can un-normalize."""
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         sd = checkpoint.get("state_dict")
         if sd is not None:
             checkpoint["state_dict"] = {k: v for k, v in sd.items() if k in trainable}
+        trainer = getattr(self, "_trainer", None)
+        norm = getattr(getattr(trainer, "datamodule", None), "normalizer", None)
+        if norm is not None:
+            self.normalizer_state = norm.state_dict()
+        if self.normalizer_state is not None:
+            checkpoint["normalizer"] = self.normalizer_state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.normalizer_state = checkpoint.get("normalizer", self.normalizer_state)

@@ -1,0 +1,145 @@
+"""Windows per second of each datamodule, per worker count, against what training consumes. One run.
+
+    python benchmarks/loader_throughput.py                   # writes small datasets in the real layouts
+    python benchmarks/loader_throughput.py --workers 0 2 --windows 96
+
+Datasets are written by the test suite's writers (real on-disk layouts and native image sizes: CALVIN
+200x200 / 84x84 npz frames, LIBERO 128x128 HDF5, ALOHA 480x640 HDF5 raw and JPEG). Every window is 10 steps
+x 2 views resized to 224, uint8. "tiny step" is measured here: one training step of configs/tiny_align.yaml's
+model at batch 8. "paper step" cannot be measured on a CPU: ``--paper-step-seconds`` (default 1.0 s for one
+7B ZeRO-2 step of 8 windows on one GPU, an estimate) sets it, and the ratio is labelled as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from datamodules.base import WindowDataModule  # noqa: E402
+
+NUM_STEPS, BATCH = 10, 8
+
+
+def calvin_dm(tmp: Path, packed: bool, workers: int) -> WindowDataModule:
+    from datamodules.calvin import CalvinDataModule
+    from tests.datamodules.test_calvin import write_split
+
+    root = tmp / "calvin"
+    if not root.exists():
+        episodes, segments = [(0, 119)], [(0, 59, "open the drawer"), (60, 119, "push the block")]
+        write_split(root / "training", episodes, segments)
+        write_split(root / "validation", episodes, segments, seed=1)
+    kw = dict(packed_dir=str(tmp / "calvin_packed"), build_pack=True) if packed else {}
+    dm = CalvinDataModule(str(root), num_steps=NUM_STEPS, batch_size=BATCH, num_workers=workers,
+                          stats_cache_dir=str(tmp / "stats"), **kw)
+    dm.prepare_data()
+    return dm
+
+
+def libero_dm(tmp: Path, workers: int) -> WindowDataModule:
+    from datamodules.libero import LiberoDataModule
+    from tests.datamodules.test_libero import make_demo, write_libero
+
+    path = tmp / "KITCHEN_SCENE1_open_the_drawer_demo.hdf5"
+    if not path.exists():
+        rng = np.random.default_rng(0)
+        write_libero(path, {f"demo_{i}": make_demo(120, 128, rng) for i in range(3)})
+    return LiberoDataModule(str(tmp / path.name), num_steps=NUM_STEPS, batch_size=BATCH, num_workers=workers,
+                            stats_cache_dir=str(tmp / "stats"), val_fraction=0.0)
+
+
+def aloha_dm(tmp: Path, compress: bool, workers: int) -> WindowDataModule:
+    from datamodules.aloha import AlohaDataModule
+    from tests.datamodules.test_aloha import write_dataset
+
+    root = tmp / f"aloha_{'jpeg' if compress else 'raw'}"
+    if not root.exists():
+        write_dataset(root, lengths=(60, 60), ids=(0, 1), compress=compress, hw=(480, 640))
+    return AlohaDataModule(str(root), instruction="transfer the cube", num_steps=NUM_STEPS, batch_size=BATCH,
+                           num_workers=workers, stats_cache_dir=str(tmp / "stats"), val_fraction=0.0)
+
+
+def windows_per_second(dm: WindowDataModule, windows: int) -> float:
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    next(it)  # worker start-up and file opening are not throughput
+    seen, start = 0, time.perf_counter()
+    while seen < windows:
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
+        assert batch.images.dtype == torch.uint8
+        seen += batch.batch_size
+    return seen / (time.perf_counter() - start)
+
+
+def tiny_step_seconds() -> float:
+    from datamodules.synthetic import SyntheticWindowDataModule
+    from teachers.seer import SeerTeacher
+    from vitavla.backbones import InternVLBackbone
+    from vitavla.modules import DistillationModule
+    from vitavla.student import VLAStudent
+
+    module = DistillationModule(VLAStudent(InternVLBackbone(path="tiny", tokens_per_image=4), max_steps=NUM_STEPS),
+                                SeerTeacher(preset="tiny"))
+    data = SyntheticWindowDataModule(num_episodes=2, episode_length=12, num_steps=NUM_STEPS, batch_size=BATCH,
+                                     val_fraction=0.0)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        loss = module.losses(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--windows", type=int, default=64, help="windows timed per measurement")
+    ap.add_argument("--paper-step-seconds", type=float, default=1.0)
+    args = ap.parse_args()
+    tiny = tiny_step_seconds()
+    consume_tiny, consume_paper = BATCH / tiny, BATCH / args.paper_step_seconds
+    print(f"tiny config step: {tiny * 1e3:.0f} ms for {BATCH} windows -> consumes {consume_tiny:.1f} windows/s")
+    print(f"paper config step (assumed {args.paper_step_seconds:.2f} s): consumes {consume_paper:.1f} windows/s")
+    rows = {}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        makers = {
+            "calvin raw npz": lambda w: calvin_dm(tmp, False, w),
+            "calvin packed": lambda w: calvin_dm(tmp, True, w),
+            "libero hdf5 128px": lambda w: libero_dm(tmp, w),
+            "aloha raw 480x640": lambda w: aloha_dm(tmp, False, w),
+            "aloha jpeg 480x640": lambda w: aloha_dm(tmp, True, w),
+        }
+        print(f"\n{'format':<20}{'workers':>8}{'windows/s':>11}{'x tiny':>9}{'x paper':>9}")
+        for name, make in makers.items():
+            for w in args.workers:
+                rate = windows_per_second(make(w), args.windows)
+                rows[(name, w)] = rate
+                print(f"{name:<20}{w:>8}{rate:>11.1f}{rate / consume_tiny:>9.2f}{rate / consume_paper:>9.2f}")
+    for w in args.workers:
+        print(f"packed / raw CALVIN at {w} workers: {rows[('calvin packed', w)] / rows[('calvin raw npz', w)]:.2f}x "
+              f"(goal >= 5x)")
+
+
+if __name__ == "__main__":
+    main()

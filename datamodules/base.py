@@ -1,0 +1,226 @@
+"""What every on-disk format shares: the reader contract, windowing, resizing and the datamodule.
+
+A format implements :class:`EpisodeReader` (list its episodes, read a frame range of one episode). Everything
+after that is common: :class:`WindowDataset` cuts windows of ``num_steps`` steps, labels step ``t`` chunk
+``j`` with the action at ``t + j``, pads past the episode end with masks, resizes both views to the model's
+size in the worker (uint8 all the way) and normalizes actions; :class:`WindowDataModule` splits episodes,
+fits (or loads cached) normalization statistics and builds the loaders.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.normalization import Normalizer, cached_normalizer, dataset_fingerprint
+from vitavla.batch import RobotSpec, collate_windows
+
+
+class DataError(ValueError):
+    """Bad data on disk: the message names the file, the key and what was expected."""
+
+    def __init__(self, file: str | Path, key: str, problem: str):
+        super().__init__(f"{file}: {key}: {problem}")
+        self.file, self.key, self.problem = str(file), key, problem
+
+
+@dataclass
+class Episode:
+    """One demonstration (or one annotated segment) as the reader indexes it."""
+
+    key: str
+    """Where it lives, for messages (file name, or file + group)."""
+    length: int
+    instruction: str
+    meta: dict | None = None
+
+
+@dataclass
+class Frames:
+    """Frames ``[start, stop)`` of one episode in raw units; images uint8 (n, H, W, 3) at their native size."""
+
+    static: np.ndarray
+    wrist: np.ndarray
+    state: np.ndarray  # (n, state_dim) float32, gripper already in the RobotSpec convention
+    action: np.ndarray  # (n, arm_dim + gripper_dim) float32, raw units
+
+
+class EpisodeReader(ABC):
+    """A dataset on disk in one format. Subclasses fill ``episodes`` and ``robot`` in their constructor."""
+
+    episodes: list[Episode]
+    robot: RobotSpec
+    root: Path
+
+    @abstractmethod
+    def read(self, index: int, start: int, stop: int) -> Frames:
+        """Frames ``[start, stop)`` of episode ``index``; raise :class:`DataError` on bad content."""
+
+    @abstractmethod
+    def all_actions(self) -> np.ndarray:
+        """Every raw action of the dataset, (N, action_dim), for normalization statistics."""
+
+    def files(self) -> list[Path]:
+        """Files whose identity fingerprints the dataset (for the statistics cache)."""
+        return sorted(p for p in self.root.rglob("*") if p.is_file())
+
+    def default_normalizer(self) -> Normalizer | None:
+        """A fixed normalizer when the format's actions are already normalized (e.g. CALVIN rel_actions)."""
+        return None
+
+
+def resize_uint8(frames: np.ndarray, size: int) -> torch.Tensor:
+    """(n, H, W, 3) uint8 -> (n, 3, size, size) uint8; antialiased bilinear, a no-op at the right size."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    if x.shape[-2:] == (size, size):
+        return x.contiguous()
+    # uint8 in, uint8 out: torch's channels-last uint8 antialiased path is ~6x faster than a float round trip.
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).contiguous()
+
+
+class WindowDataset(Dataset):
+    """Windows of ``num_steps`` steps over the episodes of a reader.
+
+    ``pad_tail=False`` keeps only windows whose every step and chunk label lies inside the episode (Seer's
+    CALVIN sampling); ``pad_tail=True`` starts a window at every frame and pads the tail with masks.
+    """
+
+    def __init__(self, reader: EpisodeReader, episode_ids: list[int], num_steps: int, image_size: int,
+                 normalizer: Normalizer, pad_tail: bool = True, stride: int = 1):
+        self.reader, self.num_steps, self.image_size = reader, num_steps, image_size
+        self.normalizer, self.robot = normalizer, reader.robot
+        chunk = self.robot.action_chunk
+        need = num_steps + chunk - 1
+        self.index: list[tuple[int, int]] = []
+        for e in episode_ids:
+            length = reader.episodes[e].length
+            last_start = length - 1 if pad_tail else length - need
+            self.index.extend((e, s) for s in range(0, last_start + 1, stride))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        e, start = self.index[i]
+        ep = self.reader.episodes[e]
+        t, c = self.num_steps, self.robot.action_chunk
+        stop = min(ep.length, start + t + c - 1)
+        fr = self.reader.read(e, start, stop)
+        n = stop - start
+        steps = np.arange(t)
+        frame = np.minimum(steps, n - 1)  # padding steps repeat the last frame
+        labels = steps[:, None] + np.arange(c)[None]  # step t, chunk j -> frame t + j
+        action_valid = labels < n
+        actions = torch.from_numpy(fr.action[np.minimum(labels, n - 1)].astype(np.float32))
+        actions = self.normalizer.normalize_actions(actions)
+        actions[..., : self.robot.arm_dim][torch.from_numpy(~action_valid)] = 0.0  # padded arm = no motion
+        images = torch.stack([resize_uint8(fr.static[frame], self.image_size),
+                              resize_uint8(fr.wrist[frame], self.image_size)], dim=1)
+        return {
+            "images": images,
+            "instruction": ep.instruction,
+            "state": torch.from_numpy(fr.state[frame].astype(np.float32)),
+            "valid": torch.from_numpy(steps < n),
+            "actions": actions,
+            "action_valid": torch.from_numpy(action_valid),
+            "episode_id": torch.tensor(e),
+            "frame_index": torch.from_numpy(start + frame),
+        }
+
+
+class WindowDataModule(L.LightningDataModule):
+    """Shared datamodule logic; format subclasses implement :meth:`make_reader` (and its split)."""
+
+    def __init__(self, num_steps: int = 10, image_size: int = 224, batch_size: int = 8, num_workers: int = 4,
+                 normalization: str = "minmax", stats_cache_dir: str = "~/.cache/vitavla", pad_tail: bool = True,
+                 val_fraction: float = 0.05, seed: int = 0):
+        super().__init__()
+        if normalization not in ("identity", "minmax", "quantile"):
+            raise ValueError(f"normalization must be identity, minmax or quantile, got {normalization!r}")
+        self.num_steps, self.image_size, self.batch_size = num_steps, image_size, batch_size
+        self.num_workers, self.normalization, self.stats_cache_dir = num_workers, normalization, stats_cache_dir
+        self.pad_tail, self.val_fraction, self.seed = pad_tail, val_fraction, seed
+        self.normalizer: Normalizer | None = None
+        self._readers: dict[str, EpisodeReader] = {}
+        self._train: WindowDataset | None = None
+        self._val: WindowDataset | None = None
+
+    # -- hooks for formats ------------------------------------------------------------------------
+    def make_reader(self, split: str) -> EpisodeReader:
+        """The reader of ``split`` ("train" or "val"); the same object may serve both."""
+        raise TypeError(f"{type(self).__name__} must implement make_reader(split)")
+
+    def split_episodes(self, reader: EpisodeReader, split: str) -> list[int]:
+        """Episode indices of a split; by default a seeded hold-out of ``val_fraction`` of the episodes."""
+        n = len(reader.episodes)
+        order = np.random.default_rng(self.seed).permutation(n)
+        n_val = int(round(n * self.val_fraction)) if n > 1 else 0
+        n_val = min(max(n_val, 1 if self.val_fraction > 0 and n > 1 else 0), n - 1)
+        chosen = order[:n_val] if split == "val" else order[n_val:]
+        return sorted(int(i) for i in chosen)
+
+    # -- common ----------------------------------------------------------------------------------
+    def reader(self, split: str) -> EpisodeReader:
+        """``make_reader(split)``, built once (indexing a dataset can take a while)."""
+        if split not in self._readers:
+            self._readers[split] = self.make_reader(split)
+        return self._readers[split]
+
+    @property
+    def robot(self) -> RobotSpec:
+        return self.reader("train").robot
+
+    def fit_normalizer(self, reader: EpisodeReader) -> Normalizer:
+        fixed = reader.default_normalizer()
+        if fixed is not None and self.normalization == "identity":
+            return fixed
+        options = getattr(reader, "cache_key", "")  # reader options that change the statistics
+        fp = dataset_fingerprint(reader.files(), extra=f"{type(reader).__name__}|{self.normalization}|{options}")
+        mode = self.normalization
+        return cached_normalizer(self.stats_cache_dir, fp,
+                                 lambda: Normalizer.fit(reader.all_actions(), reader.robot.arm_dim, mode=mode,
+                                                        gripper_range=getattr(reader, "gripper_range", None),
+                                                        gripper_convention=getattr(reader, "gripper_convention", "")))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._train is not None:
+            return
+        train_reader = self.reader("train")
+        if self.normalizer is None:  # a normalizer restored from a checkpoint wins over a re-fit
+            self.normalizer = self.fit_normalizer(train_reader)
+        val_reader = self.reader("val")
+        common = dict(num_steps=self.num_steps, image_size=self.image_size, normalizer=self.normalizer)
+        self._train = WindowDataset(train_reader, self.split_episodes(train_reader, "train"),
+                                    pad_tail=self.pad_tail, **common)
+        self._val = WindowDataset(val_reader, self.split_episodes(val_reader, "val"), pad_tail=self.pad_tail,
+                                  **common)
+
+    def _loader(self, ds: WindowDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=collate_windows, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available(), drop_last=shuffle and len(ds) > self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return self._loader(self._train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return self._loader(self._val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def state_dict(self) -> dict:
+        return {"normalizer": self.normalizer.state_dict()} if self.normalizer is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "normalizer" in state:
+            self.normalizer = Normalizer.from_state_dict(state["normalizer"])
