@@ -75,7 +75,7 @@ class RobotSpec:
 
     def check_compatible(self, other: RobotSpec, mine: str, theirs: str) -> None:
         """Fail with a message naming both sides when two components disagree on dimensions."""
-        for name in ("arm_dim", "gripper_dim", "action_chunk"):
+        for name in ("arm_dim", "gripper_dim", "action_chunk", "gripper_state", "state_dim"):
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 raise ValueError(f"{mine}.robot.{name}={a} but {theirs}.robot.{name}={b}; they must match")

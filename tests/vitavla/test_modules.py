@@ -142,3 +142,14 @@ def test_mismatched_parts_fail_at_construction_naming_both_sides(tmp_path):
     torch.save({"state_dict": {"student.state_encoder.arm_encoder.weight": torch.zeros(3, 3)}}, bad)
     with pytest.raises(CheckpointMismatchError, match=r"(?s)bad.ckpt.*missing keys .*arm_encoder.weight: expected \(64, 6\), found \(3, 3\)"):
         PolicyModule(student(), teacher(), init_mode="two_stage", init_from=str(bad))
+
+
+def test_data_whose_robot_differs_fails_before_the_first_step(tmp_path):
+    from datamodules.synthetic import SyntheticWindowDataModule
+
+    data = SyntheticWindowDataModule(num_episodes=2, episode_length=6, num_steps=3, batch_size=2,
+                                     arm_dim=12, gripper_dim=2)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"data \(SyntheticWindowDataModule\).robot.arm_dim=12 but student"):
+        trainer.fit(DistillationModule(student(), teacher()), datamodule=data)

@@ -54,6 +54,9 @@ class DistillationModule(WindowModule):
         for part in (self.student.state_encoder, self.student.action_token, self.mapper):
             part.requires_grad_(True)
 
+    def student_module(self) -> VLAStudent:
+        return self.student
+
     def parameter_groups(self):
         return {
             "vision": torch.nn.ModuleList(self.student.backbone.vision_modules()),

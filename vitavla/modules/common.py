@@ -94,6 +94,21 @@ class WindowModule(L.LightningModule):
         super().__init__()
         self.strict_loading = False
 
+    def setup(self, stage: str) -> None:
+        """Fail before the first step, naming both sides, when the data's robot differs from the model's."""
+        data = getattr(self.trainer, "datamodule", None)
+        robot = getattr(data, "robot", None)
+        student = self.student_module()
+        if robot is not None:
+            robot.check_compatible(student.robot, f"data ({type(data).__name__})", "student")
+        size = getattr(data, "image_size", None)
+        if size is not None and size != student.backbone.image_size:
+            raise ValueError(f"data ({type(data).__name__}) yields {size}px images but the student backbone "
+                             f"is configured for {student.backbone.image_size}px")
+
+    def student_module(self):
+        raise TypeError(f"{type(self).__name__} must define student_module()")
+
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         if isinstance(batch, Window):
             return batch.to(device, non_blocking=True)

@@ -89,6 +89,9 @@ class PolicyModule(WindowModule):
         with torch.no_grad():
             student.action_token.copy_(token)
 
+    def student_module(self) -> VLAStudent:
+        return self.policy.student
+
     def parameter_groups(self):
         student = self.policy.student
         return {

@@ -1,0 +1,271 @@
+"""Closed-loop evaluation: run episodes of a :class:`RolloutEnv` with a streaming policy, resumably.
+
+:func:`run_episode` runs one episode; :func:`evaluate` runs a list of :class:`EpisodeSpec`, appending each
+finished attempt to a JSON-lines file (flushed and fsync'd) so that a killed evaluation restarts where it
+stopped and ends with the same totals. Simulator crashes are recorded, retried, and reported apart from
+successes and failures; a policy exception is a bug and propagates. Totals go through torchmetrics
+``SumMetric`` so that, with one results file per rank (see :func:`shard`), ``compute()`` sums across
+processes when ``torch.distributed`` is initialized.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics.aggregation import SumMetric
+from tqdm.auto import tqdm
+
+from datamodules.normalization import Normalizer
+from teachers.base import ActionOutput
+from vitavla.rollout.env import Obs, RolloutEnv
+from vitavla.rollout.executors import ActionExecutor, to_env_action
+from vitavla.streaming import Observation, StreamingPolicy
+
+
+class StepPolicy(Protocol):
+    """What the runner needs from a policy: :class:`StreamingPolicy` or any scripted stand-in."""
+
+    def reset(self) -> None: ...
+
+    def step(self, obs: Observation) -> ActionOutput: ...
+
+
+def as_step_policy(policy) -> StepPolicy:
+    """A :class:`~vitavla.policy.VLAPolicy` gets wrapped in a :class:`StreamingPolicy`; others pass through."""
+    return StreamingPolicy(policy) if hasattr(policy, "student") and not hasattr(policy, "reset") else policy
+
+
+def resize_uint8(img: np.ndarray, size: int) -> torch.Tensor:
+    """H x W x 3 uint8 -> 3 x size x size uint8 (bilinear with antialiasing; no copy work if already sized)."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+    if x.shape[1:] == (size, size):
+        return x
+    y = F.interpolate(x[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return y[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def to_observation(obs: Obs, image_size: int, instruction: str | None = None) -> Observation:
+    """One env observation -> a batch-of-one :class:`Observation` (views: static, wrist)."""
+    images = torch.stack([resize_uint8(obs.static, image_size), resize_uint8(obs.wrist, image_size)])
+    state = torch.from_numpy(np.asarray(obs.state, dtype=np.float32))[None]
+    return Observation(images[None], state, [obs.instruction if instruction is None else instruction])
+
+
+class Controller:
+    """Policy + executor + normalizer: observation in, raw env action out; times the policy side."""
+
+    def __init__(self, policy: StepPolicy, executor: ActionExecutor, normalizer: Normalizer | None = None,
+                 image_size: int = 224):
+        self.policy, self.executor, self.normalizer, self.image_size = policy, executor, normalizer, image_size
+        self.seconds = 0.0
+        self.queries = 0
+
+    def reset(self) -> None:
+        self.policy.reset()
+        self.executor.reset()
+
+    def act(self, t: int, obs: Obs, instruction: str | None = None) -> np.ndarray:
+        start = time.perf_counter()
+        if self.executor.needs_query(t):
+            self.executor.update(t, self.policy.step(to_observation(obs, self.image_size, instruction)))
+            self.queries += 1
+        action = to_env_action(self.executor.act(t), self.normalizer)[0]
+        self.seconds += time.perf_counter() - start
+        return action
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    task_index: int
+    episode_index: int
+    seed: int = 0
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return self.task_index, self.episode_index, self.seed
+
+
+@dataclass
+class EpisodeResult:
+    task: int
+    episode: int
+    success: bool
+    steps: int
+    error: str | None = None
+    frames: list | None = None
+    seconds_sim: float = 0.0
+    seconds_policy: float = 0.0
+
+
+class _EnvError(Exception):
+    """Wraps an exception raised inside the simulator, so policy bugs are not mistaken for sim crashes."""
+
+
+def _sim(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # any simulator failure: physics blow-up, renderer error, adapter bug
+        raise _EnvError(f"{type(e).__name__}: {e}") from e
+
+
+def run_episode(env: RolloutEnv, streaming_policy: StepPolicy, executor: ActionExecutor, spec: EpisodeSpec,
+                normalizer: Normalizer | None = None, image_size: int = 224, settle_steps: int = 0,
+                record_frames: bool = False, settle_action: np.ndarray | None = None) -> EpisodeResult:
+    """One episode: reset, ``settle_steps`` no-op actions (LIBERO: 5 zeros for Seer, 10 for OpenVLA), then
+    up to ``env.max_steps`` policy steps, stopping at ``done``. Seeds torch and numpy with ``spec.seed``."""
+    torch.manual_seed(spec.seed)
+    np.random.seed(spec.seed % 2**32)
+    ctl = Controller(streaming_policy, executor, normalizer, image_size)
+    ctl.reset()
+    frames = [] if record_frames else None
+    sim, steps, success = 0.0, 0, False
+    noop = np.zeros(env.action_dim, dtype=np.float32) if settle_action is None else settle_action
+
+    def timed(fn, *args):
+        nonlocal sim
+        start = time.perf_counter()
+        try:
+            return _sim(fn, *args)
+        finally:
+            sim += time.perf_counter() - start
+
+    try:
+        obs = timed(env.reset, spec.task_index, spec.episode_index, spec.seed)
+        for _ in range(settle_steps):
+            obs = timed(env.step, noop)[0]
+        for t in range(env.max_steps):
+            if frames is not None:
+                frames.append(obs.static.copy())
+            obs, done, success, _ = timed(env.step, ctl.act(t, obs))
+            steps = t + 1
+            if done or success:
+                break
+        error = None
+    except _EnvError as e:
+        error, success = str(e), False
+    return EpisodeResult(spec.task_index, spec.episode_index, bool(success), steps, error, frames, sim, ctl.seconds)
+
+
+def shard(specs: list[EpisodeSpec], rank: int, world_size: int) -> list[EpisodeSpec]:
+    """Round-robin split: rank r gets specs r, r + W, ... (deterministic, covers every spec exactly once)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return list(specs[rank::world_size])
+
+
+def load_results(path: str | Path) -> list[dict]:
+    """Records of a results file. A last line cut short by a kill is removed from the file (re-run later)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[: raw.rfind(b"\n") + 1]
+        with open(path, "r+b") as f:
+            f.truncate(len(raw))
+    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())  # a finished episode must survive a kill right after it
+
+
+def _key(record: dict) -> tuple[int, int, int]:
+    return record["task"], record["episode"], record["seed"]
+
+
+def _final(records: list[dict]) -> dict:
+    """The record that counts for a spec: its successful run if any attempt finished, else its last error."""
+    done = [r for r in records if r["error"] is None]
+    return done[0] if done else records[-1]
+
+
+def evaluate(env_factory: Callable[[], RolloutEnv], policy, specs: list[EpisodeSpec],
+             executor_factory: Callable[[], ActionExecutor], results_path: str, retries: int = 1, *,
+             normalizer: Normalizer | None = None, image_size: int = 224, settle_steps: int = 0,
+             settle_action: np.ndarray | None = None, progress: bool = True) -> dict:
+    """Run every spec not yet finished in ``results_path`` and summarize all of ``specs``.
+
+    A spec is finished when it has an error-free record or ``1 + retries`` error records. After a
+    simulator crash the env is closed and rebuilt with ``env_factory`` (its state is not trusted).
+    Returns ``{"success_rate", "successes", "episodes", "errors", "per_task": {task: {...}}}``;
+    ``episodes`` counts error-free episodes only, so crashes never enter a success rate.
+    """
+    path = Path(results_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    by_key: dict[tuple, list[dict]] = {}
+    for r in load_results(path):
+        by_key.setdefault(_key(r), []).append(r)
+
+    def finished(spec: EpisodeSpec) -> bool:
+        recs = by_key.get(spec.key, [])
+        return any(r["error"] is None for r in recs) or len(recs) > retries
+
+    policy = as_step_policy(policy)
+    env = env_factory()
+    names = [env.task_name(i) for i in range(env.num_tasks)]
+    pending = [s for s in specs if not finished(s)]
+    bar = tqdm(total=len(specs), initial=len(specs) - len(pending), desc="episodes", disable=not progress,
+               dynamic_ncols=True)
+    wins = sum(_final(by_key[s.key])["success"] for s in specs if s.key in by_key and finished(s))
+    ran = len(specs) - len(pending)
+    try:
+        for spec in pending:
+            while True:
+                res = run_episode(env, policy, executor_factory(), spec, normalizer, image_size, settle_steps,
+                                  settle_action=settle_action)
+                rec = {k: v for k, v in asdict(res).items() if k != "frames"}
+                rec.update(seed=spec.seed, task_name=names[spec.task_index],
+                           attempt=len(by_key.get(spec.key, [])))
+                _append(path, rec)
+                by_key.setdefault(spec.key, []).append(rec)
+                if res.error is None or finished(spec):
+                    break
+                env.close()
+                env = env_factory()
+            ran += 1
+            wins += _final(by_key[spec.key])["success"]
+            bar.update(1)
+            bar.set_postfix(success=f"{wins / max(ran, 1):.3f}")
+    finally:
+        bar.close()
+        env.close()
+    return summarize([_final(by_key[s.key]) for s in specs], names)
+
+
+def summarize(records: list[dict], task_names: list[str]) -> dict:
+    """Per-task and overall counts/rates from final records, summed with torchmetrics (DDP-correct).
+
+    A rate with no error-free episode behind it is None (JSON null), not a made-up 0.
+    """
+    counts = {t: {k: SumMetric() for k in ("successes", "episodes", "errors")} for t in range(len(task_names))}
+    for m in counts.values():
+        for metric in m.values():
+            metric.update(0.0)  # a task with no episodes on this rank is a valid zero, not "never updated"
+    for r in records:
+        m = counts[r["task"]]
+        if r["error"] is not None:
+            m["errors"].update(1.0)
+        else:
+            m["episodes"].update(1.0)
+            m["successes"].update(float(r["success"]))
+    per_task, total = {}, {"successes": 0, "episodes": 0, "errors": 0}
+    for t, m in counts.items():  # same order on every rank: compute() is a collective under DDP
+        c = {k: int(v.compute().item()) for k, v in m.items()}
+        for k in total:
+            total[k] += c[k]
+        per_task[t] = {"name": task_names[t], **c,
+                       "success_rate": c["successes"] / c["episodes"] if c["episodes"] else None}
+    rate = total["successes"] / total["episodes"] if total["episodes"] else None
+    return {"success_rate": rate, **total, "per_task": per_task}
