@@ -19,7 +19,8 @@ SUBTASKS = ["open_drawer", "lift_blue_block_table", "push_red_block_left", "turn
 
 class FakeCalvinEnv:
     """Subtask s succeeds ``plan[s]`` steps after it starts (None: never). Time never restarts within a
-    chain, so the oracle only works if start_info is taken at each subtask's start and the env is not reset."""
+    chain, so the oracle only works if start_info is taken at each subtask's start and the env is not
+    reset."""
 
     def __init__(self, plan):
         self.plan, self.t, self.resets, self.actions, self.initial_states = plan, 0, 0, [], []
@@ -41,7 +42,10 @@ class FakeCalvinEnv:
 
 
 def oracle(plan):
-    return lambda start, current, subtask: plan[subtask] is not None and current["t"] - start["t"] >= plan[subtask]
+    def check(start, current, subtask):
+        return plan[subtask] is not None and current["t"] - start["t"] >= plan[subtask]
+
+    return check
 
 
 class CountingPolicy:
@@ -72,7 +76,8 @@ def test_chain_stops_at_first_failure_and_resets_policy_per_subtask():
     assert res.completed == 2 and res.steps == [2, 3, 10]
     assert env.resets == 1 and env.initial_states == [{"scene": "D"}]
     assert policy.resets == 3  # one per attempted subtask, none for the two never reached
-    assert policy.instructions == ["open drawer"] * 2 + ["lift blue block table"] * 3 + ["push red block left"] * 10
+    expected = ["open drawer"] * 2 + ["lift blue block table"] * 3 + ["push red block left"] * 10
+    assert policy.instructions == expected
     assert len(env.actions) == 15 and env.actions[0].tolist() == [0, 0, 0, 0, 0, 0, 1]
 
 

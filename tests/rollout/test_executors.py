@@ -6,7 +6,8 @@ import torch
 
 from datamodules.normalization import Normalizer
 from teachers.base import ActionOutput
-from vitavla.rollout.executors import ChunkExecutor, FirstActionExecutor, TemporalEnsembleExecutor, to_env_action
+from vitavla.rollout.executors import (ChunkExecutor, FirstActionExecutor, TemporalEnsembleExecutor,
+                                       to_env_action)
 
 
 def chunk(arm, prob):

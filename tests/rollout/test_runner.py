@@ -11,7 +11,8 @@ from vitavla.streaming import StreamingPolicy
 
 
 class ReachingStub:
-    """Scripted policy with StreamingPolicy's interface: heads for the goal read from the state (x, y, gx, gy),
+    """Scripted policy with StreamingPolicy's interface: heads for the goal read from the state
+    (x, y, gx, gy),
     but only when the instruction names one of ``solves``, so success per task is known in advance."""
 
     def __init__(self, solves=("top left",), chunk=3, speed=0.25, fail_on_reset=None):
@@ -73,7 +74,8 @@ def test_tiny_real_streaming_policy_runs_episodes(tmp_path):
     res = run_episode(env, stream, TemporalEnsembleExecutor(), EpisodeSpec(0, 0), image_size=224)
     assert res.error is None and (res.success or res.steps == 3)
     assert res.seconds_policy > 0 and stream.held_steps == res.steps
-    out = evaluate(lambda: ScriptedStandInEnv(steps=2, image_size=32), stream, specs(2, 1), FirstActionExecutor,
+    out = evaluate(lambda: ScriptedStandInEnv(steps=2, image_size=32), stream, specs(2, 1),
+                   FirstActionExecutor,
                    str(tmp_path / "r.jsonl"), progress=False)
     assert out["episodes"] == 2 and out["errors"] == 0
 
@@ -81,7 +83,8 @@ def test_tiny_real_streaming_policy_runs_episodes(tmp_path):
 def test_success_counting_per_task(tmp_path):
     out = evaluate(lambda: ScriptedStandInEnv(steps=8), ReachingStub(), specs(), FirstActionExecutor,
                    str(tmp_path / "r.jsonl"), image_size=16, progress=False)
-    assert out["success_rate"] == 0.5 and out["successes"] == 3 and out["episodes"] == 6 and out["errors"] == 0
+    assert out["success_rate"] == 0.5 and out["successes"] == 3
+    assert out["episodes"] == 6 and out["errors"] == 0
     assert out["per_task"][0] == {"name": "reach_top_left", "successes": 3, "episodes": 3, "errors": 0,
                                   "success_rate": 1.0}
     assert out["per_task"][1]["success_rate"] == 0.0
@@ -95,8 +98,8 @@ def test_resume_runs_only_remaining_specs_with_identical_totals(tmp_path):
                     str(tmp_path / "full.jsonl"), **run)
     path = str(tmp_path / "part.jsonl")
     with pytest.raises(KeyboardInterrupt):  # stopped while starting the 4th episode
-        evaluate(lambda: ScriptedStandInEnv(steps=8), ReachingStub(fail_on_reset=4), specs(), FirstActionExecutor,
-                 path, **run)
+        evaluate(lambda: ScriptedStandInEnv(steps=8), ReachingStub(fail_on_reset=4), specs(),
+                 FirstActionExecutor, path, **run)
     assert len(load_results(path)) == 3
     with open(path, "a") as f:
         f.write('{"task": 1, "epis')  # a record cut short by the kill is dropped, and its episode re-run
@@ -105,7 +108,8 @@ def test_resume_runs_only_remaining_specs_with_identical_totals(tmp_path):
     assert policy.resets == 3
     assert again == full and len(load_results(path)) == 6
     policy = ReachingStub()
-    assert evaluate(lambda: ScriptedStandInEnv(steps=8), policy, specs(), FirstActionExecutor, path, **run) == full
+    again = evaluate(lambda: ScriptedStandInEnv(steps=8), policy, specs(), FirstActionExecutor, path, **run)
+    assert again == full
     assert policy.resets == 0
 
 
@@ -116,7 +120,8 @@ def test_shards_cover_every_spec_once_and_sum_to_the_full_run(tmp_path):
     assert sorted(s.key for s in flat) == sorted(s.key for s in all_specs) and len(flat) == len(all_specs)
     assert parts == [shard(all_specs, r, 3) for r in range(3)]  # deterministic
     outs = [evaluate(lambda: ScriptedStandInEnv(steps=8), ReachingStub(), p, FirstActionExecutor,
-                     str(tmp_path / f"rank{r}.jsonl"), image_size=16, progress=False) for r, p in enumerate(parts)]
+                     str(tmp_path / f"rank{r}.jsonl"), image_size=16, progress=False)
+            for r, p in enumerate(parts)]
     assert sum(o["successes"] for o in outs) == 5 and sum(o["episodes"] for o in outs) == 10
     with pytest.raises(ValueError):
         shard(all_specs, 3, 3)
@@ -130,7 +135,8 @@ def test_crash_is_recorded_retried_once_and_excluded(tmp_path):
         return made[-1]
 
     path = tmp_path / "r.jsonl"
-    out = evaluate(flaky, ReachingStub(), specs(1, 3), FirstActionExecutor, str(path), image_size=16, progress=False)
+    out = evaluate(flaky, ReachingStub(), specs(1, 3), FirstActionExecutor, str(path), image_size=16,
+                   progress=False)
     recs = load_results(path)
     assert [(r["episode"], r["attempt"], r["error"] is None) for r in recs] == [(0, 0, True), (1, 0, False),
                                                                                (1, 1, True), (2, 0, True)]
@@ -141,7 +147,8 @@ def test_crash_is_recorded_retried_once_and_excluded(tmp_path):
     always = lambda: ScriptedStandInEnv(steps=8, crash_at=0, crash_episodes={(0, 1)})  # noqa: E731
     out = evaluate(always, ReachingStub(), specs(1, 3), FirstActionExecutor, str(path), image_size=16,
                    progress=False)
-    assert out["errors"] == 1 and out["episodes"] == 2 and out["successes"] == 2 and out["success_rate"] == 1.0
+    assert out["errors"] == 1 and out["episodes"] == 2
+    assert out["successes"] == 2 and out["success_rate"] == 1.0
     assert out["per_task"][0]["errors"] == 1 and len(load_results(path)) == 4  # 2 attempts for the crash
     policy = ReachingStub()
     assert evaluate(always, policy, specs(1, 3), FirstActionExecutor, str(path), image_size=16,

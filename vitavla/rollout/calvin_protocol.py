@@ -36,7 +36,7 @@ class CalvinEnv(Protocol):
         """Put robot and scene in ``initial_state`` (the adapter maps it to robot_obs / scene_obs)."""
 
     def step(self, action: np.ndarray) -> tuple[Obs, dict]:
-        """Apply one raw action (CALVIN rel_actions: 6 values in [-1, 1] + gripper ±1); returns (obs, info)."""
+        """Apply one raw action (CALVIN rel_actions, 6 values in [-1, 1] + gripper); returns (obs, info)."""
 
     def get_info(self) -> dict:
         """The env info the oracle compares against (``env.get_info()``)."""
@@ -62,7 +62,8 @@ class ChainResult:
 
 
 def load_chains(source: str | Path | list) -> list[Chain]:
-    """Chains from an official ``eval_sequences.json`` (path or loaded list of ``[initial_state, [5 subtasks]]``).
+    """Chains from an official ``eval_sequences.json``: a path, or the loaded list of
+    ``[initial_state, [5 subtasks]]``.
 
     The official 1000 chains come from ``get_sequences(1000)`` under seed 0, a sampler with scene-dependent
     task preconditions; GR-1, RoboFlamingo and Seer all evaluate on the frozen dump, so use that file rather
@@ -82,7 +83,10 @@ def load_chains(source: str | Path | list) -> list[Chain]:
 
 def calvin_oracle(task_oracle) -> Oracle:
     """Adapt ``calvin_env.envs.tasks.Tasks`` to the ``(start_info, current_info, subtask) -> bool`` form."""
-    return lambda start, current, subtask: len(task_oracle.get_task_info_for_set(start, current, {subtask})) > 0
+    def oracle(start: dict, current: dict, subtask: str) -> bool:
+        return len(task_oracle.get_task_info_for_set(start, current, {subtask})) > 0
+
+    return oracle
 
 
 def run_chain(env: CalvinEnv, policy: StepPolicy, chain: Chain, oracle: Oracle,
@@ -117,7 +121,7 @@ def run_chain(env: CalvinEnv, policy: StepPolicy, chain: Chain, oracle: Oracle,
 
 
 def count_success(results: list[ChainResult | int]) -> list[float]:
-    """[sr_1, ..., sr_5]: fraction of chains that completed at least k subtasks in a row (CALVIN's definition)."""
+    """[sr_1, ..., sr_5]: fraction of chains with at least k subtasks done in a row (CALVIN's definition)."""
     if not results:
         raise ValueError("count_success needs at least one chain result")
     n = Counter(r.completed if isinstance(r, ChainResult) else int(r) for r in results)

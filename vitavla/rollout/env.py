@@ -54,7 +54,7 @@ class RolloutEnv(ABC):
 
     @abstractmethod
     def reset(self, task_index: int, episode_index: int, seed: int | None = None) -> Obs:
-        """Start episode ``episode_index`` of task ``task_index`` (e.g. LIBERO init state ``episode_index``)."""
+        """Start episode ``episode_index`` of task ``task_index`` (LIBERO: init state ``episode_index``)."""
 
     @abstractmethod
     def step(self, action: np.ndarray) -> tuple[Obs, bool, bool, dict]:

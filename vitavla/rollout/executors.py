@@ -59,7 +59,7 @@ class ActionExecutor(ABC):
 
     @abstractmethod
     def _select(self, t: int) -> tuple[Tensor, Tensor]:
-        """The arm (B, arm_dim) and gripper probability (B, g) for step ``t``, before gripper post-processing."""
+        """Arm (B, arm_dim) and gripper probability (B, g) for step ``t``, before gripper processing."""
 
     def act(self, t: int) -> Tensor:
         """Normalized action (B, arm_dim + g): arm in [-1, 1], gripper 0/1 (binary) or a probability."""
@@ -71,7 +71,8 @@ class ActionExecutor(ABC):
 
     @staticmethod
     def _split(out: ActionOutput) -> tuple[Tensor, Tensor]:
-        if out.arm.dim() != 3 or out.gripper_logit.dim() != 3 or out.arm.shape[:2] != out.gripper_logit.shape[:2]:
+        arm, logit = out.arm, out.gripper_logit
+        if arm.dim() != 3 or logit.dim() != 3 or arm.shape[:2] != logit.shape[:2]:
             raise ValueError(f"executor expects chunk fields (B, C, ·), got arm {tuple(out.arm.shape)} and "
                              f"gripper {tuple(out.gripper_logit.shape)}")
         return out.arm.detach().float(), out.gripper_prob.detach().float()
@@ -92,15 +93,17 @@ class FirstActionExecutor(ActionExecutor):
 
     def _select(self, t: int) -> tuple[Tensor, Tensor]:
         if self._last is None or self._t != t:
-            raise RuntimeError(f"FirstActionExecutor: no prediction for step {t}; query the policy every step")
+            raise RuntimeError(f"FirstActionExecutor: no prediction for step {t}; query the policy every "
+                               "step")
         arm, prob = self._last
         return arm[:, 0], prob[:, 0]
 
 
 class ChunkExecutor(ActionExecutor):
-    """Open-loop chunks: query at step t, execute entries 0..steps-1 of that chunk, query again at t + steps."""
+    """Open-loop chunks: query at step t, execute entries 0..steps-1 of it, query again at t + steps."""
 
-    def __init__(self, steps: int | None = None, gripper_mode: GripperMode = "binary", threshold: float = 0.5):
+    def __init__(self, steps: int | None = None, gripper_mode: GripperMode = "binary",
+                 threshold: float = 0.5):
         if steps is not None and steps < 1:
             raise ValueError(f"ChunkExecutor.steps must be >= 1, got {steps}")
         self.steps = steps
@@ -123,7 +126,8 @@ class ChunkExecutor(ActionExecutor):
 
     def _select(self, t: int) -> tuple[Tensor, Tensor]:
         if self.needs_query(t):
-            raise RuntimeError(f"ChunkExecutor: step {t} is outside the current chunk; query the policy first")
+            raise RuntimeError(f"ChunkExecutor: step {t} is outside the current chunk; query the policy "
+                               "first")
         arm, prob = self._chunk
         return arm[:, t - self._start], prob[:, t - self._start]
 
@@ -164,7 +168,8 @@ class TemporalEnsembleExecutor(ActionExecutor):
     def _select(self, t: int) -> tuple[Tensor, Tensor]:
         preds = self._buffer.get(t)
         if not preds:
-            raise RuntimeError(f"TemporalEnsembleExecutor: no prediction for step {t}; query the policy every step")
+            raise RuntimeError(f"TemporalEnsembleExecutor: no prediction for step {t}; query the policy "
+                               "every step")
         # Steps before t can never be executed again: drop them so the buffer stays at most C entries long.
         for old in [s for s in self._buffer if s < t]:
             del self._buffer[old]

@@ -39,16 +39,17 @@ class StepPolicy(Protocol):
 
 
 def as_step_policy(policy) -> StepPolicy:
-    """A :class:`~vitavla.policy.VLAPolicy` gets wrapped in a :class:`StreamingPolicy`; others pass through."""
+    """A :class:`~vitavla.policy.VLAPolicy` is wrapped in a :class:`StreamingPolicy`; others pass through."""
     return StreamingPolicy(policy) if hasattr(policy, "student") and not hasattr(policy, "reset") else policy
 
 
 def resize_uint8(img: np.ndarray, size: int) -> torch.Tensor:
-    """H x W x 3 uint8 -> 3 x size x size uint8 (bilinear with antialiasing; no copy work if already sized)."""
+    """H x W x 3 uint8 -> 3 x size x size uint8 (antialiased bilinear; no work if already that size)."""
     x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
     if x.shape[1:] == (size, size):
         return x
-    y = F.interpolate(x[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    y = F.interpolate(x[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                      align_corners=False)
     return y[0].round().clamp(0, 255).to(torch.uint8)
 
 
@@ -64,7 +65,8 @@ class Controller:
 
     def __init__(self, policy: StepPolicy, executor: ActionExecutor, normalizer: Normalizer | None = None,
                  image_size: int = 224):
-        self.policy, self.executor, self.normalizer, self.image_size = policy, executor, normalizer, image_size
+        self.policy, self.executor = policy, executor
+        self.normalizer, self.image_size = normalizer, image_size
         self.seconds = 0.0
         self.queries = 0
 
@@ -151,7 +153,8 @@ def run_episode(env: RolloutEnv, streaming_policy: StepPolicy, executor: ActionE
         error = None
     except _EnvError as e:
         error, success = str(e), False
-    return EpisodeResult(spec.task_index, spec.episode_index, bool(success), steps, error, frames, sim, ctl.seconds)
+    return EpisodeResult(spec.task_index, spec.episode_index, bool(success), steps, error, frames, sim,
+                         ctl.seconds)
 
 
 def shard(specs: list[EpisodeSpec], rank: int, world_size: int) -> list[EpisodeSpec]:
@@ -249,7 +252,8 @@ def summarize(records: list[dict], task_names: list[str]) -> dict:
 
     A rate with no error-free episode behind it is None (JSON null), not a made-up 0.
     """
-    counts = {t: {k: SumMetric() for k in ("successes", "episodes", "errors")} for t in range(len(task_names))}
+    kinds = ("successes", "episodes", "errors")
+    counts = {t: {k: SumMetric() for k in kinds} for t in range(len(task_names))}
     for m in counts.values():
         for metric in m.values():
             metric.update(0.0)  # a task with no episodes on this rank is a valid zero, not "never updated"
