@@ -14,6 +14,7 @@ from vitavla.losses import action_loss, gripper_accuracy
 from vitavla.modules.alignment import check_compatible
 from vitavla.modules.common import OptimConfig, WindowModule, configure_adamw
 from vitavla.policy import VLAPolicy
+from vitavla.rollout.lightning import is_rollout_batch, rollout_test_step
 from vitavla.student import ActionMapper, VLAStudent
 
 InitMode = Literal["two_stage", "only_finetune", "freeze_vlm"]
@@ -127,7 +128,10 @@ class PolicyModule(WindowModule):
     def validation_step(self, batch: Window, batch_idx: int):
         return self._step(batch, "val")
 
-    def test_step(self, batch: Window, batch_idx: int):
+    def test_step(self, batch: Window | list, batch_idx: int):
+        # RolloutDataModule yields lists of EpisodeSpec: closed-loop episodes instead of an offline loss.
+        if is_rollout_batch(batch):
+            return rollout_test_step(self, batch)
         return self._step(batch, "test")
 
     def predict_step(self, batch: Window, batch_idx: int):

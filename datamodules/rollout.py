@@ -1,0 +1,120 @@
+"""Closed-loop evaluation as a test set: one batch = a list of :class:`EpisodeSpec` to roll out.
+
+``vitavla test --config configs/eval_libero.yaml --ckpt_path RUN.ckpt`` runs every episode of the suite
+through Lightning's test loop; :mod:`vitavla.rollout.lightning` does the rollouts, resuming and metrics.
+Episodes are sharded across processes by an unrepeated distributed sampler (see :meth:`dataloader`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader
+
+from vitavla.rollout.env import RolloutEnv
+from vitavla.rollout.executors import (ActionExecutor, ChunkExecutor, FirstActionExecutor,
+                                       TemporalEnsembleExecutor)
+from vitavla.rollout.lightning import RolloutTestCallback
+from vitavla.rollout.runner import EpisodeSpec
+
+ExecutorName = Literal["first", "chunk", "ensemble"]
+
+
+def _collate(specs: list[EpisodeSpec]) -> list[EpisodeSpec]:
+    return list(specs)
+
+
+class RolloutDataModule(LightningDataModule):
+    """Episodes of a :class:`RolloutEnv` for ``vitavla test``; settings of the closed-loop protocol."""
+
+    image_size = None  # images come from the env and are resized to the student's size: nothing to check
+
+    def __init__(self, env: RolloutEnv, episodes_per_task: int | None = None, tasks: list[int] | None = None,
+                 executor: ExecutorName = "first", ensemble_k: float = 0.01, chunk_steps: int | None = None,
+                 out_dir: str = "runs/eval", record_videos_per_task: int = 2, seed: int = 0,
+                 settle_steps: int = 0, retries: int = 1, allow_missing_normalizer: bool = False):
+        """
+        Args:
+            env: the simulator adapter, by class_path (e.g. ``vitavla.rollout.libero_env.LiberoEnv``).
+            episodes_per_task: episodes per task (default: the env's ``trials_per_task``, else 10).
+            tasks: task indices to evaluate (default: all of the env's tasks).
+            executor: ``first`` (query every step, run its first action), ``chunk`` (run chunks open-loop)
+                or ``ensemble`` (Seer's temporal ensembling).
+            ensemble_k: temporal-ensembling decay ``exp(-k i)`` (Seer: 0.01).
+            chunk_steps: actions of each chunk run open-loop by ``chunk`` (default: the whole chunk).
+            out_dir: where ``episodes.rank*.jsonl`` (resumable), ``episodes.jsonl`` and ``results.json`` go.
+            record_videos_per_task: episodes per task recorded as videos (needs ``vitavla.rollout.report``).
+            seed: seed of every episode (env reset and torch/numpy before the episode).
+            settle_steps: no-op actions the runner sends after reset; keep 0 for an env that settles inside
+                ``reset`` (LiberoEnv does, with its own ``settle_steps``).
+            retries: re-runs of an episode whose simulator crashed; crashes never count as failures.
+            allow_missing_normalizer: accept a checkpoint without an action normalizer and send normalized
+                actions (arm [-1, 1], gripper 0/1) to the env; only for envs that take them (the stand-in).
+        """
+        super().__init__()
+        if executor not in ("first", "chunk", "ensemble"):
+            raise ValueError(f"executor must be 'first', 'chunk' or 'ensemble', got {executor!r}")
+        self.env = env
+        per_task = episodes_per_task if episodes_per_task is not None else getattr(env, "trials_per_task", 10)
+        if per_task < 1:
+            raise ValueError(f"episodes_per_task must be >= 1, got {per_task}")
+        self.episodes_per_task = int(per_task)
+        self.tasks = list(range(env.num_tasks)) if tasks is None else [int(t) for t in tasks]
+        bad = [t for t in self.tasks if not 0 <= t < env.num_tasks]
+        if bad or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be distinct indices in [0, {env.num_tasks}), got {self.tasks}")
+        self.executor, self.ensemble_k, self.chunk_steps = executor, ensemble_k, chunk_steps
+        self.out_dir = out_dir
+        self.record_videos_per_task = record_videos_per_task
+        self.seed, self.settle_steps, self.retries = seed, settle_steps, retries
+        self.allow_missing_normalizer = allow_missing_normalizer
+        self.make_executor()  # fail at config time on bad executor settings, not after the first episode
+
+    def specs(self) -> list[EpisodeSpec]:
+        """Every episode of the evaluation, task-major (the order of results files and reports)."""
+        return [EpisodeSpec(t, e, self.seed) for t in self.tasks for e in range(self.episodes_per_task)]
+
+    def make_executor(self) -> ActionExecutor:
+        """A fresh executor (one per episode; executors keep per-episode buffers)."""
+        if self.executor == "first":
+            return FirstActionExecutor()
+        if self.executor == "chunk":
+            return ChunkExecutor(self.chunk_steps)
+        return TemporalEnsembleExecutor(self.ensemble_k)
+
+    def setup(self, stage: str) -> None:
+        if stage != "test":
+            raise ValueError(f"RolloutDataModule only serves `vitavla test`, not {stage!r}")
+        trainer = self.trainer
+        if trainer is None:
+            return
+        n = len(self.specs())
+        if n < trainer.world_size:
+            # A process without episodes skips the test loop and would never join the metrics' all-reduce.
+            raise ValueError(f"{n} episodes for {trainer.world_size} processes: every process needs one")
+        if not any(isinstance(cb, RolloutTestCallback) for cb in trainer.callbacks):
+            trainer.callbacks.append(RolloutTestCallback())
+
+    def dataloader(self, num_replicas: int = 1, rank: int = 0) -> DataLoader:
+        """Specs of one process, one per batch. With several processes each spec goes to exactly one of
+        them (round robin). Lightning's default DistributedSampler would pad the shards to equal length by
+        repeating specs, running and counting those episodes twice; being a DistributedSampler subclass,
+        this sampler is kept by Lightning as is."""
+        specs = self.specs()
+        sampler = None
+        if num_replicas > 1:
+            sampler = UnrepeatedDistributedSampler(specs, num_replicas=num_replicas, rank=rank, shuffle=False)
+        return DataLoader(specs, batch_size=1, sampler=sampler, shuffle=False, collate_fn=_collate)
+
+    def test_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        if trainer is None:
+            return self.dataloader()
+        return self.dataloader(trainer.world_size, trainer.global_rank)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        # Specs are host-side descriptions (frozen dataclasses, which Lightning's default transfer rejects);
+        # the episode loop moves each observation to the policy's device itself.
+        return batch

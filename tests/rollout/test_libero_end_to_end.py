@@ -1,0 +1,49 @@
+"""`vitavla fit` on LIBERO-format demos, then `vitavla test` in the LIBERO simulator: JSON, plot, video."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli import main
+from tests.datamodules.test_fit_formats import FAST, _libero
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.sim
+def test_fit_then_vitavla_test_in_libero(tmp_path):
+    pytest.importorskip("libero.libero")
+    data_yaml = tmp_path / "data.yaml"
+    data_yaml.write_text(_libero(tmp_path))
+    fit_root = tmp_path / "fit"
+    main(["fit", "--config", str(CONFIGS / "tiny_finetune.yaml"), "--config", str(data_yaml),
+          "--model.init_args.init_mode=only_finetune", "--model.init_args.init_from=null",
+          f"--trainer.default_root_dir={fit_root}", f"--trainer.logger.init_args.save_dir={fit_root}", *FAST])
+    ckpt = next(fit_root.glob("version_*/checkpoints/last.ckpt"))
+
+    eval_yaml = tmp_path / "eval.yaml"
+    eval_yaml.write_text(f"""model:
+  init_args:
+    student: {{init_args: {{gripper_state: width, gripper_state_dim: 2}}}}
+    teacher: {{init_args: {{overrides: {{gripper_width: true}}}}}}
+data:
+  init_args:
+    env:
+      class_path: vitavla.rollout.libero_env.LiberoEnv
+      init_args: {{suite: libero_10, protocol: seer, max_steps: 3, settle_steps: 1}}
+    tasks: [0]
+    episodes_per_task: 1
+    executor: ensemble
+    allow_missing_normalizer: false
+    out_dir: {tmp_path / 'rollout'}
+""")
+    main(["test", "--config", str(CONFIGS / "eval_tiny.yaml"), "--config", str(eval_yaml), "--ckpt_path", str(ckpt),
+          f"--trainer.default_root_dir={tmp_path / 'eval'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'eval'}",
+          "--trainer.enable_progress_bar=false"])
+    out = tmp_path / "rollout"
+    res = json.loads((out / "results.json").read_text())
+    assert res["episodes"] + res["errors"] == 1 and res["errors"] == 0
+    assert res["per_task"]["0"]["episodes"] == 1
+    assert (out / "success_per_task.png").is_file()
+    assert list(out.rglob("*.mp4")), "no rollout video written"

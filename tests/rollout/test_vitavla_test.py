@@ -1,0 +1,99 @@
+"""`vitavla test` with RolloutDataModule: rollouts in the test loop, resumable, sharded, aggregated."""
+
+import json
+from pathlib import Path
+
+import pytest
+from torch.utils.data import DistributedSampler
+
+from cli import build_cli, main
+from datamodules import RolloutDataModule
+from vitavla.rollout.env import ScriptedStandInEnv
+from vitavla.rollout.runner import EpisodeSpec
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+# Small model-side config shared by the fit and the Window-batch test (no stage-1 checkpoint needed).
+ONLY_FINETUNE = ["--model.init_args.init_mode=only_finetune", "--model.init_args.init_from=null",
+                 "--data.init_args.num_episodes=4", "--data.init_args.episode_length=6"]
+
+
+@pytest.fixture(scope="module")
+def stage2_ckpt(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("finetune")
+    main(["fit", "--config", str(CONFIGS / "tiny_finetune.yaml"), f"--trainer.default_root_dir={root}",
+          f"--trainer.logger.init_args.save_dir={root}", "--trainer.max_steps=1",
+          "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", *QUIET, *ONLY_FINETUNE])
+    return next(root.glob("version_*/checkpoints/last.ckpt"))
+
+
+def vitavla_test(ckpt: Path, root: Path, *extra: str) -> Path:
+    out = root / "rollout"
+    main(["test", "--config", str(CONFIGS / "eval_tiny.yaml"), "--ckpt_path", str(ckpt),
+          f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+          f"--data.init_args.out_dir={out}", "--data.init_args.episodes_per_task=2",
+          "--data.init_args.env.init_args.steps=4", *QUIET, *extra])
+    return out
+
+
+def lines(out: Path) -> int:
+    return sum(len(p.read_text().splitlines()) for p in out.glob("episodes.rank*.jsonl"))
+
+
+def test_vitavla_test_runs_rollouts_and_resumes_without_new_episodes(stage2_ckpt, tmp_path):
+    out = vitavla_test(stage2_ckpt, tmp_path)
+    res = json.loads((out / "results.json").read_text())
+    assert res["episodes"] + res["errors"] == 4 and res["errors"] == 0
+    assert set(res["per_task"]) == {"0", "1"}
+    for t, task in res["per_task"].items():
+        assert task["episodes"] == 2 and task["name"].startswith("reach_")
+        assert 0.0 <= task["success_rate"] <= 1.0
+    assert 0.0 <= res["success_rate"] <= 1.0
+    assert res["successes"] == sum(t["successes"] for t in res["per_task"].values())
+    assert lines(out) == 4 and len((out / "episodes.jsonl").read_text().splitlines()) == 4
+
+    # Same out_dir again: every spec is found finished, nothing runs, the totals are identical.
+    first = (out / "episodes.rank0.jsonl").read_text()
+    vitavla_test(stage2_ckpt, tmp_path)
+    assert (out / "episodes.rank0.jsonl").read_text() == first
+    again = json.loads((out / "results.json").read_text())
+    keys = ("success_rate", "successes", "episodes", "errors", "per_task")
+    assert {k: again[k] for k in keys} == {k: res[k] for k in keys}
+
+
+def test_simulator_crashes_are_retried_once_and_never_counted(stage2_ckpt, tmp_path):
+    out = vitavla_test(stage2_ckpt, tmp_path, "--data.init_args.env.init_args.crash_at=1",
+                       "--data.init_args.episodes_per_task=1")
+    res = json.loads((out / "results.json").read_text())
+    assert res["errors"] == 2 and res["episodes"] == 0 and res["success_rate"] is None
+    assert lines(out) == 4  # two attempts per episode, both recorded
+    assert len(res["error_details"]) == 2 and "scripted simulator crash" in res["error_details"][0]["error"]
+
+
+def test_checkpoint_without_normalizer_is_refused_for_raw_action_envs(stage2_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="no action normalizer"):
+        vitavla_test(stage2_ckpt, tmp_path, "--data.init_args.allow_missing_normalizer=false")
+
+
+def test_episodes_are_sharded_exactly_once_across_ranks():
+    # 9 specs: not divisible by 2, so a padding sampler would repeat one.
+    dm = RolloutDataModule(ScriptedStandInEnv(num_task=3), episodes_per_task=3, seed=5)
+    seen = []
+    for rank in range(2):
+        loader = dm.dataloader(num_replicas=2, rank=rank)
+        # A DistributedSampler, so Lightning keeps it instead of injecting its padding one.
+        assert isinstance(loader.sampler, DistributedSampler)
+        batches = list(loader)
+        assert all(isinstance(b, list) and len(b) == 1 and isinstance(b[0], EpisodeSpec) for b in batches)
+        seen += [b[0] for b in batches]
+    assert sorted(seen, key=lambda s: s.key) == dm.specs() and len(set(seen)) == 9
+    assert [len(list(dm.dataloader(2, r))) for r in range(2)] == [5, 4]
+    assert dm.episodes_per_task == 3 and all(s.seed == 5 for s in seen)
+
+
+def test_window_batches_still_give_the_offline_test_loss(stage2_ckpt, tmp_path):
+    cli = build_cli(["--config", str(CONFIGS / "tiny_finetune.yaml"),
+                     f"--trainer.default_root_dir={tmp_path}",
+                     f"--trainer.logger.init_args.save_dir={tmp_path}", *QUIET, *ONLY_FINETUNE], run=False)
+    out = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(stage2_ckpt), verbose=False)
+    assert out[0]["test/loss"] > 0 and "test/success_rate" not in out[0]

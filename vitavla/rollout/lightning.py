@@ -1,0 +1,265 @@
+"""Closed-loop evaluation inside Lightning's test loop: ``vitavla test --config configs/eval_*.yaml``.
+
+A batch is a list of :class:`EpisodeSpec` (see :class:`datamodules.rollout.RolloutDataModule`); the
+sampler shards specs across processes. :func:`rollout_test_step` runs each spec's episode with the module's
+policy and appends the attempt to ``<out_dir>/episodes.rank{r}.jsonl`` (fsync'd), so a killed run resumes
+where it stopped and ends with the same totals.
+
+Aggregation across processes: :class:`RolloutTestCallback` owns an :class:`EpisodeCounts` torchmetrics
+``Metric`` (a (tasks, 3) integer tensor of successes / episodes / errors, ``dist_reduce_fx="sum"``). It is
+created fresh in ``on_test_start`` (so it is reset every run), lives on the callback rather than the
+LightningModule (so it never enters a checkpoint or the module's state_dict), and is computed once in
+``on_test_epoch_end``: one all-reduce, issued by every rank in the same order, even by a rank whose
+episodes all crashed. The resulting global values are then logged with ``self.log(..., sync_dist=True)``
+(a mean of identical values, which keeps Lightning's epoch-level DDP contract). Logging per-episode values
+with ``sync_dist`` instead would deadlock: a rank that never saw task t (or only saw crashes) would not
+log ``test/success_task{t}`` and the ranks' collectives would no longer match.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import Metric
+
+from datamodules.normalization import Normalizer
+from vitavla.rollout.runner import EpisodeSpec, _append, _final, load_results, run_episode
+from vitavla.streaming import StreamingPolicy
+
+log = logging.getLogger(__name__)
+
+KINDS = ("successes", "episodes", "errors")
+
+
+def is_rollout_batch(batch) -> bool:
+    """A rollout batch: a non-empty list of :class:`EpisodeSpec` (as ``RolloutDataModule`` collates it)."""
+    return isinstance(batch, list) and bool(batch) and all(isinstance(s, EpisodeSpec) for s in batch)
+
+
+class EpisodeCounts(Metric):
+    """Per-task counts (successes, error-free episodes, crashed episodes), summed across processes."""
+
+    full_state_update = False
+
+    def __init__(self, num_tasks: int):
+        super().__init__()
+        # int64: counts stay exact, and NCCL/Gloo both all-reduce it.
+        self.add_state("counts", torch.zeros(num_tasks, len(KINDS), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, record: dict | None = None) -> None:
+        """Add one final episode record; ``None`` only marks the metric as updated (a rank with no episodes
+        still holds a valid all-zero count, and compute() must not warn or skip the collective)."""
+        if record is None:
+            return
+        if record["error"] is not None:
+            self.counts[record["task"], 2] += 1
+        else:
+            self.counts[record["task"], 1] += 1
+            self.counts[record["task"], 0] += int(bool(record["success"]))
+
+    def compute(self) -> torch.Tensor:
+        return self.counts
+
+
+def _read_records(path: Path) -> list[dict]:
+    """Complete lines of another rank's file, read-only: that rank may be appending to it right now, so a
+    partial last line is skipped, never truncated (only the owner repairs its file, via load_results)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in raw[: raw.rfind(b"\n") + 1].decode().splitlines() if line.strip()]
+
+
+def _key(record: dict) -> tuple[int, int, int]:
+    return record["task"], record["episode"], record["seed"]
+
+
+def _report_module():
+    """``vitavla.rollout.report`` (plots, videos, TensorBoard) when installed; evaluation never needs it."""
+    if importlib.util.find_spec("vitavla.rollout.report") is None:
+        return None
+    return importlib.import_module("vitavla.rollout.report")
+
+
+class RolloutTestCallback(Callback):
+    """Per-run state of a rollout test: policy wrapper, executor, normalizer, resume records, metrics.
+
+    :class:`~datamodules.rollout.RolloutDataModule` attaches it to the trainer in ``setup("test")``; it
+    reads its settings (env, executor, out_dir, ...) from ``trainer.datamodule``.
+    """
+
+    def __init__(self):
+        self.metrics: EpisodeCounts | None = None
+        self.by_key: dict[tuple, list[dict]] = {}
+        self.reporter = None
+
+    # -- test start: reset metrics, load what earlier runs finished ------------------------------------
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dm = trainer.datamodule
+        self.env = dm.env
+        self.out_dir = Path(dm.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / f"episodes.rank{trainer.global_rank}.jsonl"
+        self.retries = dm.retries
+        self.names = [self.env.task_name(t) for t in range(self.env.num_tasks)]
+        student = pl_module.policy.student
+        self.image_size = student.backbone.image_size
+        self.normalizer = self._normalizer(pl_module, dm)
+        self.policy = StreamingPolicy(pl_module.policy)
+        self.make_executor = dm.make_executor
+        self.settle_steps = dm.settle_steps
+        self.videos_per_task = dm.record_videos_per_task
+        # Resume: every rank reads every rank's file, so a run restarted with another world size (hence
+        # other shards) still skips whatever any earlier process finished.
+        self.by_key = {}
+        for path in sorted(self.out_dir.glob("episodes.rank*.jsonl")):
+            for r in (load_results(path) if path == self.path else _read_records(path)):
+                self.by_key.setdefault(_key(r), []).append(r)
+        self.metrics = EpisodeCounts(self.env.num_tasks).to(pl_module.device)  # NCCL reduces on the GPU
+        self.metrics.update(None)
+        self.ran = self.wins = 0
+        self.reporter = _report_module()
+        if self.videos_per_task and self.reporter is None:
+            rank_zero_info("vitavla.rollout.report is not installed: no episode videos, only results.json")
+
+    def _normalizer(self, pl_module: LightningModule, dm) -> Normalizer | None:
+        robot = pl_module.policy.robot
+        want = robot.arm_dim + robot.gripper_dim
+        state = getattr(pl_module, "normalizer_state", None)
+        if state is None:
+            if not dm.allow_missing_normalizer:
+                raise ValueError(
+                    f"the checkpoint has no action normalizer, but {type(self.env).__name__} takes raw "
+                    "actions; evaluate a checkpoint saved by `vitavla fit` on the benchmark's datamodule (it "
+                    "stores checkpoint['normalizer']), or set data.init_args.allow_missing_normalizer=true "
+                    "for an env that accepts normalized actions (arm in [-1, 1], gripper 0/1)")
+            norm = None
+        else:
+            norm = Normalizer.from_state_dict(state)
+            if norm.arm_dim + norm.gripper_dim != want:
+                raise ValueError(f"checkpoint normalizer has {norm.arm_dim} + {norm.gripper_dim} action "
+                                 f"values, the policy predicts {robot.arm_dim} + {robot.gripper_dim}")
+        if want != self.env.action_dim:
+            raise ValueError(f"the policy predicts {want} action values but {type(self.env).__name__} takes "
+                             f"{self.env.action_dim}")
+        return norm
+
+    # -- one batch -----------------------------------------------------------------------------------
+    def finished(self, spec: EpisodeSpec) -> bool:
+        recs = self.by_key.get(spec.key, [])
+        return any(r["error"] is None for r in recs) or len(recs) > self.retries
+
+    def run(self, pl_module: LightningModule, spec: EpisodeSpec) -> dict:
+        """The final record of ``spec``: taken from an earlier run if finished there, else run now.
+
+        A simulator crash is appended as an error record, the env is closed (its state is not trusted; the
+        next reset must restart it) and the episode retried up to ``retries`` times, as in ``evaluate``.
+        """
+        record = spec.episode_index < self.videos_per_task and self.reporter is not None
+        while not self.finished(spec):
+            res = run_episode(self.env, self.policy, self.make_executor(), spec, self.normalizer,
+                              self.image_size, self.settle_steps, record_frames=record)
+            rec = {k: v for k, v in asdict(res).items() if k != "frames"}
+            rec.update(seed=spec.seed, task_name=self.names[spec.task_index],
+                       attempt=len(self.by_key.get(spec.key, [])))
+            _append(self.path, rec)
+            self.by_key.setdefault(spec.key, []).append(rec)
+            if res.error is not None:
+                log.warning("episode %s crashed (attempt %d): %s", spec, rec["attempt"], res.error)
+                self.env.close()
+            elif record:
+                # Written now, not at the end: a few hundred frames per episode add up over a suite.
+                self.reporter.save_videos([res], self.out_dir / "videos", per_task=self.videos_per_task)
+        return _final(self.by_key[spec.key])
+
+    # -- test end: one collective, then log and (rank 0) write results.json ---------------------------
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        counts = self.metrics.compute().cpu()  # all-reduce across processes (every rank calls it)
+        self.metrics.reset()
+        results = self.summary(counts)
+        if results["success_rate"] is not None:
+            pl_module.log("test/success_rate", results["success_rate"], batch_size=1, on_epoch=True,
+                          sync_dist=True)
+        for t, task in results["per_task"].items():
+            if task["success_rate"] is not None:
+                pl_module.log(f"test/success_task{t}", task["success_rate"], batch_size=1, on_epoch=True,
+                              sync_dist=True)
+        pl_module.log("test/errors", float(results["errors"]), batch_size=1, on_epoch=True, sync_dist=True)
+        trainer.strategy.barrier("rollout_results")  # every rank's records are on disk before rank 0 reads
+        if trainer.is_global_zero:
+            self.write(trainer, results)
+
+    def summary(self, counts: torch.Tensor) -> dict:
+        per_task, total = {}, dict.fromkeys(KINDS, 0)
+        for t, name in enumerate(self.names):
+            c = {k: int(counts[t, i]) for i, k in enumerate(KINDS)}
+            if not any(c.values()):
+                continue  # not evaluated (data.init_args.tasks)
+            for k in KINDS:
+                total[k] += c[k]
+            # A rate with no error-free episode behind it is None (JSON null), not a made-up 0.
+            rate = c["successes"] / c["episodes"] if c["episodes"] else None
+            per_task[t] = {"name": name, **c, "success_rate": rate}
+        rate = total["successes"] / total["episodes"] if total["episodes"] else None
+        return {"success_rate": rate, **total, "per_task": per_task}
+
+    def write(self, trainer: Trainer, results: dict) -> None:
+        dm = trainer.datamodule
+        merged: dict[tuple, list[dict]] = {}
+        for path in sorted(self.out_dir.glob("episodes.rank*.jsonl")):
+            for r in _read_records(path):
+                merged.setdefault(_key(r), []).append(r)
+        finals = [_final(merged[s.key]) for s in dm.specs() if s.key in merged]
+        with open(self.out_dir / "episodes.jsonl", "w") as f:  # one deduplicated file for reports
+            f.writelines(json.dumps(r) + "\n" for r in finals)
+        results = {**results, "env": type(self.env).__name__, "protocol": getattr(self.env, "protocol", None),
+                   "executor": dm.executor, "ckpt_path": trainer.ckpt_path, "world_size": trainer.world_size,
+                   "error_details": [{k: r[k] for k in ("task", "episode", "seed", "error")}
+                                     for r in finals if r["error"] is not None],
+                   "seconds_sim": sum(r["seconds_sim"] for r in finals),
+                   "seconds_policy": sum(r["seconds_policy"] for r in finals)}
+        if self.reporter is not None:
+            # report.py draws success_per_task.png; the results.json it also writes is replaced just below by
+            # this one (same numbers from the same final records, plus the torchmetrics cross-process totals).
+            self.reporter.write_report({k: v for k, v in results.items() if k not in KINDS}, self.out_dir /
+                                       "episodes.jsonl", self.out_dir)
+            if isinstance(trainer.logger, TensorBoardLogger):
+                self.reporter.log_to_tensorboard(trainer.logger, results, step=0)
+        (self.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        rate = results["success_rate"]
+        shown = "n/a" if rate is None else f"{rate:.3f}"
+        rank_zero_info(f"rollout: success {shown} over {results['episodes']} episodes"
+                       f" ({results['errors']} errors); results in {self.out_dir}")
+
+
+def _callback(trainer: Trainer) -> RolloutTestCallback:
+    for cb in trainer.callbacks:
+        if isinstance(cb, RolloutTestCallback):
+            return cb
+    raise RuntimeError("a batch of EpisodeSpec reached test_step but the trainer has no RolloutTestCallback; "
+                       "use data: datamodules.RolloutDataModule (it attaches one in setup('test'))")
+
+
+def rollout_test_step(module: LightningModule, batch: list[EpisodeSpec]) -> None:
+    """Run (or, on resume, look up) each spec's episode and count its final record on this rank."""
+    cb = _callback(module.trainer)
+    for spec in batch:
+        rec = cb.run(module, spec)
+        cb.metrics.update(rec)
+        if rec["error"] is None:
+            cb.ran += 1
+            cb.wins += int(rec["success"])
+    if cb.ran:
+        # This rank's running rate, for the progress bar only: no sync (a collective per step would make
+        # fast ranks wait) and not sent to the logger (the synced value is logged at epoch end).
+        module.log("success", cb.wins / cb.ran, prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                   batch_size=1)
