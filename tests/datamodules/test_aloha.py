@@ -27,13 +27,6 @@ CAMS = ("cam_high", "cam_low", "cam_left_wrist", "cam_right_wrist")  # act-plus-
 COLS = {"left": [*range(7)], "right": [*range(7, 14)], "both": [*range(6), *range(7, 13), 6, 13]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds sync cost on a 2-core box
-    yield
-    torch.set_num_threads(before)
-
 
 def episode_arrays(t: int, width: int = 14, hw=(48, 64), cams=CAMS, seed: int = 0) -> dict:
     """Smooth joint trajectories, gripper widths in [0, 0.04] and smooth, camera-distinct colour images."""

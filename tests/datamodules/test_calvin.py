@@ -26,13 +26,6 @@ VAL_EPISODES = [(500, 515)]
 VAL_SEGMENTS = [(500, 512, "turn on the light bulb")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def write_split(split_dir: Path, episodes, segments, seed: int = 0) -> dict[int, dict[str, np.ndarray]]:
     """A CALVIN split as the official release lays it out; returns the arrays of every frame by frame id."""

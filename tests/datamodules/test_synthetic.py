@@ -12,14 +12,6 @@ from vitavla.batch import Window
 SMALL = dict(num_episodes=4, episode_length=12, num_steps=5, image_size=32, batch_size=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds sync cost on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _all_windows(dm: SyntheticWindowDataModule, ids=None) -> list[tuple[int, int, dict]]:
     ds = dm._dataset(ids if ids is not None else list(range(len(dm.episodes))))

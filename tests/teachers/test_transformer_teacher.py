@@ -10,17 +10,10 @@ from teachers.transformer_teacher import TransformerTeacher
 from vitavla.checkpoint_io import CheckpointMismatchError
 from vitavla.batch import BatchError, fake_window
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IMG = 32  # small images keep every test well under a second on CPU
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These ops are tiny: a second intra-op thread only adds sync cost, and on a busy 2-core box it made
-    the training test 6-30x slower (2 s -> 13-66 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _teacher(**kw) -> TransformerTeacher:
