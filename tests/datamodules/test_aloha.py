@@ -195,7 +195,7 @@ def test_single_arm_piper_recording(tmp_path):
 def test_full_resolution_frames_are_resized(tmp_path, compress):
     src = write_dataset(tmp_path / "d", lengths=(2,), ids=(0,), compress=compress, hw=(480, 640),
                         cams=("cam_high", "cam_left_wrist"))
-    w = datamodule(tmp_path / "d", tmp_path, image_size=224)._train[0]
+    w = datamodule(tmp_path / "d", tmp_path, image_size=224, fast_jpeg=False)._train[0]
     assert w["images"].shape == (4, 2, 3, 224, 224) and w["images"].dtype == torch.uint8
     assert w["valid"].tolist() == [True, True, False, False]
     ref = src[0]["images"]["cam_high"]
@@ -203,6 +203,9 @@ def test_full_resolution_frames_are_resized(tmp_path, compress):
         ref = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))[..., ::-1]
                         for b in src[0]["jpeg"]["cam_high"]])
     assert torch.equal(w["images"][:2, 0], resize_uint8(ref, 224))
+    if compress:  # the default scaled JPEG decode: 480x640 -> 240x320 in libjpeg, then 224; nearly the same
+        fast = datamodule(tmp_path / "d", tmp_path, image_size=224)._train[0]["images"][:2, 0]
+        assert (fast.float() - w["images"][:2, 0].float()).abs().mean() < 2.0
 
 
 def test_padding_and_masks_at_episode_end(tmp_path):
