@@ -1,7 +1,7 @@
 """CALVIN (``task_ABC_D``, ``task_D_D``, ``calvin_debug_dataset``) in its original on-disk layout.
 
 ``<root>/training`` is the train split and ``<root>/validation`` the val split (the benchmark's definition).
-Each holds one ``episode_XXXXXXX.npz`` per frame, ``ep_start_end_ids.npy`` (inclusive [start, end] frame ids
+Each holds one ``episode_NNNNNNN.npz`` per frame, ``ep_start_end_ids.npy`` (inclusive [start, end] frame ids
 of the recorded episodes) and ``lang_annotations/auto_lang_ann.npy`` (language-annotated segments). An episode
 of this reader is one annotated segment with its instruction, as in Seer's finetuning: a window starts at
 every frame of a segment such that the window and its action chunks lie inside it (``pad_tail=False``).
@@ -124,7 +124,7 @@ def detect_naming(split_dir: Path) -> tuple[str, int]:
             m = _NAME.match(entry.name)
             if m and entry.is_file():
                 return m.group(1), len(m.group(2))
-    raise DataError(split_dir, "episode_XXXXXXX.npz", "no frame files found in the split directory")
+    raise DataError(split_dir, "episode_NNNNNNN.npz", "no frame files found in the split directory")
 
 
 def _read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -1,6 +1,6 @@
 """Packed cache of a CALVIN split: the frames of its annotated segments as a few memory-mapped .npy files.
 
-CALVIN stores one compressed ``episode_XXXXXXX.npz`` per frame, so a 12-frame window costs 12 file opens and
+CALVIN stores one compressed ``episode_NNNNNNN.npz`` per frame, so a 12-frame window costs 12 file opens and
 zlib inflates. The pack holds, for the annotated frames only and in frame order:
 
 - ``static.npy`` uint8 (N, H, W, 3) and ``wrist.npy`` uint8 (N, h, w, 3) at native size (resizing stays in the
