@@ -81,3 +81,12 @@ def test_paper_configs_parse():
         with pytest.raises(SystemExit) as e:
             build_cli(["fit", "--config", str(CONFIGS / f"{name}.yaml"), "--print_config"], run=True)
         assert e.value.code in (0, None), name
+
+
+def test_eval_configs_parse():
+    from cli import build_cli
+
+    for name in ("eval_libero", "eval_tiny"):
+        with pytest.raises(SystemExit) as e:
+            build_cli(["test", "--config", str(CONFIGS / f"{name}.yaml"), "--print_config"], run=True)
+        assert e.value.code in (0, None), name
