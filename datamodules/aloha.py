@@ -33,7 +33,6 @@ import numpy as np
 from PIL import Image
 
 from datamodules.base import DataError, Episode, EpisodeReader, Frames, WindowDataModule
-from datamodules.normalization import Normalizer, cached_normalizer, dataset_fingerprint
 from vitavla.batch import RobotSpec
 
 QPOS, ACTION, IMAGES, COMPRESS_LEN = "/observations/qpos", "/action", "/observations/images", "/compress_len"
@@ -275,7 +274,8 @@ class AlohaReader(EpisodeReader):
     def files(self) -> list[Path]:
         return [s.path for s in self._sources]  # only the episodes determine the action statistics
 
-    def options_key(self) -> str:
+    @property
+    def cache_key(self) -> str:
         """The reader options that change the actions (for the statistics cache fingerprint)."""
         return f"arms={self.arms}|gripper_range={self.gripper_range}"
 
@@ -361,11 +361,3 @@ class AlohaDataModule(WindowDataModule):
         if self._shared is None:  # one directory serves both splits; index it once
             self._shared = AlohaReader(**self.reader_options)
         return self._shared
-
-    def fit_normalizer(self, reader: AlohaReader) -> Normalizer:
-        # The base keys the cache by file identity only; arm selection changes the action columns.
-        extra = f"AlohaReader|{self.normalization}|{reader.options_key()}"
-        fp = dataset_fingerprint(reader.files(), extra=extra)
-        return cached_normalizer(self.stats_cache_dir, fp, lambda: Normalizer.fit(
-            reader.all_actions(), reader.robot.arm_dim, mode=self.normalization,
-            gripper_range=reader.gripper_range, gripper_convention=reader.gripper_convention))

@@ -71,6 +71,11 @@ class EpisodeReader(ABC):
         """Files whose identity fingerprints the dataset (for the statistics cache)."""
         return sorted(p for p in self.root.rglob("*") if p.is_file())
 
+    @property
+    def cache_key(self) -> str:
+        """Reader options that change the action statistics, folded into the statistics cache fingerprint."""
+        return ""
+
     def default_normalizer(self) -> Normalizer | None:
         """A fixed normalizer when the format's actions are already normalized (e.g. CALVIN rel_actions)."""
         return None
@@ -185,8 +190,8 @@ class WindowDataModule(L.LightningDataModule):
         fixed = reader.default_normalizer()
         if fixed is not None and self.normalization == "identity":
             return fixed
-        options = getattr(reader, "cache_key", "")  # reader options that change the statistics
-        fp = dataset_fingerprint(reader.files(), extra=f"{type(reader).__name__}|{self.normalization}|{options}")
+        fp = dataset_fingerprint(reader.files(),
+                                 extra=f"{type(reader).__name__}|{self.normalization}|{reader.cache_key}")
         mode = self.normalization
         return cached_normalizer(self.stats_cache_dir, fp,
                                  lambda: Normalizer.fit(reader.all_actions(), reader.robot.arm_dim, mode=mode,

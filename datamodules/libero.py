@@ -8,7 +8,6 @@ plugs it into the shared windowing of :mod:`datamodules.base`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -20,7 +19,6 @@ import h5py
 import numpy as np
 
 from datamodules.base import DataError, Episode, EpisodeReader, Frames, WindowDataModule
-from datamodules.normalization import Normalizer
 from vitavla.batch import RobotSpec
 
 GRIPPER_STATES = ("width", "binary")
@@ -292,6 +290,11 @@ class LiberoReader(EpisodeReader):
                       state=np.concatenate([arm, grip], axis=1).astype(np.float32),
                       action=actions.astype(np.float32))
 
+    @property
+    def cache_key(self) -> str:
+        # The gripper map is a convention, not a statistic: cached statistics must not outlive a change of it.
+        return f"gripper_action={self.gripper_action}"
+
     def all_actions(self) -> np.ndarray:
         # Opened and closed here rather than through _file: the main process then holds no handle when the
         # DataLoader forks its workers.
@@ -360,15 +363,6 @@ class LiberoDataModule(WindowDataModule):
                 flip_images=self.flip_images, action_chunk=chunk,
                 min_length=1 if self.pad_tail else self.num_steps + chunk - 1)
         return self._shared_reader
-
-    def fit_normalizer(self, reader: LiberoReader) -> Normalizer:
-        norm = super().fit_normalizer(reader)
-        # The statistics cache is keyed by files and mode, not by the gripper convention. The gripper map is
-        # a convention rather than a statistic, so it always comes from the reader, never from the cache.
-        low, high = reader.gripper_range
-        dim = reader.robot.gripper_dim
-        return dataclasses.replace(norm, gripper_low=[low] * dim, gripper_high=[high] * dim,
-                                   gripper_convention=reader.gripper_convention)
 
 
 __all__ = ["LiberoReader", "LiberoDataModule", "instruction_from_filename"]
