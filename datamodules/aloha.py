@@ -26,6 +26,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import NoReturn
 
 import h5py
@@ -268,8 +269,9 @@ class AlohaReader(EpisodeReader):
         return np.ascontiguousarray(np.stack(out))
 
     # -- contract ---------------------------------------------------------------------------------
-    def all_actions(self) -> np.ndarray:
-        return np.concatenate([s.action for s in self._sources])
+    def all_actions(self, episodes: Sequence[int] | None = None) -> np.ndarray:
+        ids = range(len(self._sources)) if episodes is None else episodes
+        return np.concatenate([self._sources[i].action for i in ids])
 
     def files(self) -> list[Path]:
         return [s.path for s in self._sources]  # only the episodes determine the action statistics

@@ -9,7 +9,9 @@ fits (or loads cached) normalization statistics and builds the loaders.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +66,8 @@ class EpisodeReader(ABC):
         """Frames ``[start, stop)`` of episode ``index``; raise :class:`DataError` on bad content."""
 
     @abstractmethod
-    def all_actions(self) -> np.ndarray:
-        """Every raw action of the dataset, (N, action_dim), for normalization statistics."""
+    def all_actions(self, episodes: Sequence[int] | None = None) -> np.ndarray:
+        """Every raw action of ``episodes`` (default: all), (N, action_dim), for normalization statistics."""
 
     def files(self) -> list[Path]:
         """Files whose identity fingerprints the dataset (for the statistics cache)."""
@@ -190,11 +192,15 @@ class WindowDataModule(L.LightningDataModule):
         fixed = reader.default_normalizer()
         if fixed is not None and self.normalization == "identity":
             return fixed
-        fp = dataset_fingerprint(reader.files(),
-                                 extra=f"{type(reader).__name__}|{self.normalization}|{reader.cache_key}")
+        # Statistics come from the training episodes only: a held-out error must not see the hold-out's range.
+        train = self.split_episodes(reader, "train")
+        episodes = None if len(train) == len(reader.episodes) else train
+        split = "all" if episodes is None else hashlib.sha1(",".join(map(str, train)).encode()).hexdigest()[:12]
+        fp = dataset_fingerprint(reader.files(), extra=f"{type(reader).__name__}|{self.normalization}|"
+                                                       f"{reader.cache_key}|train={split}")
         mode = self.normalization
         return cached_normalizer(self.stats_cache_dir, fp,
-                                 lambda: Normalizer.fit(reader.all_actions(), reader.robot.arm_dim, mode=mode,
+                                 lambda: Normalizer.fit(reader.all_actions(episodes), reader.robot.arm_dim, mode=mode,
                                                         gripper_range=getattr(reader, "gripper_range", None),
                                                         gripper_convention=getattr(reader, "gripper_convention", "")))
 

@@ -22,6 +22,7 @@ import pickle
 import re
 import zipfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -320,9 +321,12 @@ class CalvinReader(EpisodeReader):
             static, wrist, obs, act = (np.stack(x) for x in zip(*frames))
         return Frames(static=static, wrist=wrist, state=to_state(obs), action=act.astype(np.float32))
 
-    def all_actions(self) -> np.ndarray:
+    def all_actions(self, episodes: Sequence[int] | None = None) -> np.ndarray:
         """rel_actions of every annotated frame (every segment, whatever its length: statistics must not
-        depend on num_steps, their cache key does not include it)."""
+        depend on num_steps, their cache key does not include it). The split is a directory of its own, so
+        its statistics always cover all of it."""
+        if episodes is not None and sorted(episodes) != list(range(len(self.episodes))):
+            raise ValueError("CalvinReader statistics cover a whole split directory, not a subset of segments")
         ids = self.split.frames()
         if self.pack is not None:
             return np.asarray(self.pack.array("rel_actions")[self.pack.rows(ids, ids)], dtype=np.float32)

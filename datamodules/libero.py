@@ -295,14 +295,15 @@ class LiberoReader(EpisodeReader):
         # The gripper map is a convention, not a statistic: cached statistics must not outlive a change of it.
         return f"gripper_action={self.gripper_action}"
 
-    def all_actions(self) -> np.ndarray:
+    def all_actions(self, episodes: Sequence[int] | None = None) -> np.ndarray:
+        wanted = set(range(len(self._locs))) if episodes is None else set(episodes)
         # Opened and closed here rather than through _file: the main process then holds no handle when the
         # DataLoader forks its workers.
         out = []
         for f, path in enumerate(self._paths):
             with self._open(path) as h:
                 for i, (f_i, demo, _) in enumerate(self._locs):
-                    if f_i != f:
+                    if f_i != f or i not in wanted:
                         continue
                     try:
                         a = h[f"data/{demo}/actions"][()]

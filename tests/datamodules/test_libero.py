@@ -140,11 +140,16 @@ def test_windows_match_the_source(suite, tmp_path):
 
 def test_normalization_round_trip_and_gripper_conventions(suite, tmp_path):
     root, source = suite
-    raw = torch.from_numpy(np.concatenate([s["actions"] for s in source])).float()
     for convention, closed_target in (("close_positive", 1.0), ("open_positive", 0.0)):
         dm = datamodule(root, tmp_path, gripper_action=convention)
         dm.setup("fit")
         norm = dm.normalizer
+        # Statistics are the training demos' own: the held-out demo's actions do not widen the range.
+        train = dm.split_episodes(dm.reader("train"), "train")
+        assert len(train) == len(source) - 1
+        raw = torch.from_numpy(np.concatenate([source[i]["actions"] for i in train])).float()
+        np.testing.assert_allclose(norm.arm_low, raw[:, :6].min(0).values, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(norm.arm_high, raw[:, :6].max(0).values, rtol=0, atol=1e-6)
         assert norm.gripper_convention.startswith(f"1 = {'close' if closed_target else 'open'}")
         n = norm.normalize_actions(raw)
         assert n[:, :6].min() >= -1 and n[:, :6].max() <= 1
