@@ -4,6 +4,7 @@
     vitavla fit --config configs/finetune_calvin.yaml --model.init_from runs/align/.../last.ckpt
     vitavla quickstart            # both stages on tiny models, CPU, a few minutes
     vitavla data check PATH --format calvin|libero|aloha
+    vitavla demos libero --suite libero_object --tasks 0 --episodes 20 --out data/demos --image-size 64
 
 Every part (teacher, student backbone, datamodule, strategy) is chosen by ``class_path`` in YAML.
 """
@@ -19,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 EXTRA_COMMANDS = {
     "quickstart": "vitavla.quickstart:main",
     "data": "datamodules.check:main",
+    "demos": "vitavla.demos.libero_scripted:main",
 }
 
 

@@ -34,11 +34,14 @@ class RolloutDataModule(LightningDataModule):
     def __init__(self, env: RolloutEnv, episodes_per_task: int | None = None, tasks: list[int] | None = None,
                  executor: ExecutorName = "first", ensemble_k: float = 0.01, chunk_steps: int | None = None,
                  out_dir: str = "runs/eval", record_videos_per_task: int = 2, seed: int = 0,
-                 settle_steps: int = 0, retries: int = 1, allow_missing_normalizer: bool = False):
+                 settle_steps: int = 0, retries: int = 1, allow_missing_normalizer: bool = False,
+                 num_envs: int = 1, env_timeout: float | None = None, first_episode: int = 0):
         """
         Args:
             env: the simulator adapter, by class_path (e.g. ``vitavla.rollout.libero_env.LiberoEnv``).
             episodes_per_task: episodes per task (default: the env's ``trials_per_task``, else 10).
+            first_episode: index of each task's first episode (LIBERO: its fixed init state), e.g. to
+                evaluate on init states that training demonstrations never started from.
             tasks: task indices to evaluate (default: all of the env's tasks).
             executor: ``first`` (query every step, run its first action), ``chunk`` (run chunks open-loop)
                 or ``ensemble`` (Seer's temporal ensembling).
@@ -52,6 +55,14 @@ class RolloutDataModule(LightningDataModule):
             retries: re-runs of an episode whose simulator crashed; crashes never count as failures.
             allow_missing_normalizer: accept a checkpoint without an action normalizer and send normalized
                 actions (arm [-1, 1], gripper 0/1) to the env; only for envs that take them (the stand-in).
+            num_envs: simulators run in parallel per process, each in its own worker process, with one
+                batched policy call per control step (1: episodes one by one in this process). Up to
+                ``num_envs`` episodes start together and the next ones start when all of them ended; results,
+                resume and retries are the same as with 1. The env must pickle (its simulator is created on
+                first reset, in the worker). Good values: up to the CPU cores per process.
+            env_timeout: with ``num_envs > 1``, seconds one reset or step may take before the simulator
+                counts as hung: its worker is killed and restarted and the episode recorded as a crash
+                (default: no limit; a worker that dies is always detected).
         """
         super().__init__()
         if executor not in ("first", "chunk", "ensemble"):
@@ -70,11 +81,19 @@ class RolloutDataModule(LightningDataModule):
         self.record_videos_per_task = record_videos_per_task
         self.seed, self.settle_steps, self.retries = seed, settle_steps, retries
         self.allow_missing_normalizer = allow_missing_normalizer
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+        if env_timeout is not None and env_timeout <= 0:
+            raise ValueError(f"env_timeout must be positive seconds or null, got {env_timeout!r}")
+        self.num_envs, self.env_timeout = num_envs, env_timeout
+        if not isinstance(first_episode, int) or first_episode < 0:
+            raise ValueError(f"first_episode must be an integer >= 0, got {first_episode!r}")
+        self.first_episode = first_episode
         self.make_executor()  # fail at config time on bad executor settings, not after the first episode
 
     def specs(self) -> list[EpisodeSpec]:
         """Every episode of the evaluation, task-major (the order of results files and reports)."""
-        return [EpisodeSpec(t, e, self.seed) for t in self.tasks for e in range(self.episodes_per_task)]
+        return [EpisodeSpec(t, e, self.seed) for t in self.tasks for e in range(self.first_episode, self.first_episode + self.episodes_per_task)]
 
     def make_executor(self) -> ActionExecutor:
         """A fresh executor (one per episode; executors keep per-episode buffers)."""
@@ -98,7 +117,7 @@ class RolloutDataModule(LightningDataModule):
             trainer.callbacks.append(RolloutTestCallback())
 
     def dataloader(self, num_replicas: int = 1, rank: int = 0) -> DataLoader:
-        """Specs of one process, one per batch. With several processes each spec goes to exactly one of
+        """Specs of one process, ``num_envs`` per batch (run concurrently). With several processes each spec goes to exactly one of
         them (round robin). Lightning's default DistributedSampler would pad the shards to equal length by
         repeating specs, running and counting those episodes twice; being a DistributedSampler subclass,
         this sampler is kept by Lightning as is."""
@@ -106,7 +125,7 @@ class RolloutDataModule(LightningDataModule):
         sampler = None
         if num_replicas > 1:
             sampler = UnrepeatedDistributedSampler(specs, num_replicas=num_replicas, rank=rank, shuffle=False)
-        return DataLoader(specs, batch_size=1, sampler=sampler, shuffle=False, collate_fn=_collate)
+        return DataLoader(specs, batch_size=self.num_envs, sampler=sampler, shuffle=False, collate_fn=_collate)
 
     def test_dataloader(self) -> DataLoader:
         trainer = self.trainer

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -92,6 +93,24 @@ class Teacher(nn.Module, ABC):
             raise ValueError(f"{type(self).__name__}.training_loss needs Window.actions")
         out = self.predict(window)
         return action_loss(out, window.actions, window.action_valid, self.robot)
+
+    def export(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+        """Write the weights as a file this teacher's ``checkpoint`` argument loads (``TeacherModule`` calls it
+        at the end of training).
+
+        Default: the whole state dict as ``.safetensors`` with ``metadata`` in the header, which
+        :class:`~teachers.TransformerTeacher` reads. A teacher whose loader expects another layout (Seer's
+        official one) overrides this.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{type(self).__name__}.export writes .safetensors, got {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={"format": "pt", "class": type(self).__name__, **(metadata or {})})
+        return path
 
     def freeze(self) -> Teacher:
         """Frozen teacher: no gradients, eval mode (dropout off), and it stays in eval under ``.train()``."""

@@ -20,6 +20,11 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     return (values * m).sum() / m.sum().clamp_min(1.0)
 
 
+def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``values`` over the entries where ``mask`` (broadcast over trailing axes) is True; 0 if none."""
+    return _masked_mean(values, mask)
+
+
 def alignment_loss(student: Tensor, teacher: Tensor, valid: Tensor | None = None) -> Tensor:
     """Stage 1: MSE between mapped student hidden states and teacher hidden states, (B, T, Q, D) each."""
     if student.shape != teacher.shape:
@@ -48,4 +53,16 @@ def gripper_accuracy(pred, target: Tensor, mask: Tensor | None, robot: RobotSpec
     return _masked_mean(hit, mask)
 
 
-__all__ = ["alignment_loss", "action_loss", "gripper_accuracy"]
+def action_metrics(pred, target: Tensor, mask: Tensor | None, robot: RobotSpec,
+                   gripper_weight: float = 0.01) -> dict[str, Tensor]:
+    """The offline action metrics of :class:`~vitavla.modules.PolicyModule`, for any model's predictions.
+
+    ``loss`` (MAE + ``gripper_weight`` * BCE), ``arm_mae``, ``gripper_bce`` and ``gripper_acc``, all detached,
+    from :func:`action_loss` and :func:`gripper_accuracy` exactly as the student's validation computes them, so
+    teacher and student numbers in one table are comparable.
+    """
+    loss, parts = action_loss(pred, target, mask, robot, gripper_weight)
+    return {"loss": loss.detach(), **parts, "gripper_acc": gripper_accuracy(pred, target, mask, robot).detach()}
+
+
+__all__ = ["alignment_loss", "action_loss", "action_metrics", "gripper_accuracy", "masked_mean"]

@@ -1,77 +1,195 @@
-"""``vitavla quickstart``: the whole method on tiny models, on CPU, in a few minutes.
+"""``vitavla quickstart``: the whole VITA-VLA method on a real simulator, on a laptop CPU, in minutes.
 
-Stage 1 aligns the student with the teacher (configs/tiny_align.yaml); stage 2 fine-tunes it in the
-paper's three modes (configs/tiny_finetune.yaml). Each run is validated before and after training and the
-results are printed as one table. Everything lands under ``--out`` (checkpoints, TensorBoard logs).
+1. **Demonstrations**: a scripted expert records successful pick-and-place episodes in LIBERO
+   (:mod:`vitavla.demos.libero_scripted`), in LIBERO's own HDF5 layout.
+2. **Teacher**: a small Seer trained on them with Seer's objective (``configs/quickstart/teacher.yaml``).
+3. **Stage 1**: the tiny VLM student aligned with the frozen teacher (``align.yaml``).
+4. **Stage 2**: fine-tuning in the paper's three modes: two_stage, only_finetune, freeze_vlm
+   (``finetune.yaml``).
+5. **Rollouts**: ``vitavla test`` of the teacher and the three students in the simulator, from init states
+   the demonstrations never used (``eval.yaml``, layered over each policy's training config).
+
+It prints one table (held-out action error and rollout success per policy) and writes it to
+``<out>/summary.md`` and ``summary.json``; videos land in ``<out>/<run>/rollout/videos`` and TensorBoard
+logs in every run folder (``tensorboard --logdir <out>``). Re-running with the same ``--out`` reuses the
+demonstrations already recorded.
+
+The configs are small on purpose; ``docs/quickstart.md`` gives the GPU-sized ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lightning.pytorch.utilities import disable_possible_user_warnings
 
+MODES = ("two_stage", "only_finetune", "freeze_vlm")
+INIT_STATES = 50  # fixed init states per LIBERO task
+
 
 def _config_dir() -> Path:
-    here = Path(__file__).resolve().parents[1] / "configs"
-    return here if here.is_dir() else Path.cwd() / "configs"
+    here = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
+    return here if here.is_dir() else Path.cwd() / "configs" / "quickstart"
 
 
-def _run(config: Path, out: Path, name: str, epochs: int, extra: list[str]) -> dict[str, float]:
+@dataclass
+class RunResult:
+    """One trained policy: where it is, how long it trained, its held-out metrics and rollout results."""
+
+    name: str
+    checkpoint: str
+    log_dir: str
+    trainable: int
+    seconds: float
+    val: dict[str, float]
+    rollout: dict = field(default_factory=dict)
+
+
+def _cli(configs: list[Path], overrides: list[str]):
     from cli import build_cli
 
-    run_dir = out / name
-    args = [
-        "--config", str(config),
-        f"--trainer.default_root_dir={run_dir}",
-        f"--trainer.logger.init_args.save_dir={run_dir}",
-        f"--trainer.max_epochs={epochs}",
-        "--trainer.enable_model_summary=false",
-        *extra,
-    ]
-    cli = build_cli(args, run=False)
+    args = [a for c in configs for a in ("--config", str(c))] + overrides
+    return build_cli(args, run=False)
+
+
+def _fit(configs: list[Path], run_dir: Path, name: str, steps: int, overrides: list[str]) -> RunResult:
+    """Train one stage and validate it on the held-out demonstrations."""
+    cli = _cli(configs, [f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}",
+                         f"--trainer.max_steps={steps}", "--trainer.enable_model_summary=false", *overrides])
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    before = trainer.validate(model, datamodule=data, verbose=False)[0]
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start
-    after = trainer.validate(model, datamodule=data, verbose=False)[0]
+    val = trainer.validate(model, datamodule=data, verbose=False)[0]
     trainable = sum(c["trainable"] for c in model.parameter_counts().values())
-    return {"before": before, "after": after, "seconds": seconds, "trainable": trainable,
-            "checkpoint": trainer.checkpoint_callback.last_model_path, "log_dir": trainer.log_dir}
+    return RunResult(name, trainer.checkpoint_callback.last_model_path, trainer.log_dir, trainable, seconds,
+                     {k: float(v) for k, v in val.items()})
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict]:
-    ap = argparse.ArgumentParser(prog="vitavla quickstart", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/quickstart", help="run directory")
-    ap.add_argument("--align-epochs", type=int, default=3)
-    ap.add_argument("--finetune-epochs", type=int, default=3)
-    ap.add_argument("--configs", default=None, help="folder holding tiny_align.yaml and tiny_finetune.yaml")
-    args = ap.parse_args(argv)
-    disable_possible_user_warnings()
-    cfg = Path(args.configs) if args.configs else _config_dir()
-    out = Path(args.out)
-    results = {"align": _run(cfg / "tiny_align.yaml", out, "align", args.align_epochs, [])}
-    stage1 = results["align"]["checkpoint"]
-    for mode in ("two_stage", "only_finetune", "freeze_vlm"):
-        extra = [f"--model.init_args.init_mode={mode}",
-                 f"--model.init_args.init_from={stage1 if mode != 'only_finetune' else 'null'}"]
-        results[mode] = _run(cfg / "tiny_finetune.yaml", out, f"finetune_{mode}", args.finetune_epochs, extra)
-    print(format_table(results))
-    print(f"runs, checkpoints and TensorBoard logs: {out}/ (tensorboard --logdir {out})")
+def _rollout(configs: list[Path], ckpt: str, run_dir: Path, overrides: list[str]) -> dict:
+    """``vitavla test`` of one checkpoint; returns its results.json (plus the wall time)."""
+    out = run_dir / "rollout"
+    cli = _cli(configs, [f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}",
+                         "--trainer.enable_model_summary=false", f"--data.init_args.out_dir={out}", *overrides])
+    start = time.perf_counter()
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)
+    results = json.loads((out / "results.json").read_text())
+    results["wall_seconds"] = time.perf_counter() - start
     return results
 
 
-def format_table(results: dict[str, dict]) -> str:
-    rows = [f"{'run':<16}{'metric':<16}{'before':>10}{'after':>10}{'trainable':>14}{'seconds':>9}"]
+def main(argv: list[str] | None = None) -> dict[str, RunResult]:
+    ap = argparse.ArgumentParser(prog="vitavla quickstart", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/quickstart", help="run directory (demos, checkpoints, logs, videos)")
+    ap.add_argument("--suite", default="libero_object", help="LIBERO suite of the task")
+    ap.add_argument("--tasks", type=int, nargs="+", default=[0],
+                    help="task indices in the suite (pick-and-place tasks); demos and rollouts cover each")
+    ap.add_argument("--demos", type=int, default=24, help="successful demonstrations to record per task")
+    ap.add_argument("--render-size", type=int, default=96, help="camera size of demos and rollouts (px)")
+    ap.add_argument("--workers", type=int, default=2, help="simulator processes (demos and rollouts)")
+    ap.add_argument("--teacher-steps", type=int, default=400, help="teacher training steps")
+    ap.add_argument("--align-steps", type=int, default=200, help="stage-1 steps")
+    ap.add_argument("--finetune-steps", type=int, default=300, help="stage-2 steps per mode")
+    ap.add_argument("--episodes", type=int, default=6, help="rollouts per task and policy (held-out init states)")
+    ap.add_argument("--max-steps", type=int, default=220, help="policy steps per rollout")
+    ap.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    ap.add_argument("--configs", default=None, help="folder holding the quickstart configs")
+    ap.add_argument("--scale", default=None,
+                    help="a folder of override configs layered over each step's config, e.g. "
+                         "configs/quickstart/gpu (bigger teacher and student, bf16 on one GPU)")
+    args = ap.parse_args(argv)
+    if args.episodes < 1 or args.demos < 1 or args.episodes > INIT_STATES:
+        ap.error(f"--demos must be >= 1 and --episodes in [1, {INIT_STATES}]")
+    disable_possible_user_warnings()
+    cfg = Path(args.configs) if args.configs else _config_dir()
+    scale = Path(args.scale) if args.scale else None
+    if scale is not None and not scale.is_dir():
+        ap.error(f"--scale {scale}: not a folder of override configs")
+
+    def layered(name: str) -> list[Path]:
+        """The step's config, then the same-named override from --scale when there is one."""
+        extra = scale / name if scale is not None else None
+        return [cfg / name] + ([extra] if extra is not None and extra.is_file() else [])
+    out = Path(args.out)
+    wall = time.perf_counter()
+
+    # 1. Demonstrations (reused when already there).
+    from vitavla.demos.libero_scripted import GenConfig, generate
+
+    demos = out / "demos"
+    start = time.perf_counter()
+    gen = generate(GenConfig(suite=args.suite, tasks=tuple(args.tasks), episodes=args.demos, out=str(demos),
+                             image_size=args.render_size, workers=args.workers))
+    demo_seconds = time.perf_counter() - start
+    if any(r.kept < args.demos for r in gen):
+        raise SystemExit(f"the scripted expert kept {[r.kept for r in gen]} demos of {args.demos}; "
+                         "choose other --tasks (single pick-and-place goals)")
+    attempts_used = max(r.attempted for r in gen)
+
+    data = [f"--data.init_args.root={demos}", f"--data.init_args.batch_size={args.batch_size}",
+            f"--data.init_args.stats_cache_dir={out / 'stats'}"]
+    # 2. Teacher.
+    results: dict[str, RunResult] = {}
+    results["teacher"] = _fit(layered("teacher.yaml"), out / "teacher", "teacher", args.teacher_steps, data)
+    teacher_file = Path(results["teacher"].log_dir) / "teacher.safetensors"
+    if not teacher_file.is_file():
+        raise SystemExit(f"teacher training finished without writing {teacher_file}")
+    teacher = [f"--model.init_args.teacher.init_args.checkpoint={teacher_file}"]
+    # 3. Stage 1.
+    align = _fit(layered("align.yaml"), out / "align", "align", args.align_steps, data + teacher)
+    # 4. Stage 2, three modes.
+    for mode in MODES:
+        init = f"--model.init_args.init_from={align.checkpoint if mode != 'only_finetune' else 'null'}"
+        results[mode] = _fit(layered("finetune.yaml"), out / f"finetune_{mode}", mode, args.finetune_steps,
+                             data + teacher + [f"--model.init_args.init_mode={mode}", init])
+
+    # 5. Rollouts from init states the demos never started from (demo attempts use 0, 1, ...).
+    first = INIT_STATES - args.episodes
+    if first < attempts_used:
+        print(f"note: rollouts reuse init states {first}..{INIT_STATES - 1}, some of which demos started from")
+    env = [f"--data.init_args.env.init_args.suite={args.suite}",
+           f"--data.init_args.tasks=[{','.join(map(str, args.tasks))}]",
+           f"--data.init_args.env.init_args.render_size={args.render_size}",
+           f"--data.init_args.env.init_args.max_steps={args.max_steps}",
+           f"--data.init_args.episodes_per_task={args.episodes}", f"--data.init_args.first_episode={first}",
+           f"--data.init_args.num_envs={args.workers}"]
+    for name, run in results.items():
+        train_cfg = layered("teacher.yaml" if name == "teacher" else "finetune.yaml")
+        model = [] if name == "teacher" else teacher + ["--model.init_args.init_mode=only_finetune",
+                                                         "--model.init_args.init_from=null"]
+        run.rollout = _rollout(train_cfg + layered("eval.yaml"), run.checkpoint, Path(run.log_dir), env + model)
+
+    summary = {"demos": {"kept": args.demos, "attempted": attempts_used, "seconds": demo_seconds,
+                         "path": str(demos)},
+               "align": asdict(align), "runs": {k: asdict(v) for k, v in results.items()},
+               "wall_seconds": time.perf_counter() - wall}
+    table = format_table(results, align, summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+    print(f"\nruns, checkpoints, rollout videos and TensorBoard logs: {out}/ (tensorboard --logdir {out})")
+    return results
+
+
+def format_table(results: dict[str, RunResult], align: RunResult, summary: dict) -> str:
+    """One markdown table: held-out action error (val split of the demos) and rollout success."""
+    d = summary["demos"]
+    head = (f"Demonstrations: {d['kept']} kept of {d['attempted']} scripted attempts ({d['seconds']:.0f} s). "
+            f"Stage 1: val/align_mse {align.val.get('val/align_mse', float('nan')):.4f}, "
+            f"{align.trainable:,} trainable, {align.seconds:.0f} s.")
+    rows = ["| policy | trainable params | train s | held-out arm MAE | held-out gripper acc | rollout success |",
+            "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        metric = "val/align_mse" if name == "align" else "val/arm_mae"
-        rows.append(f"{name:<16}{metric:<16}{r['before'][metric]:>10.4f}{r['after'][metric]:>10.4f}"
-                    f"{r['trainable']:>14,}{r['seconds']:>9.1f}")
-        if name != "align":
-            rows.append(f"{'':<16}{'val/gripper_acc':<16}{r['before']['val/gripper_acc']:>10.3f}"
-                        f"{r['after']['val/gripper_acc']:>10.3f}")
-    return "\n".join(rows)
+        ro = r.rollout
+        rate = "n/a" if ro.get("success_rate") is None else f"{ro['success_rate']:.2f}"
+        errors = f", {ro['errors']} errors" if ro.get("errors") else ""
+        label = "teacher (Seer, trained here)" if name == "teacher" else f"student {name}"
+        rows.append(f"| {label} | {r.trainable:,} | {r.seconds:.0f} | {r.val.get('val/arm_mae', float('nan')):.4f} "
+                    f"| {r.val.get('val/gripper_acc', float('nan')):.3f} | {rate} ({ro.get('successes', 0)}/"
+                    f"{ro.get('episodes', 0)}{errors}) |")
+    return "\n".join([head, "", *rows, "", f"Total wall time: {summary['wall_seconds'] / 60:.1f} min"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -43,7 +44,11 @@ class Observation:
 
 
 class StreamingPolicy:
-    """Keeps the history of one batch of episodes; :meth:`step` returns the action chunk of the newest step."""
+    """Keeps the history of one batch of episodes; :meth:`step` returns the action chunk of the newest step.
+
+    The batch is fixed by the first :meth:`step` after :meth:`reset`; :meth:`select` drops rows whose episode
+    ended (batched evaluation, :mod:`vitavla.rollout.parallel`).
+    """
 
     def __init__(self, policy: VLAPolicy, max_steps: int | None = None, refill_block: int | None = None):
         self.policy = policy
@@ -64,6 +69,46 @@ class StreamingPolicy:
         self._instruction: list[str] | None = None
         self._text: tuple[Tensor, Tensor] | None = None
         self.refills = 0
+
+    @property
+    def robot(self):
+        """The student's :class:`~vitavla.batch.RobotSpec` (action layout the env must accept)."""
+        return self.student.robot
+
+    @property
+    def image_size(self) -> int:
+        """Side length, in pixels, the observations' images are resized to."""
+        return self.student.backbone.image_size
+
+    @torch.no_grad()
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only batch rows ``rows`` (in that order) of the running episodes; the others are dropped.
+
+        Every per-row piece of state is index-selected (KV cache, stored step blocks, instruction embeddings,
+        key bookkeeping, next positions), so the kept rows continue exactly as if they had run alone: rows
+        never interact (padding is masked and does not advance positions). Instruction padding columns that
+        only dropped rows needed stay in the cache, masked. Before the first :meth:`step` there is no batch
+        yet and this is a no-op.
+        """
+        if self._instruction is None:
+            return
+        b = len(self._instruction)
+        rows = [int(r) for r in rows]
+        if not rows or len(set(rows)) != len(rows) or not all(0 <= r < b for r in rows):
+            raise ValueError(f"select(rows) needs distinct row indices in [0, {b}), got {rows}")
+        if rows == list(range(b)):
+            return
+        text, text_real = self._text
+        idx = torch.tensor(rows, dtype=torch.long, device=text.device)
+        self._instruction = [self._instruction[r] for r in rows]
+        self._text = (text[idx], text_real[idx])
+        self._history = deque(StepBlocks(blk.embeds[idx], blk.kind, blk.real[idx]) for blk in self._history)
+        if self._cache is not None:
+            self._cache.batch_select_indices(idx)
+        if self._keys is not None:
+            self._keys = TokenMeta(self._keys.kind[idx], self._keys.real[idx], self._keys.order[idx])
+        if self._next_pos is not None:
+            self._next_pos = self._next_pos[idx]
 
     @property
     def held_steps(self) -> int:

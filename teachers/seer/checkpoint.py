@@ -7,9 +7,11 @@ of the official ``strict=False`` load that silently leaves parameters at their r
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from teachers.seer.modeling import SeerModel
 from teachers.seer.vision import MAEEncoder
@@ -79,3 +81,59 @@ def export_seer_checkpoint(model: SeerModel) -> dict[str, dict[str, Tensor]]:
     return {"model_state_dict": {f"module.{k}": v for k, v in model.state_dict().items()
                                  if not k.startswith("vision_encoder.")}}
 
+
+
+EXPORT_FORMAT = "vitavla.seer_teacher.v1"
+"""Marks a file written by :func:`write_seer_export`; official checkpoints carry no such metadata."""
+_PTH_METADATA_KEY = "vitavla"
+
+
+def fingerprint(module: nn.Module) -> str:
+    """sha256 of a module's state dict (names, shapes, fp32 values): identifies frozen weights no file holds."""
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        value = value.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(value.shape)};".encode())
+        digest.update(value.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_seer_export(model: SeerModel, path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write ``model`` in the official layout, as ``.safetensors`` (keys ``module.…``) or ``.pth``
+    (``{'model_state_dict': {'module.…'}}``), with string ``metadata`` that :func:`read_export_metadata`
+    returns (safetensors header, or the ``'vitavla'`` entry of the ``.pth`` dict, which official loaders
+    ignore)."""
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".pth", ".pt"):
+        raise ValueError(f"Seer export path must end in .safetensors, .pth or .pt, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous()
+             for k, v in export_seer_checkpoint(model)["model_state_dict"].items()}
+    meta = {"format": "pt", "vitavla_format": EXPORT_FORMAT, **metadata}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path), metadata=meta)
+    else:
+        torch.save({"model_state_dict": state, _PTH_METADATA_KEY: meta}, path)
+    return path
+
+
+def read_export_metadata(path: str | Path) -> dict[str, str] | None:
+    """The metadata :func:`write_seer_export` stored, or None for files it did not write (official ones)."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    else:
+        try:
+            # mmap: only the small metadata entry is read, not every tensor again.
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        meta = obj.get(_PTH_METADATA_KEY, {}) if isinstance(obj, dict) else {}
+    return dict(meta) if meta.get("vitavla_format") == EXPORT_FORMAT else None

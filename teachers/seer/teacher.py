@@ -2,34 +2,51 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from teachers.base import ActionHead, Teacher
-from teachers.seer.checkpoint import load_mae_checkpoint, load_seer_checkpoint
+from teachers.seer.checkpoint import (
+    CheckpointMismatchError,
+    fingerprint,
+    load_mae_checkpoint,
+    load_seer_checkpoint,
+    read_export_metadata,
+    write_seer_export,
+)
 from teachers.seer.config import SeerConfig
 from teachers.seer.modeling import SeerModel, SeerOutput
 from teachers.seer.text import CLIPTextEncoder
+from teachers.seer.training import SeerObjective, seer_training_loss
 from vitavla.batch import RobotSpec, Window
 
 # CLIP's image normalisation (Seer uses CLIP's transform for both cameras, not ImageNet statistics).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TEST_PRESETS = ("tiny",)
+# Training-only settings: a teacher trained with other values gives the same outputs in eval mode.
+_CONFIG_FIELDS_NOT_CHECKED = ("name", "dropout")
 
 
 class SeerTeacher(Teacher):
-    """Seer (Tian et al., ICLR 2025) as a distillation teacher.
+    """Seer (Tian et al., ICLR 2025) as a distillation teacher, and trainable with Seer's own objective.
+
+    Built without :meth:`freeze` it trains (``vitavla.modules.TeacherModule``): everything but the MAE ViT, the
+    CLIP text tower and the fixed image-decoder position embedding, which stay frozen as in Seer.
 
     Args:
         preset: ``seer_calvin``, ``seer_large_calvin``, ``seer_libero`` or ``tiny`` (a random toy model for
             tests).
         checkpoint: official finetune checkpoint (``{'model_state_dict': {'module.…'}}`` ``.pth``, or a
-            ``.safetensors`` file with the same keys). Without it the weights stay random (a warning says so
-            for the released presets).
+            ``.safetensors`` file with the same keys), or one written by :meth:`export` after training with
+            ``TeacherModule``. Without it the weights stay random (a warning says so for the released presets).
+            An exported file records the config and a fingerprint of the frozen ViT and text tower it was
+            trained with; loading it with different ones (for ``tiny``: another seed or overrides) is an error.
         vit_checkpoint: MAE ViT-B/16 encoder file (``mae_pretrain_vit_base.pth``); required by the released
             presets.
         clip_text: local HF-format CLIP directory for the text tower; required by released presets, the tiny
@@ -58,6 +75,10 @@ class SeerTeacher(Teacher):
                              "encoder.")
         self.cfg = cfg
         self.preset = preset
+        self.seed = seed
+        self.overrides = dict(overrides or {})
+        self.vit_checkpoint, self.clip_text = vit_checkpoint, clip_text
+        self.objective = SeerObjective()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model = SeerModel(cfg)
@@ -75,6 +96,8 @@ class SeerTeacher(Teacher):
         if self.text_encoder.dim != cfg.text_dim:
             raise ValueError(f"the CLIP text tower gives {self.text_encoder.dim}-D features but Seer preset "
                              f"{preset} projects {cfg.text_dim}-D ones")
+        if checkpoint is not None:
+            self._check_export_provenance(checkpoint, allow_history_truncation)
 
         self.hidden_size = cfg.hidden_size
         self.num_action_queries = cfg.action_pred_steps
@@ -102,8 +125,12 @@ class SeerTeacher(Teacher):
     def forward(self, window: Window, predict_images: bool = False) -> SeerOutput:
         """Every Seer output for a window (T <= S steps); step t depends on steps <= t only."""
         window = self.check_window(window)
+        return self.run(window, self.normalize_images(window.images), predict_images)
+
+    def run(self, window: Window, images: Tensor, predict_images: bool = False) -> SeerOutput:
+        """Seer on a checked window whose images are already normalised (B, T, 2, 3, H, W) floats, e.g.
+        augmented ones in training."""
         ref = self.model.transformer_backbone_position_embedding
-        images = self.normalize_images(window.images)
         arm, grip = self.robot.split_state(window.state.to(ref.device, ref.dtype))
         b, t = window.state.shape[:2]
         text = self.text_encoder(window.instruction).to(ref.dtype)
@@ -112,6 +139,57 @@ class SeerTeacher(Teacher):
 
     def encode(self, window: Window) -> Tensor:
         return self.forward(window).action_query_hidden
+
+    def training_loss(self, window: Window) -> tuple[Tensor, dict[str, Tensor]]:
+        """Seer's objective: smooth-L1(arm) + 0.01 * BCE(gripper) + 0.1 * foresight MSE, random shifts in
+        training mode (see :mod:`teachers.seer.training`). Parts: ``arm``, ``gripper``, ``image``."""
+        return seer_training_loss(self, window, self.objective)
+
+    def provenance(self) -> dict[str, str]:
+        """What a checkpoint of this teacher depends on beyond its own weights, as export metadata."""
+        return {
+            "seer_config": json.dumps(self.cfg.to_dict(), sort_keys=True),
+            "preset": self.preset,
+            "overrides": json.dumps(self.overrides, sort_keys=True),
+            "seed": str(self.seed),
+            "vit_checkpoint": str(self.vit_checkpoint),
+            "clip_text": str(self.clip_text),
+            "vision_encoder_sha256": fingerprint(self.model.vision_encoder),
+            "text_encoder_sha256": fingerprint(self.text_encoder.model),
+        }
+
+    def export(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+        """Write the weights in Seer's official layout (``.safetensors`` or ``.pth``) for ``checkpoint=``,
+        with :meth:`provenance` (plus ``metadata``) so that a load with other frozen parts fails."""
+        return write_seer_export(self.model, path, {**(metadata or {}), **self.provenance()})
+
+    def _check_export_provenance(self, path: str | Path, allow_history_truncation: bool) -> None:
+        meta = read_export_metadata(path)
+        if meta is None:  # an official checkpoint: nothing recorded to compare
+            return
+        problems = []
+        saved = json.loads(meta.get("seer_config", "{}"))
+        skip = set(_CONFIG_FIELDS_NOT_CHECKED) | ({"sequence_length"} if allow_history_truncation else set())
+        mine = self.cfg.to_dict()
+        diff = [f"{k}={saved[k]!r} (here {mine.get(k)!r})" for k in sorted(saved)
+                if k not in skip and saved[k] != mine.get(k)]
+        if diff:
+            problems.append("Seer config differs: " + ", ".join(diff))
+        for part, module, source in (("vision_encoder", self.model.vision_encoder, "vit_checkpoint"),
+                                     ("text_encoder", self.text_encoder.model, "clip_text")):
+            want = meta.get(f"{part}_sha256")
+            if want is not None and want != fingerprint(module):
+                problems.append(f"the frozen {part} differs from the one it was trained with (trained with "
+                                f"{source}={meta.get(source)}, here {getattr(self, source)})")
+        if problems:
+            trained = (f"preset={meta.get('preset')}, overrides={meta.get('overrides')}, seed={meta.get('seed')}")
+            here = f"preset={self.preset}, overrides={json.dumps(self.overrides, sort_keys=True)}, seed={self.seed}"
+            hint = (" The tiny preset's ViT and text tower are random from `seed`: load with the same preset, "
+                    "overrides and seed as training." if self.preset in TEST_PRESETS else
+                    " Pass the vit_checkpoint and clip_text used for training.")
+            raise CheckpointMismatchError(
+                f"{path} was trained as SeerTeacher({trained}) and does not fit SeerTeacher({here}): "
+                + "; ".join(problems) + "." + hint)
 
     def extra_repr(self) -> str:
         return f"preset={self.preset}, hidden_size={self.hidden_size}, max_steps={self.max_steps}"

@@ -3,6 +3,7 @@
 Kept short (~1 min on 2 cores): env creation costs ~6-13 s, a step ~0.2-0.45 s.
 """
 
+import pickle
 import time
 
 import numpy as np
@@ -63,6 +64,10 @@ def test_libero_openvla_preset_flips():
         assert obs.state[-1] == 0.0  # binary state follows the previous gripper command (close)
         with pytest.raises(IndexError):
             env.reset(0, 50)
+        # Parallel evaluation ships envs to worker processes: a live env pickles as its settings, no sim.
+        clone = pickle.loads(pickle.dumps(env))
+        assert clone._env is None and (clone.suite, clone.render_size, clone.flip_images, clone.max_steps) == \
+            (env.suite, env.render_size, env.flip_images, env.max_steps)
     finally:
         env.close()
 

@@ -97,3 +97,46 @@ def test_window_batches_still_give_the_offline_test_loss(stage2_ckpt, tmp_path):
                      f"--trainer.logger.init_args.save_dir={tmp_path}", *QUIET, *ONLY_FINETUNE], run=False)
     out = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(stage2_ckpt), verbose=False)
     assert out[0]["test/loss"] > 0 and "test/success_rate" not in out[0]
+
+
+def test_parallel_envs_give_the_same_episodes_and_totals_as_one(stage2_ckpt, tmp_path):
+    keys = ("success_rate", "successes", "episodes", "errors", "per_task")
+    one = vitavla_test(stage2_ckpt, tmp_path / "one")
+    two = vitavla_test(stage2_ckpt, tmp_path / "two", "--data.init_args.num_envs=2")
+    res1, res2 = (json.loads((o / "results.json").read_text()) for o in (one, two))
+    assert {k: res2[k] for k in keys} == {k: res1[k] for k in keys} and res2["episodes"] == 4
+
+    def episodes(out):
+        return sorted((r["task"], r["episode"], r["success"], r["steps"], r["error"])
+                      for r in map(json.loads, (out / "episodes.jsonl").read_text().splitlines()))
+
+    assert episodes(two) == episodes(one)
+    assert sorted(p.name for p in (two / "videos").rglob("*")) == sorted(p.name for p in (one / "videos").rglob("*"))
+    # Resume with the pool: nothing left to run, nothing appended, same totals.
+    first = (two / "episodes.rank0.jsonl").read_text()
+    vitavla_test(stage2_ckpt, tmp_path / "two", "--data.init_args.num_envs=2")
+    assert (two / "episodes.rank0.jsonl").read_text() == first
+
+
+def test_rollout_policy_hook_is_preferred_over_wrapping_module_policy():
+    from vitavla.rollout.lightning import RolloutTestCallback
+
+    class Hooked:
+        def rollout_policy(self):
+            return ScriptedPolicy()
+
+    class ScriptedPolicy:
+        image_size, robot = 64, object()
+
+        def reset(self): ...
+
+        def step(self, obs): ...
+
+    assert isinstance(RolloutTestCallback._policy(Hooked()), ScriptedPolicy)
+
+    class Incomplete:
+        def rollout_policy(self):
+            return object()
+
+    with pytest.raises(TypeError, match="image_size"):
+        RolloutTestCallback._policy(Incomplete())

@@ -65,3 +65,52 @@ def test_causal_ablation_streams_too():
             got = stream.step(_obs(w, t))
             arm, _ = _full(policy, w, 0, t + 1)
             assert torch.allclose(got.arm, arm, atol=1e-4)
+
+
+def _rows(w, t, rows):
+    return Observation(images=w.images[rows, t], state=w.state[rows, t],
+                       instruction=[w.instruction[r] for r in rows])
+
+
+@pytest.mark.parametrize("family,per_step", [("internvl", False), ("llava", True)])
+def test_select_keeps_rows_exactly_as_if_only_they_had_run(family, per_step):
+    # max_steps=4, refill_block=2: steps after the select cross window refills, which rebuild the cache
+    # from the selected history blocks and text embeddings.
+    policy = tiny_policy(family, instruction_per_step=per_step, max_steps=4)
+    w = window(num_steps=8, batch_size=3, instructions=("push the blue block to the left", "open",
+                                                       "close the top drawer"))
+    both, alone = StreamingPolicy(policy, refill_block=2), StreamingPolicy(policy, refill_block=2)
+    keep = [2, 0]
+    with torch.no_grad():
+        for t in range(3):
+            both.step(_obs(w, t))
+            alone.step(_rows(w, t, keep))
+        both.select(keep)
+        assert both._instruction == [w.instruction[r] for r in keep]
+        for t in range(3, 8):
+            got, want = both.step(_rows(w, t, keep)), alone.step(_rows(w, t, keep))
+            assert got.arm.shape[0] == 2
+            assert torch.allclose(got.arm, want.arm, atol=1e-4), (t, (got.arm - want.arm).abs().max())
+            assert torch.allclose(got.gripper_logit, want.gripper_logit, atol=1e-4)
+        assert both.refills == alone.refills > 0
+        both.select([1])  # down to one row, then the other row's order must have been kept
+        single = StreamingPolicy(policy, refill_block=2)
+        for t in range(8):
+            single.step(_rows(w, t, [0]))
+        # After 8 steps both hold the same window, so one more step must agree too.
+        w2 = window(num_steps=1, batch_size=3, seed=1, instructions=w.instruction)
+        got = both.step(_rows(w2, 0, [0]))
+        want = single.step(_rows(w2, 0, [0]))
+        assert torch.allclose(got.arm, want.arm, atol=1e-4)
+
+
+def test_select_rejects_bad_rows_and_is_a_noop_before_the_first_step():
+    stream = StreamingPolicy(tiny_policy("internvl"))
+    stream.select([5])  # nothing to select yet
+    w = window(num_steps=1, batch_size=2)
+    with torch.no_grad():
+        stream.step(_obs(w, 0))
+    for bad in ([], [0, 0], [2], [-1]):
+        with pytest.raises(ValueError, match="distinct row indices"):
+            stream.select(bad)
+    assert stream.image_size == 224 and stream.robot.arm_dim == 6

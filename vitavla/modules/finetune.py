@@ -15,6 +15,7 @@ from vitavla.modules.alignment import check_compatible
 from vitavla.modules.common import OptimConfig, WindowModule, configure_adamw
 from vitavla.policy import VLAPolicy
 from vitavla.rollout.lightning import is_rollout_batch, rollout_test_step
+from vitavla.streaming import StreamingPolicy
 from vitavla.student import ActionMapper, VLAStudent
 
 InitMode = Literal["two_stage", "only_finetune", "freeze_vlm"]
@@ -133,6 +134,11 @@ class PolicyModule(WindowModule):
         if is_rollout_batch(batch):
             return rollout_test_step(self, batch)
         return self._step(batch, "test")
+
+    def rollout_policy(self) -> StreamingPolicy:
+        """The policy closed-loop evaluation (``vitavla test`` on a RolloutDataModule) runs: the student
+        streamed with a KV cache, batched over episodes, with ``image_size`` and ``robot`` attributes."""
+        return StreamingPolicy(self.policy)
 
     def predict_step(self, batch: Window, batch_idx: int):
         return self.policy(batch).as_action()

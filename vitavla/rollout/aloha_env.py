@@ -61,6 +61,8 @@ class AlohaSimEnv(RolloutEnv):
         except ImportError as e:
             raise ImportError("AlohaSimEnv needs gym-aloha: pip install 'vitavla[sim]'") from e
         self.task, self.static_camera, self.seed = task, static_camera, seed
+        self._args = {"task": task, "max_steps": max_steps, "static_camera": static_camera, "seed": seed,
+                      "gl": gl}
         self._max_steps = int(max_steps)
         # gymnasium's TimeLimit would truncate at its own 300; the runner owns the step budget instead.
         self._env = gym.make(TASKS[task][0], obs_type="pixels_agent_pos", max_episode_steps=None)
@@ -111,6 +113,14 @@ class AlohaSimEnv(RolloutEnv):
     def close(self) -> None:
         self._env.close()
         self._started = False
+
+    # Pickling (parallel evaluation ships the env to worker processes): the live gym/MuJoCo env does not
+    # pickle, so only the constructor arguments travel and the receiving process builds its own simulator.
+    def __getstate__(self) -> dict:
+        return dict(self._args)
+
+    def __setstate__(self, args: dict) -> None:
+        self.__init__(**args)
 
     def _check_task(self, task_index: int) -> None:
         if task_index != 0:

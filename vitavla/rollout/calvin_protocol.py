@@ -11,17 +11,24 @@ it after a step; the chain stops at its first failed subtask. A calvin_env adapt
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from datamodules.normalization import Normalizer
 from vitavla.rollout.env import Obs
 from vitavla.rollout.executors import ActionExecutor, FirstActionExecutor
-from vitavla.rollout.runner import Controller, StepPolicy, as_step_policy
+from vitavla.rollout.runner import (Controller, StepPolicy, _append, _EnvError, _final, _sim, as_step_policy,
+                                    load_results)
+
+log = logging.getLogger(__name__)
 
 NUM_SUBTASKS = 5
 EP_LEN = 360
@@ -59,6 +66,8 @@ class ChainResult:
     """Subtasks done in a row before the first failure (0..5): the number ``count_success`` reads."""
     steps: list[int] = field(default_factory=list)
     """Steps used by each attempted subtask (the failed one included)."""
+    seconds_policy: float = 0.0
+    """Time spent in the policy (queries and executor), for throughput reports."""
 
 
 def load_chains(source: str | Path | list) -> list[Chain]:
@@ -115,8 +124,9 @@ def run_chain(env: CalvinEnv, policy: StepPolicy, chain: Chain, oracle: Oracle,
                 break
         result.steps.append(t + 1)
         if not done:
-            return result
+            break
         result.completed += 1
+    result.seconds_policy = ctl.seconds
     return result
 
 
@@ -145,3 +155,194 @@ def summary(results: list[ChainResult]) -> dict:
     return {"avg_seq_len": average_length(results),
             "chain_sr": {i + 1: sr for i, sr in enumerate(count_success(results))},
             "task_info": {t: {"success": succeeded[t], "total": attempted[t]} for t in sorted(attempted)}}
+
+
+def chain_metrics(histogram: Sequence[int]) -> dict:
+    """``avg_seq_len`` and ``chain_sr`` from ``histogram[k]`` = number of error-free chains that completed
+    exactly k subtasks (k = 0..5); the form a cross-process sum of counts arrives in. Both are None (JSON
+    null) when no chain finished without error, never a made-up 0."""
+    hist = [int(h) for h in histogram]
+    if len(hist) != NUM_SUBTASKS + 1 or min(hist) < 0:
+        raise ValueError(f"histogram needs {NUM_SUBTASKS + 1} non-negative counts (0..{NUM_SUBTASKS} subtasks "
+                         f"completed), got {hist}")
+    n = sum(hist)
+    if n == 0:
+        return {"avg_seq_len": None, "chain_sr": None, "chains": 0}
+    return {"avg_seq_len": sum(k * h for k, h in enumerate(hist)) / n,
+            "chain_sr": {k: sum(hist[k:]) / n for k in range(1, NUM_SUBTASKS + 1)}, "chains": n}
+
+
+def check_subtasks(chains: Sequence[Chain], instructions: Mapping[str, str] | Callable[[str], str],
+                   known: set[str] | None = None, source: str = "the chains") -> None:
+    """Fail before any rollout when a chain names a subtask without an instruction (or unknown to the
+    oracle, when ``known`` is given): such a chain would otherwise crash hours into an evaluation."""
+    names = {t for c in chains for t in c.subtasks}
+    missing = sorted(names - set(instructions)) if isinstance(instructions, Mapping) else []
+    if missing:
+        raise ValueError(f"{source} use subtasks with no instruction phrasing: {missing[:8]} (the annotations "
+                         "file, e.g. new_playtable_validation.yaml, must have a key for each)")
+    unknown = sorted(names - known) if known is not None else []
+    if unknown:
+        raise ValueError(f"{source} use subtasks the task oracle does not define: {unknown[:8]} (keys of "
+                         "'tasks' in new_playtable_tasks.yaml)")
+
+
+class _GuardedEnv:
+    """Times a :class:`CalvinEnv` and turns any exception it raises into ``_EnvError`` (a simulator crash),
+    so that :func:`run_chain_attempt` can tell crashes from policy bugs, which propagate."""
+
+    def __init__(self, env: CalvinEnv):
+        self.env, self.seconds = env, 0.0
+
+    def _call(self, fn, *args):
+        start = time.perf_counter()
+        try:
+            return _sim(fn, *args)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def reset(self, initial_state: Any) -> Obs:
+        return self._call(self.env.reset, initial_state)
+
+    def step(self, action: np.ndarray) -> tuple[Obs, dict]:
+        return self._call(self.env.step, action)
+
+    def get_info(self) -> dict:
+        return self._call(self.env.get_info)
+
+
+def run_chain_attempt(env: CalvinEnv, policy: StepPolicy, chain: Chain, index: int, oracle: Oracle,
+                      instructions: Mapping[str, str] | Callable[[str], str], *, attempt: int = 0, seed: int = 0,
+                      ep_len: int = EP_LEN, executor: ActionExecutor | None = None,
+                      normalizer: Normalizer | None = None, image_size: int = 224) -> dict:
+    """One attempt at chain ``index`` as a JSON-ready record.
+
+    An exception from the env or the oracle (which reads the simulator's info dicts) is a simulator crash:
+    the record then has ``error`` set and ``completed`` 0, and must never be counted. A policy exception is a
+    bug and propagates. ``success`` is "all 5 subtasks done" (what a progress bar shows); ``completed`` is
+    the number that counts.
+    """
+    torch.manual_seed(seed)
+    np.random.seed((seed + index) % 2**32)
+    guarded = _GuardedEnv(env)
+
+    def guarded_oracle(start: dict, current: dict, subtask: str) -> bool:
+        return _sim(oracle, start, current, subtask)
+
+    error, result = None, ChainResult(list(chain.subtasks), 0)
+    try:
+        result = run_chain(guarded, policy, chain, guarded_oracle, instructions, ep_len, executor, normalizer,
+                           image_size)
+    except _EnvError as e:
+        error = str(e)
+    return {"chain": index, "task": 0, "episode": index, "seed": seed, "subtasks": list(chain.subtasks),
+            "completed": result.completed, "steps": result.steps, "success": result.completed == NUM_SUBTASKS,
+            "error": error, "attempt": attempt, "seconds_sim": guarded.seconds,
+            "seconds_policy": result.seconds_policy}
+
+
+def summarize_chains(records: Sequence[dict]) -> dict:
+    """CALVIN's results (``avg_seq_len``, ``chain_sr``, ``task_info``) over the error-free final records,
+    plus ``errors`` (chains whose every attempt crashed) and their details. Crashed chains are reported,
+    never counted as failures."""
+    ok = [r for r in records if r["error"] is None]
+    hist = Counter(int(r["completed"]) for r in ok)
+    out = chain_metrics([hist[k] for k in range(NUM_SUBTASKS + 1)])
+    out["task_info"] = summary([ChainResult(r["subtasks"], r["completed"]) for r in ok])["task_info"] if ok else {}
+    out["errors"] = len(records) - len(ok)
+    out["error_details"] = [{"chain": r["chain"], "error": r["error"]} for r in records if r["error"] is not None]
+    out["seconds_sim"] = sum(r.get("seconds_sim", 0.0) for r in records)
+    out["seconds_policy"] = sum(r.get("seconds_policy", 0.0) for r in records)
+    return out
+
+
+def _check_record(path: Path, record: dict, chains: Sequence[Chain]) -> int:
+    i = record.get("chain")
+    if not isinstance(i, int) or not 0 <= i < len(chains):
+        raise ValueError(f"{path}: record for chain {i!r}, but this evaluation has chains 0..{len(chains) - 1}; "
+                         "use a new results file for a different chain set")
+    if record.get("subtasks") != chains[i].subtasks:
+        raise ValueError(f"{path}: chain {i} was recorded as {record.get('subtasks')} but is now "
+                         f"{chains[i].subtasks}; the results file belongs to another chain set (another "
+                         "eval_sequences.json or num_chains): use a new results file")
+    return i
+
+
+def evaluate_calvin(env_factory: Callable[[], CalvinEnv], policy, chains: Sequence[Chain], results_path: str | Path,
+                    retries: int = 1, *, oracle: Oracle | None = None,
+                    instructions: Mapping[str, str] | Callable[[str], str] | None = None, ep_len: int = EP_LEN,
+                    executor_factory: Callable[[], ActionExecutor] | None = None,
+                    normalizer: Normalizer | None = None, image_size: int = 224, seed: int = 0,
+                    progress: bool = True) -> dict:
+    """CALVIN long-horizon evaluation of ``chains``, resumable, with simulator crashes kept apart.
+
+    Every finished chain attempt is appended to ``results_path`` as one JSON line (flushed and fsync'd), so
+    a killed run restarted with the same file skips the chains already finished and ends with the same
+    totals (a line cut short by the kill is dropped and that chain re-run). A chain is finished when it has
+    an error-free record or ``1 + retries`` error records; after a crash the env is closed and rebuilt with
+    ``env_factory``, since its state is not trusted.
+
+    ``oracle`` and ``instructions`` default to the env's ``oracle`` / ``instructions`` attributes
+    (:class:`~vitavla.rollout.calvin_env.CalvinSimEnv` loads them from the CALVIN config files). The
+    executor defaults to Seer's (first action of each chunk). Returns :func:`summarize_chains` of the final
+    records: ``avg_seq_len``, ``chain_sr`` {1..5}, ``chains`` (error-free), ``errors``, ``task_info``.
+    """
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
+    if not chains:
+        raise ValueError("evaluate_calvin needs at least one chain")
+    path = Path(results_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    by_chain: dict[int, list[dict]] = {}
+    for r in load_results(path):
+        by_chain.setdefault(_check_record(path, r, chains), []).append(r)
+
+    def finished(i: int) -> bool:
+        recs = by_chain.get(i, [])
+        return any(r["error"] is None for r in recs) or len(recs) > retries
+
+    pending = [i for i in range(len(chains)) if not finished(i)]
+    env = env_factory() if pending or oracle is None or instructions is None else None
+    oracle = oracle if oracle is not None else getattr(env, "oracle", None)
+    instructions = instructions if instructions is not None else getattr(env, "instructions", None)
+    if oracle is None or instructions is None:
+        raise ValueError(f"no task oracle / instructions: pass oracle= and instructions=, or use an env that "
+                         f"provides them ({type(env).__name__} has no 'oracle' / 'instructions' attribute)")
+    check_subtasks(chains, instructions, getattr(env, "known_subtasks", None))
+    policy = as_step_policy(policy)
+    make_executor = executor_factory or FirstActionExecutor
+    bar = tqdm(total=len(chains), initial=len(chains) - len(pending), desc="chains", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for i in pending:
+            while True:
+                rec = run_chain_attempt(env, policy, chains[i], i, oracle, instructions,
+                                        attempt=len(by_chain.get(i, [])), seed=seed, ep_len=ep_len,
+                                        executor=make_executor(), normalizer=normalizer, image_size=image_size)
+                _append(path, rec)
+                by_chain.setdefault(i, []).append(rec)
+                if rec["error"] is not None:
+                    # Rebuilt even after the last attempt: the next chain must not run on a crashed simulator.
+                    log.warning("chain %d crashed (attempt %d): %s", i, rec["attempt"], rec["error"])
+                    _close_quietly(env)
+                    env = env_factory()
+                if rec["error"] is None or finished(i):
+                    break
+            bar.update(1)
+    finally:
+        bar.close()
+        if env is not None:
+            _close_quietly(env)
+    return summarize_chains([_final(by_chain[i]) for i in range(len(chains))])
+
+
+def _close_quietly(env) -> None:
+    """Close an env whose simulator may be the thing that crashed: a failing close must not hide the
+    recorded crash or stop the evaluation."""
+    close = getattr(env, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception as e:  # the simulator is being discarded anyway
+        log.warning("closing %s failed: %s: %s", type(env).__name__, type(e).__name__, e)

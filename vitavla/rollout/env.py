@@ -7,6 +7,7 @@ never imports a simulator, so it is testable without one.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -77,7 +78,8 @@ class ScriptedStandInEnv(RolloutEnv):
     State (``state_dim`` >= 5): x, y, goal x, goal y, zeros, and a last value 1.0 (an "open" binary gripper)
     so it matches a ``RobotSpec`` with a binary gripper. Success: distance to the goal < ``tolerance``.
     ``crash_at``: raise ``RuntimeError`` at that step (for episodes in ``crash_episodes``, or all if None),
-    to exercise the runner's error handling.
+    to exercise the runner's error handling. ``sim_cost_ms``: CPU time each reset and step burns in a busy
+    loop (not a sleep), to model a CPU-bound simulator in throughput benchmarks of parallel evaluation.
     """
 
     num_task: int = 2
@@ -90,11 +92,14 @@ class ScriptedStandInEnv(RolloutEnv):
     crash_at: int | None = None
     crash_episodes: set[tuple[int, int]] | None = None
     seed: int = 0
+    sim_cost_ms: float = 0.0
     resets: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.state_dim < 5:
             raise ValueError("ScriptedStandInEnv needs state_dim >= 5 (position, goal, gripper)")
+        if self.sim_cost_ms < 0:
+            raise ValueError(f"ScriptedStandInEnv.sim_cost_ms must be >= 0, got {self.sim_cost_ms}")
         self._pos = self._goal = np.zeros(2)
         self._t = 0
         self._task = self._episode = -1
@@ -125,6 +130,7 @@ class ScriptedStandInEnv(RolloutEnv):
         self._goal = np.array(TASKS[task_index % len(TASKS)][1])
         self._pos = rng.uniform(-0.9, 0.9, size=2)
         self.resets += 1
+        self._burn()
         return self._obs()
 
     def step(self, action: np.ndarray) -> tuple[Obs, bool, bool, dict]:
@@ -136,9 +142,16 @@ class ScriptedStandInEnv(RolloutEnv):
             raise RuntimeError(f"scripted simulator crash at step {self._t}")
         self._pos = np.clip(self._pos + self.speed * np.clip(action[:2], -1, 1), -1, 1)
         self._t += 1
+        self._burn()
         dist = float(np.linalg.norm(self._pos - self._goal))
         success = dist < self.tolerance
         return self._obs(), success or self._t >= self.steps, success, {"distance": dist, "step": self._t}
+
+    def _burn(self) -> None:
+        # Busy-wait on the clock: occupies a core like physics + rendering would (a sleep would not).
+        end = time.perf_counter() + self.sim_cost_ms / 1000.0
+        while time.perf_counter() < end:
+            pass
 
     def _pixel(self, p: np.ndarray) -> tuple[int, int]:
         s = self.image_size

@@ -2,8 +2,14 @@
 
 A batch is a list of :class:`EpisodeSpec` (see :class:`datamodules.rollout.RolloutDataModule`); the
 sampler shards specs across processes. :func:`rollout_test_step` runs each spec's episode with the module's
-policy and appends the attempt to ``<out_dir>/episodes.rank{r}.jsonl`` (fsync'd), so a killed run resumes
-where it stopped and ends with the same totals.
+rollout policy and appends the attempt to ``<out_dir>/episodes.rank{r}.jsonl`` (fsync'd), so a killed run
+resumes where it stopped and ends with the same totals. With ``RolloutDataModule(num_envs=N)`` a batch holds
+up to N specs, run concurrently on an :class:`~vitavla.rollout.parallel.EnvPool` of N simulator processes
+with one batched policy call per step; records, retries, metrics and videos are the same as with N = 1.
+
+The policy comes from ``pl_module.rollout_policy()`` when the module defines it (an object with
+``reset``/``step``/``select`` over a batch of episodes and attributes ``image_size`` and ``robot``), else
+from wrapping ``pl_module.policy`` in a :class:`~vitavla.streaming.StreamingPolicy`.
 
 Aggregation across processes: :class:`RolloutTestCallback` owns an :class:`EpisodeCounts` torchmetrics
 ``Metric`` (a (tasks, 3) integer tensor of successes / episodes / errors, ``dist_reduce_fx="sum"``). It is
@@ -31,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 
 from datamodules.normalization import Normalizer
-from vitavla.rollout.runner import EpisodeSpec, _append, _final, load_results, run_episode
+from vitavla.rollout.runner import EpisodeResult, EpisodeSpec, _append, _final, load_results, run_episode
 from vitavla.streaming import StreamingPolicy
 
 log = logging.getLogger(__name__)
@@ -101,6 +107,7 @@ class RolloutTestCallback(Callback):
         self.metrics: EpisodeCounts | None = None
         self.by_key: dict[tuple, list[dict]] = {}
         self.reporter = None
+        self.pool = None  # EnvPool of num_envs simulator processes, created on the first batch that needs it
 
     # -- test start: reset metrics, load what earlier runs finished ------------------------------------
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -111,13 +118,16 @@ class RolloutTestCallback(Callback):
         self.path = self.out_dir / f"episodes.rank{trainer.global_rank}.jsonl"
         self.retries = dm.retries
         self.names = [self.env.task_name(t) for t in range(self.env.num_tasks)]
-        student = pl_module.policy.student
-        self.image_size = student.backbone.image_size
-        self.normalizer = self._normalizer(pl_module, dm)
-        self.policy = StreamingPolicy(pl_module.policy)
+        self.policy = self._policy(pl_module)
+        self.image_size = int(self.policy.image_size)
+        self.normalizer = self._normalizer(self.policy.robot, pl_module, dm)
+        self.num_envs = int(getattr(dm, "num_envs", 1))
+        self.env_timeout = getattr(dm, "env_timeout", None)
+        self.close_pool()
         self.make_executor = dm.make_executor
         self.settle_steps = dm.settle_steps
         self.videos_per_task = dm.record_videos_per_task
+        self.first_episode = getattr(dm, "first_episode", 0)
         # Resume: every rank reads every rank's file, so a run restarted with another world size (hence
         # other shards) still skips whatever any earlier process finished.
         self.by_key = {}
@@ -131,8 +141,22 @@ class RolloutTestCallback(Callback):
         if self.videos_per_task and self.reporter is None:
             rank_zero_info("vitavla.rollout.report is not installed: no episode videos, only results.json")
 
-    def _normalizer(self, pl_module: LightningModule, dm) -> Normalizer | None:
-        robot = pl_module.policy.robot
+    @staticmethod
+    def _policy(pl_module: LightningModule):
+        """The module's own rollout policy (hook ``rollout_policy()``), else its VLA policy, streamed."""
+        hook = getattr(pl_module, "rollout_policy", None)
+        if callable(hook):
+            policy = hook()
+            missing = [a for a in ("reset", "step", "image_size", "robot") if not hasattr(policy, a)]
+            if missing:
+                raise TypeError(f"{type(pl_module).__name__}.rollout_policy() returned {type(policy).__name__} "
+                                f"without {missing}; it must have reset(), step(obs), select(rows) and the "
+                                "attributes image_size (int) and robot (RobotSpec)")
+            return policy
+        policy = StreamingPolicy(pl_module.policy)
+        return policy
+
+    def _normalizer(self, robot, pl_module: LightningModule, dm) -> Normalizer | None:
         want = robot.arm_dim + robot.gripper_dim
         state = getattr(pl_module, "normalizer_state", None)
         if state is None:
@@ -158,28 +182,68 @@ class RolloutTestCallback(Callback):
         recs = self.by_key.get(spec.key, [])
         return any(r["error"] is None for r in recs) or len(recs) > self.retries
 
+    def _records_video(self, spec: EpisodeSpec) -> bool:
+        return spec.episode_index - self.first_episode < self.videos_per_task and self.reporter is not None
+
+    def _add(self, spec: EpisodeSpec, res: EpisodeResult) -> None:
+        """Append one attempt (fsync'd) and save its video if it is one of the recorded episodes."""
+        rec = {k: v for k, v in asdict(res).items() if k != "frames"}
+        rec.update(seed=spec.seed, task_name=self.names[spec.task_index],
+                   attempt=len(self.by_key.get(spec.key, [])))
+        _append(self.path, rec)
+        self.by_key.setdefault(spec.key, []).append(rec)
+        if res.error is not None:
+            log.warning("episode %s crashed (attempt %d): %s", spec, rec["attempt"], res.error)
+        elif res.frames is not None:
+            # Written now, not at the end: a few hundred frames per episode add up over a suite.
+            self.reporter.save_videos([res], self.out_dir / "videos", per_task=self.videos_per_task)
+
     def run(self, pl_module: LightningModule, spec: EpisodeSpec) -> dict:
         """The final record of ``spec``: taken from an earlier run if finished there, else run now.
 
         A simulator crash is appended as an error record, the env is closed (its state is not trusted; the
         next reset must restart it) and the episode retried up to ``retries`` times, as in ``evaluate``.
         """
-        record = spec.episode_index < self.videos_per_task and self.reporter is not None
         while not self.finished(spec):
             res = run_episode(self.env, self.policy, self.make_executor(), spec, self.normalizer,
-                              self.image_size, self.settle_steps, record_frames=record)
-            rec = {k: v for k, v in asdict(res).items() if k != "frames"}
-            rec.update(seed=spec.seed, task_name=self.names[spec.task_index],
-                       attempt=len(self.by_key.get(spec.key, [])))
-            _append(self.path, rec)
-            self.by_key.setdefault(spec.key, []).append(rec)
+                              self.image_size, self.settle_steps, record_frames=self._records_video(spec))
+            self._add(spec, res)
             if res.error is not None:
-                log.warning("episode %s crashed (attempt %d): %s", spec, rec["attempt"], res.error)
                 self.env.close()
-            elif record:
-                # Written now, not at the end: a few hundred frames per episode add up over a suite.
-                self.reporter.save_videos([res], self.out_dir / "videos", per_task=self.videos_per_task)
         return _final(self.by_key[spec.key])
+
+    def run_batch(self, pl_module: LightningModule, specs: list[EpisodeSpec]) -> list[dict]:
+        """Final records of ``specs`` (in order). With ``num_envs > 1`` the unfinished ones run concurrently
+        on the pool, in waves: a crashed spec with retries left runs again in the next wave, on a worker
+        that rebuilt its env."""
+        if self.num_envs <= 1:
+            return [self.run(pl_module, spec) for spec in specs]
+        if len(specs) > self.num_envs:
+            raise ValueError(f"a rollout batch has {len(specs)} specs but num_envs={self.num_envs}; the "
+                             "RolloutDataModule's batches hold at most num_envs specs")
+        from vitavla.rollout.parallel import EnvPool, run_wave
+
+        while todo := [s for s in specs if not self.finished(s)]:
+            if self.pool is None:
+                self.pool = EnvPool(self.env, self.num_envs, timeout=self.env_timeout)
+            results = run_wave(self.pool, self.policy, todo, self.make_executor, self.normalizer,
+                               self.image_size, self.settle_steps,
+                               record_frames=[self._records_video(s) for s in todo])
+            for spec, res in zip(todo, results):
+                self._add(spec, res)
+        return [_final(self.by_key[s.key]) for s in specs]
+
+    def close_pool(self) -> None:
+        """Stop the simulator processes (idempotent)."""
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            pool.close()
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.close_pool()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.close_pool()
 
     # -- test end: one collective, then log and (rank 0) write results.json ---------------------------
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -252,8 +316,7 @@ def _callback(trainer: Trainer) -> RolloutTestCallback:
 def rollout_test_step(module: LightningModule, batch: list[EpisodeSpec]) -> None:
     """Run (or, on resume, look up) each spec's episode and count its final record on this rank."""
     cb = _callback(module.trainer)
-    for spec in batch:
-        rec = cb.run(module, spec)
+    for rec in cb.run_batch(module, batch):
         cb.metrics.update(rec)
         if rec["error"] is None:
             cb.ran += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -194,19 +195,35 @@ def _final(records: list[dict]) -> dict:
     return done[0] if done else records[-1]
 
 
+def _record(spec: EpisodeSpec, res: EpisodeResult, names: list[str], attempt: int) -> dict:
+    rec = {k: v for k, v in asdict(res).items() if k != "frames"}
+    rec.update(seed=spec.seed, task_name=names[spec.task_index], attempt=attempt)
+    return rec
+
+
 def evaluate(env_factory: Callable[[], RolloutEnv], policy, specs: list[EpisodeSpec],
              executor_factory: Callable[[], ActionExecutor], results_path: str, retries: int = 1, *,
              normalizer: Normalizer | None = None, image_size: int = 224, settle_steps: int = 0,
-             settle_action: np.ndarray | None = None, progress: bool = True) -> dict:
+             settle_action: np.ndarray | None = None, progress: bool = True, num_envs: int = 1,
+             env_timeout: float | None = None) -> dict:
     """Run every spec not yet finished in ``results_path`` and summarize all of ``specs``.
 
     A spec is finished when it has an error-free record or ``1 + retries`` error records. After a
     simulator crash the env is closed and rebuilt with ``env_factory`` (its state is not trusted).
     Returns ``{"success_rate", "successes", "episodes", "errors", "per_task": {task: {...}}}``;
     ``episodes`` counts error-free episodes only, so crashes never enter a success rate.
+
+    ``num_envs > 1`` runs up to that many episodes at once, each simulator in its own process, with one
+    batched policy call per step (:mod:`vitavla.rollout.parallel`; the policy needs ``select(rows)``). The
+    env goes to the workers pickled: ``env_factory`` itself if it pickles (a class, ``functools.partial``),
+    else one env it built. A crashed episode is retried in a later wave; records may then be appended in
+    another order than sequentially, with the same totals. ``env_timeout``: seconds a parallel simulator may
+    take for one reset/step before it counts as hung (killed, restarted, recorded as a crash).
     """
     path = Path(results_path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if num_envs < 1:
+        raise ValueError(f"evaluate num_envs must be >= 1, got {num_envs}")
     by_key: dict[tuple, list[dict]] = {}
     for r in load_results(path):
         by_key.setdefault(_key(r), []).append(r)
@@ -223,28 +240,61 @@ def evaluate(env_factory: Callable[[], RolloutEnv], policy, specs: list[EpisodeS
                dynamic_ncols=True)
     wins = sum(_final(by_key[s.key])["success"] for s in specs if s.key in by_key and finished(s))
     ran = len(specs) - len(pending)
-    try:
-        for spec in pending:
-            while True:
-                res = run_episode(env, policy, executor_factory(), spec, normalizer, image_size, settle_steps,
-                                  settle_action=settle_action)
-                rec = {k: v for k, v in asdict(res).items() if k != "frames"}
-                rec.update(seed=spec.seed, task_name=names[spec.task_index],
-                           attempt=len(by_key.get(spec.key, [])))
-                _append(path, rec)
-                by_key.setdefault(spec.key, []).append(rec)
-                if res.error is None or finished(spec):
-                    break
-                env.close()
-                env = env_factory()
+
+    def add(spec: EpisodeSpec, res: EpisodeResult) -> bool:
+        """Append the attempt; True when the spec is finished (counted in the progress bar)."""
+        nonlocal ran, wins
+        rec = _record(spec, res, names, len(by_key.get(spec.key, [])))
+        _append(path, rec)
+        by_key.setdefault(spec.key, []).append(rec)
+        if res.error is None or finished(spec):
             ran += 1
             wins += _final(by_key[spec.key])["success"]
             bar.update(1)
             bar.set_postfix(success=f"{wins / max(ran, 1):.3f}")
+            return True
+        return False
+
+    try:
+        if num_envs > 1 and pending:
+            _evaluate_parallel(env_factory, env, policy, pending, executor_factory, add, min(num_envs,
+                               len(pending)), normalizer=normalizer, image_size=image_size,
+                               settle_steps=settle_steps, settle_action=settle_action, timeout=env_timeout)
+        else:
+            for spec in pending:
+                while True:
+                    res = run_episode(env, policy, executor_factory(), spec, normalizer, image_size,
+                                      settle_steps, settle_action=settle_action)
+                    if add(spec, res):
+                        break
+                    env.close()
+                    env = env_factory()
     finally:
         bar.close()
         env.close()
     return summarize([_final(by_key[s.key]) for s in specs], names)
+
+
+def _evaluate_parallel(env_factory, env: RolloutEnv, policy, pending: list[EpisodeSpec], executor_factory,
+                       add: Callable[[EpisodeSpec, EpisodeResult], bool], num_envs: int, *, timeout, **run):
+    """Waves of up to ``num_envs`` specs on an :class:`~vitavla.rollout.parallel.EnvPool`; a crashed spec
+    with retries left goes first into the next wave (its worker has rebuilt its env)."""
+    from collections import deque
+
+    from vitavla.rollout.parallel import EnvPool, run_wave
+
+    try:
+        pickle.dumps(env_factory)
+        source = env_factory
+    except Exception:  # a lambda or closure: ship the env it built instead (simulators start lazily)
+        source = env
+    queue = deque(pending)
+    with EnvPool(source, num_envs, timeout=timeout) as pool:
+        while queue:
+            wave = [queue.popleft() for _ in range(min(pool.size, len(queue)))]
+            results = run_wave(pool, policy, wave, executor_factory, **run)
+            retry = [spec for spec, res in zip(wave, results) if not add(spec, res)]
+            queue.extendleft(reversed(retry))
 
 
 def summarize(records: list[dict], task_names: list[str]) -> dict:

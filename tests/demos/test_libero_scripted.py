@@ -1,0 +1,179 @@
+"""The scripted LIBERO pick-and-place expert: phase logic on a fake scene, the HDF5 writer against
+LiberoReader, and (``sim``) one real demo generated and read back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from datamodules.libero import LiberoReader
+from vitavla.demos.libero_scripted import (OSC_POS_LIMIT, Demo, ExpertConfig, GenConfig, Phase,
+                                           PickPlaceExpert, ScenePoses, _resolve_body, _rotation_error,
+                                           _Writer, parse_pick_place_goal)
+
+DOWN = np.array([1.0, 0.0, 0.0, 0.0])  # (x, y, z, w): gripper pointing down, as LIBERO's Panda starts
+
+
+class FakeScene:
+    """Point-mass kinematics: the eef moves a fraction of each commanded delta; a closed gripper within
+    2 cm of the object carries it; opening drops it onto the target."""
+
+    def __init__(self, move: float = 0.6):
+        self.eef = np.array([0.0, 0.0, 0.25])
+        self.obj = np.array([0.10, -0.20, 0.03])  # grasp point; bottom 3 cm lower
+        self.target, self.target_top = np.array([0.0, 0.25, 0.05]), 0.10
+        self.move, self.held, self.closed = move, False, False
+
+    def poses(self) -> ScenePoses:
+        return ScenePoses(self.eef.copy(), DOWN.copy(), self.obj.copy(), float(self.obj[2] - 0.03),
+                          self.target.copy(), self.target_top)
+
+    def step(self, action: np.ndarray) -> None:
+        self.eef = self.eef + self.move * OSC_POS_LIMIT * action[:3]
+        closing = action[6] > 0
+        if closing and not self.closed and np.linalg.norm(self.eef - self.obj) < 0.02:
+            self.held = True
+        if not closing:
+            if self.held:
+                self.obj = np.array([self.target[0], self.target[1], self.target_top + 0.03])
+            self.held = False
+        self.closed = closing
+        if self.held:
+            self.obj = self.eef.copy()
+
+
+def run(expert: PickPlaceExpert, scene: FakeScene, steps: int = 400):
+    log = []
+    for _ in range(steps):
+        p = scene.poses()
+        a = expert.act(p)
+        log.append((expert.phase, p.eef_pos, p.object_grasp, a))
+        scene.step(a)
+        if expert.phase == Phase.DONE or expert.failed:
+            break
+    return log
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.1])
+def test_expert_phases_advance_in_order_and_place(noise):
+    scene = FakeScene()
+    cfg = ExpertConfig(noise=noise, waypoint_noise=0.005 if noise else 0.0)
+    expert = PickPlaceExpert(cfg, rng=np.random.default_rng(0))
+    log = run(expert, scene)
+    phases = [ph for ph, *_ in log]
+    assert not expert.failed and expert.phase == Phase.DONE
+    assert sorted(set(phases)) == list(Phase)
+    assert all(b - a in (0, 1) for a, b in zip(phases, phases[1:]))  # never skips or goes back
+    actions = np.stack([a for *_, a in log])
+    assert actions.min() >= -1.0 and actions.max() <= 1.0
+    np.testing.assert_allclose(scene.obj[:2], scene.target[:2], atol=0.03)  # the object ended on the target
+
+
+def test_gripper_closes_only_when_aligned():
+    scene = FakeScene()
+    cfg = ExpertConfig()
+    log = run(PickPlaceExpert(cfg), scene)
+    first_close = next(i for i, (*_, a) in enumerate(log) if a[6] > 0)
+    phase, eef, grasp, _ = log[first_close]
+    assert phase == Phase.CLOSE
+    assert np.linalg.norm(eef[:2] - grasp[:2]) < cfg.xy_tolerance and abs(eef[2] - grasp[2]) < cfg.z_tolerance
+    assert all(a[6] < 0 for *_, a in log[:first_close])
+
+
+def test_actions_are_clipped_far_from_the_goal():
+    scene = FakeScene()
+    scene.eef = np.array([5.0, -5.0, 3.0])  # metres away: the raw P-term is ~100x full scale
+    a = PickPlaceExpert(ExpertConfig()).act(scene.poses())
+    assert a.shape == (7,) and np.all(np.abs(a) <= 1.0) and a[0] == -1.0 and a[1] == 1.0
+
+
+def test_stuck_arm_times_out():
+    scene = FakeScene(move=0.0)  # the arm never moves: the first waypoint is never reached
+    expert = PickPlaceExpert(ExpertConfig(phase_timeout=20))
+    log = run(expert, scene)
+    assert expert.failed and expert.phase == Phase.ABOVE_OBJECT and len(log) == 21
+
+
+def test_orientation_hold():
+    np.testing.assert_allclose(_rotation_error(DOWN, DOWN), 0.0, atol=1e-12)
+    c, s = np.cos(0.05), np.sin(0.05)  # current = DOWN rotated 0.1 rad about world z
+    cur = np.array([c * 1.0, s * 1.0, 0.0, 0.0])  # q_z(0.1) * DOWN = (cos .05, sin .05, 0, 0) in xyzw
+    err = _rotation_error(DOWN, cur)
+    np.testing.assert_allclose(err, [0.0, 0.0, -0.1], atol=1e-9)  # rotate back about -z
+
+
+def test_goal_parsing():
+    assert parse_pick_place_goal([["in", "alphabet_soup_1", "basket_1_contain_region"]], "t") == (
+        "alphabet_soup_1", "basket_1_contain_region")
+    assert parse_pick_place_goal([("On", "akita_black_bowl_1", "plate_1")], "t") == ("akita_black_bowl_1",
+                                                                                    "plate_1")
+    with pytest.raises(ValueError, match="one \\(In obj target\\)"):
+        parse_pick_place_goal([["open", "microwave_1"]], "open the microwave")
+    with pytest.raises(ValueError, match="one \\(In obj target\\)"):
+        parse_pick_place_goal([["in", "a", "b"], ["in", "c", "b"]], "two")
+    names = ["basket_1", "alphabet_soup_1", "basket_10"]
+    assert _resolve_body(names, "basket_1_contain_region", "t") == "basket_1"
+    assert _resolve_body(names, "alphabet_soup_1", "t") == "alphabet_soup_1"
+    with pytest.raises(ValueError, match="neither an object nor a region"):
+        _resolve_body(names, "plate_1", "t")
+
+
+def _fake_demo(i: int, t: int, size: int = 16) -> Demo:
+    rng = np.random.default_rng(i)
+    arrays = {"agentview_rgb": rng.integers(0, 256, (t, size, size, 3), dtype=np.uint8),
+              "eye_in_hand_rgb": rng.integers(0, 256, (t, size, size, 3), dtype=np.uint8),
+              "ee_states": rng.normal(size=(t, 6)), "gripper_states": rng.normal(size=(t, 2)),
+              "joint_states": rng.normal(size=(t, 7)), "states": rng.normal(size=(t, 20)),
+              "actions": rng.uniform(-1, 1, (t, 7))}
+    return Demo(0, i, i, True, t, 1.0, arrays)
+
+
+def test_writer_round_trip_and_top_up(tmp_path):
+    path = tmp_path / "pick_up_the_soup_and_place_it_in_the_basket_demo.hdf5"
+    info = {"language_instruction": "pick up the soup and place it in the basket"}
+    w = _Writer(path, info, {"env_name": "x"}, "x.bddl")
+    demos = [_fake_demo(0, 5), _fake_demo(1, 7)]
+    for d in demos:
+        w.add(d)
+    assert not path.exists()  # only the temp file until the run completes
+    w.close(next_attempt=3)
+    assert path.exists() and not path.with_name(path.name + ".tmp").exists()
+
+    w = _Writer(path, info, {"env_name": "x"}, "x.bddl")  # a rerun tops the file up...
+    assert w.kept == 2
+    w.add(_fake_demo(2, 4))
+    w.abort()  # ...but an interrupted one leaves it untouched
+    reader = LiberoReader(path)
+    assert [e.length for e in reader.episodes] == [5, 7]
+    assert reader.episodes[0].instruction == info["language_instruction"]
+    frames = reader.read(1, 0, 7)
+    np.testing.assert_array_equal(frames.static, demos[1].arrays["agentview_rgb"])
+    np.testing.assert_allclose(frames.action, demos[1].arrays["actions"].astype(np.float32))
+    import h5py
+
+    with h5py.File(path) as h:
+        assert h["data"].attrs["next_attempt"] == 3 and h["data"].attrs["num_demos"] == 2
+        assert json.loads(h["data"].attrs["problem_info"]) == info
+        assert h["data/demo_1/obs/agentview_rgb"].compression == "gzip"
+
+
+@pytest.mark.sim
+def test_generate_one_libero_demo(tmp_path):
+    pytest.importorskip("libero.libero")
+    from vitavla.demos.libero_scripted import generate
+
+    cfg = GenConfig(suite="libero_object", tasks=(0,), episodes=1, max_attempts=2, out=str(tmp_path),
+                    image_size=32, max_steps=200, settle_steps=1, progress=False)
+    (res,) = generate(cfg, log=lambda msg: None)
+    assert res.kept == 1 and res.path.name == "pick_up_the_alphabet_soup_and_place_it_in_the_basket_demo.hdf5"
+    reader = LiberoReader(tmp_path)
+    (ep,) = reader.episodes
+    assert ep.instruction == "pick up the alphabet soup and place it in the basket"
+    assert ep.length == res.steps[0] and 40 < ep.length < 200
+    frames = reader.read(0, 0, ep.length)
+    assert frames.static.shape == frames.wrist.shape == (ep.length, 32, 32, 3)
+    assert frames.state.shape == (ep.length, 8)
+    assert np.all(np.abs(frames.action) <= 1.0)
+    assert frames.action[0, 6] == -1.0 and frames.action[-1, 6] == -1.0 and (frames.action[:, 6] == 1.0).any()

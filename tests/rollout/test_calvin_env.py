@@ -1,0 +1,342 @@
+"""CalvinSimEnv against a fake ``calvin_env`` / ``calvin_agent`` package tree built in the test (same module
+paths, function names and return shapes as the GitHub packages), so the adapter's real code runs: obs layout,
+reset from initial states, action passing, oracle and instruction loading, chain sources, crash recovery.
+
+The scripted simulator: every step adds ``2 * 0.5 * action[0]`` to a "progress" counter (calvin_env scales
+actions in place; the fake does too, by 0.5); task ``t: [progress_over, k]`` succeeds once progress grew by k
+since the subtask began. ``merged_config.yaml`` sets the camera sizes and which env instances crash when.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.calvin import to_state
+from teachers.base import ActionOutput
+from vitavla.rollout.calvin_env import (CalvinSimEnv, env_state, load_calvin_chains, load_instructions,
+                                        load_task_oracle, main, write_chains)
+from vitavla.rollout.calvin_protocol import evaluate_calvin, run_chain
+
+TASKS = ["open_drawer", "lift_blue_block_table", "push_red_block_left", "turn_on_led", "close_drawer",
+         "move_slider_left"]
+
+ENV_SRC = '''
+import numpy as np
+import yaml
+from pathlib import Path
+
+INSTANCES = []   # every env built, in order (tests read resets / actions from them)
+
+
+class FakePlayTableEnv:
+    def __init__(self, cfg, index):
+        self.cfg, self.index = cfg, index
+        self.resets, self.actions, self.closed, self.t = [], [], False, 0
+        self.robot_obs, self.scene_obs, self.progress = None, None, 0.0
+
+    def _obs(self):
+        s, w = self.cfg["static"], self.cfg["gripper"]
+        static = np.full((s, s, 3), 10 + self.t % 200, dtype=np.uint8)
+        gripper = np.full((w, w, 3), 7, dtype=np.uint8)
+        return {"rgb_obs": {"rgb_static": static, "rgb_gripper": gripper}, "depth_obs": {},
+                "robot_obs": self.robot_obs.copy(), "scene_obs": self.scene_obs.copy()}
+
+    def reset(self, robot_obs=None, scene_obs=None):
+        assert robot_obs.shape == (15,) and scene_obs.shape == (24,)
+        self.resets.append((robot_obs.copy(), scene_obs.copy()))
+        self.robot_obs, self.scene_obs, self.progress, self.t = robot_obs.copy(), scene_obs.copy(), 0.0, 0
+        return self._obs()
+
+    def get_info(self):
+        return {"robot_info": {"uid": 1, "gripper_action": self.robot_obs[14]},
+                "scene_info": {"progress": self.progress}}
+
+    def step(self, action):
+        assert not self.closed
+        assert action.dtype == np.float64 and action.shape == (7,)
+        assert action[6] in (-1, 1)  # as calvin_env's Robot.apply_action
+        if self.index in self.cfg.get("crash_instances", []) and self.t == self.cfg.get("crash_at", 0):
+            raise RuntimeError(f"pybullet exploded in env {self.index}")
+        self.actions.append(action.copy())
+        action[:6] *= 0.5  # calvin_env scales the relative action in place: the caller's array must not change
+        self.t += 1
+        self.progress += float(action[0]) * 2
+        self.robot_obs[:3] += action[:3]
+        self.robot_obs[14] = action[6]
+        return self._obs(), 0, False, self.get_info()
+
+    def close(self):
+        self.closed = True
+
+
+def get_env(dataset_path, obs_space=None, show_gui=True, **kwargs):
+    cfg = yaml.safe_load((Path(dataset_path) / ".hydra" / "merged_config.yaml").read_text())
+    env = FakePlayTableEnv(cfg, len(INSTANCES))
+    INSTANCES.append(env)
+    return env
+'''
+
+TASKS_SRC = '''
+from functools import partial
+
+
+class Tasks:
+    def __init__(self, tasks):
+        self.tasks = {name: partial(getattr(self, args[0]), *args[1:]) for name, args in dict(tasks).items()}
+
+    def get_task_info_for_set(self, start_info, end_info, task_filter):
+        return {n for n, f in self.tasks.items() if n in task_filter and f(start_info=start_info, end_info=end_info)}
+
+    @staticmethod
+    def progress_over(amount, start_info, end_info):
+        return end_info["scene_info"]["progress"] - start_info["scene_info"]["progress"] >= amount
+'''
+
+UTILS_SRC = '''
+import numpy as np
+
+
+def get_env_state_for_initial_condition(initial_condition):
+    robot_obs = np.zeros(15)
+    robot_obs[14] = 1.0
+    robot_obs[0] = 0.1 * initial_condition["led"]
+    scene_obs = np.zeros(24)
+    scene_obs[5] = initial_condition["led"]
+    return robot_obs, scene_obs
+'''
+
+SEQ_SRC = '''
+TASKS = {tasks!r}
+
+
+def get_sequences(num_sequences=1000, num_workers=None):
+    out = []
+    for i in range(num_sequences):
+        state = {{"led": i % 2, "lightbulb": 0, "slider": "right", "drawer": "closed", "red_block": "table",
+                 "blue_block": "table", "pink_block": "slider_right", "grasped": 0}}
+        out.append((state, tuple(TASKS[(i + j) % len(TASKS)] for j in range(5))))
+    return out
+'''
+
+
+def build_fake(root: Path, static: int = 200, gripper: int = 84, crash_instances=(), crash_at: int = 0,
+          progress: dict | None = None) -> dict:
+    """Write the packages, a dataset folder and the calvin_models conf under ``root``; returns their paths.
+
+    ``progress``: subtask -> progress needed (default 2.0 each)."""
+    pkg = root / "site"
+    files = {
+        "calvin_env/__init__.py": "",
+        "calvin_env/envs/__init__.py": "",
+        "calvin_env/envs/play_table_env.py": ENV_SRC,
+        "calvin_env/envs/tasks.py": TASKS_SRC,
+        "calvin_models/calvin_agent/__init__.py": "",
+        "calvin_models/calvin_agent/evaluation/__init__.py": "",
+        "calvin_models/calvin_agent/evaluation/utils.py": UTILS_SRC,
+        "calvin_models/calvin_agent/evaluation/multistep_sequences.py": SEQ_SRC.format(tasks=TASKS),
+    }
+    for rel, src in files.items():
+        p = pkg / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(textwrap.dedent(src))
+    progress = progress or {}
+    conf = pkg / "calvin_models" / "conf"
+    (conf / "callbacks/rollout/tasks").mkdir(parents=True)
+    (conf / "annotations").mkdir(parents=True)
+    (conf / "callbacks/rollout/tasks/new_playtable_tasks.yaml").write_text(
+        "_target_: calvin_env.envs.tasks.Tasks\ntasks:\n" +
+        "".join(f"  {t}: [progress_over, {progress.get(t, 2.0)}]\n" for t in TASKS))
+    (conf / "annotations/new_playtable_validation.yaml").write_text(
+        "".join(f"{t}: [\"{t.replace('_', ' ')} please\", \"another phrasing\"]\n" for t in TASKS))
+    dataset = root / "task_D_D"
+    (dataset / "validation/.hydra").mkdir(parents=True)
+    (dataset / "validation/.hydra/merged_config.yaml").write_text(
+        f"static: {static}\ngripper: {gripper}\ncrash_instances: {list(crash_instances)}\ncrash_at: {crash_at}\n")
+    return {"site": pkg, "models": pkg / "calvin_models", "conf": conf, "dataset": dataset}
+
+
+def install_fake(monkeypatch, paths: dict) -> None:
+    """Put the fake packages on sys.path (undone by monkeypatch) and forget any earlier import of them."""
+    monkeypatch.syspath_prepend(str(paths["site"]))
+    monkeypatch.syspath_prepend(str(paths["models"]))
+    forget()
+
+
+def forget() -> None:
+    for name in [m for m in sys.modules if m.split(".")[0] in ("calvin_env", "calvin_agent")]:
+        del sys.modules[name]
+
+
+# -- tests ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    paths = build_fake(tmp_path)
+    install_fake(monkeypatch, paths)
+    yield paths
+    forget()
+
+
+def instances():
+    return importlib.import_module("calvin_env.envs.play_table_env").INSTANCES
+
+
+class PushPolicy:
+    """Commands x velocity ``v`` (progress +v per step in the fake) and an open gripper."""
+
+    def __init__(self, v=1.0, logit=4.0):
+        self.v, self.logit, self.resets, self.instructions = v, logit, 0, []
+
+    def reset(self):
+        self.resets += 1
+
+    def step(self, obs):
+        self.instructions.append(obs.instruction[0])
+        arm = torch.zeros(1, 3, 6)
+        arm[..., 0] = self.v
+        return ActionOutput(arm, torch.full((1, 3, 1), self.logit))
+
+
+def test_obs_layout_reset_state_and_action_passing(fake):
+    env = CalvinSimEnv(str(fake["dataset"]))  # the dataset root; conf from the installed calvin_agent
+    assert env.validation_dir == fake["dataset"] / "validation" and instances() == []  # simulator is lazy
+    robot = np.arange(15, dtype=np.float64) / 10
+    robot[14] = -1.0  # gripper closed
+    scene = np.arange(24, dtype=np.float64)
+    obs = env.reset({"robot_obs": robot.tolist(), "scene_obs": scene.tolist()})
+    (sim,) = instances()
+    np.testing.assert_array_equal(sim.resets[0][0], robot)
+    np.testing.assert_array_equal(sim.resets[0][1], scene)
+    assert obs.static.shape == (200, 200, 3) and obs.wrist.shape == (84, 84, 3)
+    assert obs.static[0, 0, 0] == 10 and obs.wrist[0, 0, 0] == 7  # rgb_static -> static, rgb_gripper -> wrist
+    # CalvinDataModule's state: robot_obs[0:6] + gripper -1/+1 -> 0/1.
+    assert obs.state.tolist() == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.0])
+    np.testing.assert_array_equal(obs.state, to_state(robot[None].astype(np.float32))[0])
+
+    action = np.array([0.5, 0, 0, 0, 0, 0, 0.7], dtype=np.float32)
+    obs, info = env.step(action)
+    assert sim.actions[0].tolist() == [0.5, 0, 0, 0, 0, 0, 1.0]  # float64, gripper snapped to +1
+    assert action.tolist() == pytest.approx([0.5, 0, 0, 0, 0, 0, 0.7])  # the caller's array is untouched
+    assert obs.state[6] == 1.0 and obs.state[0] == pytest.approx(0.25)  # open now; moved by the scaled action
+    assert info["scene_info"]["progress"] == pytest.approx(0.5) and env.get_info() == info
+    env.step(np.array([0, 0, 0, 0, 0, 0, 0.0]))
+    assert sim.actions[1][6] == -1.0  # gripper 0 (normalized "close") -> -1
+    with pytest.raises(ValueError, match="7 values"):
+        env.step(np.zeros(6))
+    env.close()
+    assert sim.closed
+    env.reset({"robot_obs": robot, "scene_obs": scene})
+    assert len(instances()) == 2  # a reset after close starts a fresh simulator
+
+
+def test_symbolic_initial_state_goes_through_calvin_agent(fake):
+    env = CalvinSimEnv(str(fake["dataset"] / "validation"))
+    env.reset({"led": 1, "lightbulb": 0, "slider": "right", "drawer": "closed", "red_block": "table",
+               "blue_block": "table", "pink_block": "slider_right", "grasped": 0})
+    robot, scene = instances()[0].resets[0]
+    assert robot[0] == pytest.approx(0.1) and scene[5] == 1.0
+    with pytest.raises(ValueError, match=r"robot_obs must have shape \(15,\)"):
+        env_state({"robot_obs": [0.0] * 14, "scene_obs": [0.0] * 24})
+
+
+def test_oracle_and_instructions_come_from_the_config_files(fake):
+    env = CalvinSimEnv(str(fake["dataset"]))
+    assert env.tasks_config == fake["conf"] / "callbacks/rollout/tasks/new_playtable_tasks.yaml"
+    assert env.instructions["open_drawer"] == "open drawer please"  # first phrasing, as the official eval
+    assert env.instruction("turn_on_led") == "turn on led please"
+    assert env.known_subtasks == set(TASKS)
+    start, done, almost = ({"scene_info": {"progress": p}} for p in (1.0, 3.0, 2.9))
+    assert env.oracle(start, done, "open_drawer") and not env.oracle(start, almost, "open_drawer")
+    with pytest.raises(KeyError, match="new_playtable_validation.yaml"):
+        env.instruction("fly")
+
+
+def test_run_chain_over_the_adapter(tmp_path, monkeypatch):
+    paths = build_fake(tmp_path, progress={"open_drawer": 2, "lift_blue_block_table": 3, "push_red_block_left": 99})
+    install_fake(monkeypatch, paths)
+    try:
+        env, policy = CalvinSimEnv(str(paths["dataset"])), PushPolicy()
+        chain = load_calvin_chains(None, 1)[0]  # fake get_sequences: TASKS[0:5] from led 0
+        assert chain.subtasks == TASKS[:5]
+        res = run_chain(env, policy, chain, env.oracle, env.instructions, ep_len=5)
+        assert res.completed == 2 and res.steps == [2, 3, 5]
+        (sim,) = instances()
+        assert len(sim.resets) == 1 and len(sim.actions) == 10 and policy.resets == 3
+        assert policy.instructions[:2] == ["open drawer please"] * 2
+        assert policy.instructions[5:] == ["push red block left please"] * 5
+    finally:
+        forget()
+
+
+def test_camera_sizes_other_than_calvins_are_refused(tmp_path, monkeypatch):
+    paths = build_fake(tmp_path, static=128)
+    install_fake(monkeypatch, paths)
+    try:
+        state = {"robot_obs": np.zeros(15), "scene_obs": np.zeros(24)}
+        with pytest.raises(ValueError, match=r"rgb_static \(128, 128, 3\).*\(200, 200, 3\).*merged_config.yaml"):
+            CalvinSimEnv(str(paths["dataset"])).reset(state)
+        assert CalvinSimEnv(str(paths["dataset"]), check_cameras=False).reset(state).static.shape == (128, 128, 3)
+    finally:
+        forget()
+
+
+def test_clear_errors_without_the_packages_or_files(tmp_path):
+    paths = build_fake(tmp_path)  # files on disk, packages not importable
+    forget()
+    with pytest.raises(ImportError, match=r"calvin_env.*github.com/mees/calvin"):
+        CalvinSimEnv(str(paths["dataset"]), conf_dir=str(paths["conf"]))
+    with pytest.raises(ValueError, match="pass conf_dir"):
+        CalvinSimEnv(str(paths["dataset"]))
+    with pytest.raises(FileNotFoundError, match=r"merged_config.yaml.*dataset root"):
+        CalvinSimEnv(str(tmp_path / "nowhere"), conf_dir=str(paths["conf"]))
+    bad = tmp_path / "tasks.yaml"
+    bad.write_text("tasks: {open_drawer: 3}\n")
+    with pytest.raises(ValueError, match=r"tasks.yaml: expected|tasks.yaml: tasks \['open_drawer'\]"):
+        load_task_oracle(bad)
+    ann = tmp_path / "ann.yaml"
+    ann.write_text("open_drawer: []\n")
+    with pytest.raises(ValueError, match=r"ann.yaml: key 'open_drawer' must be a non-empty list"):
+        load_instructions(ann)
+    with pytest.raises(ImportError, match="pass a chain file"):
+        load_calvin_chains(None, 3)
+
+
+def test_chain_sources_generate_export_and_pin(fake, tmp_path):
+    chains = load_calvin_chains(None, 7)
+    assert len(chains) == 7 and chains[1].initial_state["led"] == 1 and chains[1].subtasks == TASKS[1:6]
+    path = write_chains(tmp_path / "chains.json", chains, resolve_states=True)
+    items = json.loads(path.read_text())
+    assert items[1][0]["condition"]["led"] == 1 and items[1][0]["robot_obs"][0] == pytest.approx(0.1)
+    pinned = load_calvin_chains(path, 3)
+    assert [c.subtasks for c in pinned] == [c.subtasks for c in chains[:3]]
+    np.testing.assert_allclose(env_state(pinned[1].initial_state)[1], env_state(chains[1].initial_state)[1])
+    assert len(load_calvin_chains(path, None)) == 7
+    with pytest.raises(ValueError, match="holds 7 chains, num_chains asks for 10"):
+        load_calvin_chains(path, 10)
+    out = tmp_path / "exported.json"
+    main(["export-chains", str(out), "--num-chains", "4", "--resolve-states"])
+    assert len(json.loads(out.read_text())) == 4 and "robot_obs" in json.loads(out.read_text())[3][0]
+
+
+def test_evaluate_calvin_rebuilds_a_crashed_simulator(tmp_path, monkeypatch):
+    paths = build_fake(tmp_path, crash_instances=[0], crash_at=1)  # the first simulator dies at its 2nd step
+    install_fake(monkeypatch, paths)
+    try:
+        chains = load_calvin_chains(None, 3)
+        res = evaluate_calvin(lambda: CalvinSimEnv(str(paths["dataset"])), PushPolicy(), chains,
+                              tmp_path / "r.jsonl", ep_len=4, progress=False)
+        assert res["errors"] == 0 and res["chains"] == 3 and res["avg_seq_len"] == 5.0
+        recs = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+        assert [(r["chain"], r["attempt"], r["error"] is None) for r in recs] == [(0, 0, False), (0, 1, True),
+                                                                                 (1, 0, True), (2, 0, True)]
+        assert "pybullet exploded in env 0" in recs[0]["error"]
+        assert instances()[0].closed and len(instances()) == 2
+    finally:
+        forget()

@@ -1,0 +1,115 @@
+"""configs/eval_calvin.yaml and configs/eval_aloha.yaml without the simulators: they parse, their model sections
+match the training side, the CALVIN data section instantiates over a fake calvin_env, and `vitavla test` runs
+CALVIN chains through CalvinRolloutTestCallback (resume and crash handling included)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli import build_cli, main
+from datamodules.calvin import ROBOT as CALVIN_ROBOT
+from datamodules.calvin_rollout import CalvinRolloutDataModule
+from vitavla.batch import RobotSpec
+from vitavla.rollout.aloha_env import TO_MODEL
+from vitavla.rollout.calvin_env import CalvinSimEnv
+from vitavla.rollout.executors import FirstActionExecutor
+from tests.rollout.test_calvin_env import build_fake, forget, install_fake
+from tests.rollout.test_vitavla_test import QUIET, stage2_ckpt  # noqa: F401  (module-scoped fixture)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def load(name):
+    return yaml.safe_load((CONFIGS / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["eval_calvin", "eval_aloha"])
+def test_eval_configs_parse(name):
+    with pytest.raises(SystemExit) as e:
+        build_cli(["test", "--config", str(CONFIGS / f"{name}.yaml"), "--print_config"], run=True)
+    assert e.value.code in (0, None)
+
+
+def test_eval_calvin_model_matches_finetune_calvin():
+    ev, ft = load("eval_calvin.yaml")["model"]["init_args"], load("finetune_calvin.yaml")["model"]["init_args"]
+    assert ev["student"] == ft["student"] and ev["teacher"] == ft["teacher"]
+    assert ev["init_mode"] == "only_finetune" and ev["init_from"] is None
+    s = ev["student"]["init_args"]
+    assert RobotSpec(s["arm_dim"], s["gripper_dim"], s["gripper_state"]) == CALVIN_ROBOT
+
+
+def test_eval_aloha_model_is_a_bimanual_student_for_the_sim_adapter():
+    cfg = load("eval_aloha.yaml")
+    s, t = (cfg["model"]["init_args"][k]["init_args"] for k in ("student", "teacher"))
+    # AlohaDataModule(arms="both") trains with this robot; AlohaSimEnv returns and takes 12 + 2 values.
+    both = RobotSpec(arm_dim=12, gripper_dim=2, gripper_state="width", gripper_state_dim=2)
+    assert RobotSpec(s["arm_dim"], s["gripper_dim"], s["gripper_state"], s["gripper_state_dim"]) == both
+    assert RobotSpec(t["arm_dim"], t["gripper_dim"], t["gripper_state"], t["gripper_state_dim"]) == both
+    assert len(TO_MODEL) == both.arm_dim + both.gripper_dim
+    env = cfg["data"]["init_args"]["env"]
+    assert env["class_path"] == "vitavla.rollout.aloha_env.AlohaSimEnv" and env["init_args"]["task"] == "transfer_cube"
+
+
+def test_eval_calvin_data_section_instantiates_over_a_fake_calvin_env(tmp_path, monkeypatch):
+    paths = build_fake(tmp_path)
+    install_fake(monkeypatch, paths)
+    try:
+        data = load("eval_calvin.yaml")["data"]
+        assert data["class_path"] == "datamodules.calvin_rollout.CalvinRolloutDataModule"
+        env_cfg = data["init_args"].pop("env")
+        assert env_cfg["class_path"] == "vitavla.rollout.calvin_env.CalvinSimEnv"
+        env = CalvinSimEnv(**{**env_cfg["init_args"], "dataset_path": str(paths["dataset"])})
+        dm = CalvinRolloutDataModule(env, **{**data["init_args"], "num_chains": 5})
+        assert len(dm.chains) == 5 and dm.ep_len == 360 and dm.retries == 1
+        assert [s.episode_index for s in dm.specs()] == [0, 1, 2, 3, 4] and {s.task_index for s in dm.specs()} == {0}
+        assert isinstance(dm.make_executor(), FirstActionExecutor) and dm.robot == CALVIN_ROBOT
+    finally:
+        forget()
+
+
+def calvin_test(ckpt, tmp_path, paths, out, chains=None):
+    cfg = load("eval_tiny.yaml")
+    cfg["data"] = {"class_path": "datamodules.calvin_rollout.CalvinRolloutDataModule", "init_args": {
+        "env": {"class_path": "vitavla.rollout.calvin_env.CalvinSimEnv",
+                "init_args": {"dataset_path": str(paths["dataset"]), "conf_dir": str(paths["conf"])}},
+        "chains": None if chains is None else str(chains), "num_chains": 3, "ep_len": 3, "out_dir": str(out), "allow_missing_normalizer": True}}
+    path = tmp_path / "eval_calvin_tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    main(["test", "--config", str(path), "--ckpt_path", str(ckpt), f"--trainer.default_root_dir={tmp_path}",
+          f"--trainer.logger.init_args.save_dir={tmp_path}", *QUIET])
+    return json.loads((out / "results.json").read_text())
+
+
+def test_vitavla_test_runs_calvin_chains_resumes_and_survives_a_crash(stage2_ckpt, tmp_path, monkeypatch):  # noqa: F811
+    paths = build_fake(tmp_path, crash_instances=[0], crash_at=1)  # the first simulator dies at its 2nd step
+    install_fake(monkeypatch, paths)
+    try:
+        out = tmp_path / "rollout"
+        res = calvin_test(stage2_ckpt, tmp_path, paths, out)
+        recs = [json.loads(x) for x in (out / "episodes.rank0.jsonl").read_text().splitlines()]
+        assert [(r["chain"], r["attempt"], r["error"] is None) for r in recs] == [
+            (0, 0, False), (0, 1, True), (1, 0, True), (2, 0, True)]
+        finals = [json.loads(x) for x in (out / "episodes.jsonl").read_text().splitlines()]
+        completed = [r["completed"] for r in finals]
+        assert res["errors"] == 0 and res["chains"] == 3 and len(finals) == 3
+        assert res["avg_seq_len"] == pytest.approx(sum(completed) / 3)
+        assert res["chain_sr"]["1"] == pytest.approx(sum(c >= 1 for c in completed) / 3)
+        assert res["env"] == "CalvinSimEnv" and res["ep_len"] == 3
+
+        first = (out / "episodes.rank0.jsonl").read_text()
+        again = calvin_test(stage2_ckpt, tmp_path, paths, out)  # same out_dir: nothing re-runs
+        assert (out / "episodes.rank0.jsonl").read_text() == first
+        keys = ("avg_seq_len", "chain_sr", "chains", "errors", "task_info")
+        assert {k: again[k] for k in keys} == {k: res[k] for k in keys}
+        # The same out_dir with another chain set is refused instead of mixing results.
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps([[{"robot_obs": [0.0] * 15, "scene_obs": [0.0] * 24},
+                                      ["close_drawer", "open_drawer", "turn_on_led", "push_red_block_left",
+                                       "move_slider_left"]]] * 3))
+        with pytest.raises(ValueError, match="do not match the configured chains"):
+            calvin_test(stage2_ckpt, tmp_path, paths, out, chains=other)
+    finally:
+        forget()
+

@@ -1,0 +1,728 @@
+"""Scripted pick-and-place demonstrations in LIBERO, written in LIBERO's own HDF5 layout.
+
+    vitavla demos libero --suite libero_object --tasks 0 --episodes 20 --out data/demos --image-size 64
+
+For tasks whose BDDL goal is a single ``(In obj target_contain_region)`` or ``(On obj target)`` (all of
+``libero_object``, the bowl-on-plate tasks of ``libero_spatial``), :class:`PickPlaceExpert` reads the object
+and target poses from the simulator every step and drives LIBERO's OSC delta-pose controller through
+above-object, descend, close, lift, above-target, lower, open and retreat. Only episodes the env reports as
+successful (LIBERO's BDDL goal check) are kept.
+
+Output: one ``<TASK_NAME>_demo.hdf5`` per task with ``data/demo_<i>/{actions, dones, rewards, states,
+robot_states, obs/{agentview_rgb, eye_in_hand_rgb, ee_states, ee_pos, ee_ori, gripper_states,
+joint_states}}`` and ``data.attrs["problem_info"]`` holding the task's language instruction, the layout
+:class:`datamodules.libero.LiberoReader` reads. Images are stored in the simulator's native (upside-down)
+orientation like the original LIBERO release, i.e. what :class:`~vitavla.rollout.libero_env.LiberoEnv`
+gives policies with ``flip_images=False``. Episode ``i`` starts from the task's fixed init state
+``i % 50`` after the same settle steps as LiberoEnv's ``"seer"`` protocol, so rollouts of a policy trained
+on these demos start where the demos did.
+
+Files are written to ``<name>.tmp`` and renamed over the old file only when complete: an interrupted run
+never corrupts an existing file, and a rerun tops a file up to ``--episodes`` demos, continuing with the
+next init state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+
+import numpy as np
+
+from vitavla.rollout.libero_env import quat2axisangle
+
+OSC_POS_LIMIT = 0.05
+"""Metres per step of a full-scale position action in LIBERO's OSC_POSE controller (``output_max``)."""
+OSC_ROT_LIMIT = 0.5
+"""Radians per step of a full-scale rotation action (``output_max``)."""
+OPEN, CLOSE = -1.0, 1.0  # LIBERO gripper commands
+TALL_OBJECT = 0.10
+"""Objects taller than this (metres) are grasped near the top instead of halfway up."""
+
+
+class Phase(IntEnum):
+    ABOVE_OBJECT = 0
+    DESCEND = 1
+    CLOSE = 2
+    LIFT = 3
+    ABOVE_TARGET = 4
+    LOWER = 5
+    OPEN = 6
+    RETREAT = 7
+    DONE = 8
+
+
+@dataclass
+class ScenePoses:
+    """What the expert needs from the scene at one step (world frame, metres; quaternion x, y, z, w).
+
+    ``object_grasp`` is the point between the fingers at which to grasp; ``object_bottom`` the lowest point
+    of the object (it hangs below the gripper once lifted); ``target_center`` the x, y (z ignored) to drop
+    over; ``target_top`` the height of the target's rim or surface.
+    """
+
+    eef_pos: np.ndarray
+    eef_quat: np.ndarray
+    object_grasp: np.ndarray
+    object_bottom: float
+    target_center: np.ndarray
+    target_top: float
+
+
+@dataclass
+class ExpertConfig:
+    """Waypoint geometry, gains and timing of :class:`PickPlaceExpert`. Distances in metres."""
+
+    approach_height: float = 0.08
+    """Height above the grasp point at which the gripper lines up before descending."""
+    carry_clearance: float = 0.07
+    """Gap kept between the carried object's bottom and the target's top while moving over it."""
+    release_clearance: float = 0.025
+    """Gap between the object's bottom and the target's top when the gripper opens."""
+    xy_tolerance: float = 0.008
+    """Horizontal error below which a waypoint counts as reached; the gripper closes only within it."""
+    z_tolerance: float = 0.01
+    """Vertical error below which a waypoint counts as reached."""
+    gain: float = 1.0
+    """Proportional gain: action = gain * error / (the controller's metres per full-scale step)."""
+    max_speed: float = 1.0
+    """Largest position action while moving freely (actions are clipped to [-1, 1] anyway)."""
+    slow_speed: float = 0.5
+    """Largest position action close to objects (descend, lower), so nothing gets knocked over."""
+    rot_gain: float = 1.0
+    """Gain holding the initial gripper orientation (the OSC drifts in orientation otherwise)."""
+    gripper_steps: int = 10
+    """Steps spent closing or opening the gripper in place (the fingers need ~8 steps at 20 Hz)."""
+    retreat_steps: int = 10
+    """Steps moving up after release before the expert reports DONE."""
+    phase_timeout: int = 80
+    """Steps after which a waypoint phase gives up (the episode then fails and is discarded)."""
+    noise: float = 0.0
+    """Std of Gaussian noise added to the position actions (action units); 0 = deterministic."""
+    waypoint_noise: float = 0.0
+    """Std (metres) of a per-episode random offset of the approach height and drop point."""
+
+
+@dataclass
+class PickPlaceExpert:
+    """A phase machine that picks an object and places it in/on a target, from poses read every step.
+
+    Call :meth:`act` once per step with the current :class:`ScenePoses`; it returns a 7-D LIBERO action
+    (3 position deltas, 3 axis-angle deltas, gripper -1 open / +1 close), clipped to [-1, 1]. ``failed`` is
+    set when a phase times out; ``phase`` is :attr:`Phase.DONE` after the retreat.
+    """
+
+    config: ExpertConfig = field(default_factory=ExpertConfig)
+    rng: np.random.Generator | None = None
+    phase: Phase = Phase.ABOVE_OBJECT
+    failed: bool = False
+
+    def __post_init__(self) -> None:
+        self._t_phase = 0
+        self._ref_quat: np.ndarray | None = None
+        self._hold: np.ndarray | None = None  # position held while the gripper closes / opens
+        self._carry_z: float | None = None
+        self._release_z: float | None = None
+        rng, c = self.rng, self.config
+        if rng is not None and c.waypoint_noise > 0:
+            self._approach_dz = float(rng.normal(0.0, c.waypoint_noise))
+            self._drop_dxy = rng.normal(0.0, c.waypoint_noise, 2)
+        else:
+            self._approach_dz, self._drop_dxy = 0.0, np.zeros(2)
+
+    # -- public ----------------------------------------------------------------------------------------
+    def act(self, p: ScenePoses) -> np.ndarray:
+        """The action for this step; advances the phase first when its waypoint is reached."""
+        c = self.config
+        if self._ref_quat is None:
+            self._ref_quat = np.asarray(p.eef_quat, dtype=np.float64).copy()
+        eef = np.asarray(p.eef_pos, dtype=np.float64)
+        goal, speed, grip = self._goal(p, eef)
+        if self._reached(eef, goal) and self._advance(p, eef):
+            goal, speed, grip = self._goal(p, eef)
+        self._t_phase += 1
+        if self.phase not in (Phase.CLOSE, Phase.OPEN, Phase.DONE) and self._t_phase > c.phase_timeout:
+            self.failed = True
+        action = np.zeros(7)
+        if self.phase != Phase.DONE:
+            action[:3] = np.clip(c.gain * (goal - eef) / OSC_POS_LIMIT, -speed, speed)
+            if c.noise > 0 and self.rng is not None:
+                action[:3] += self.rng.normal(0.0, c.noise, 3)
+            action[3:6] = c.rot_gain * _rotation_error(self._ref_quat, p.eef_quat) / OSC_ROT_LIMIT
+        action[6] = grip
+        return np.clip(action, -1.0, 1.0)
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _goal(self, p: ScenePoses, eef: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """(goal position, speed limit, gripper command) of the current phase."""
+        c, ph = self.config, self.phase
+        grasp = np.asarray(p.object_grasp, dtype=np.float64)
+        if ph == Phase.ABOVE_OBJECT:
+            return grasp + [0.0, 0.0, c.approach_height + self._approach_dz], c.max_speed, OPEN
+        if ph == Phase.DESCEND:
+            return grasp, c.slow_speed, OPEN
+        if ph in (Phase.CLOSE, Phase.OPEN):
+            return self._hold, c.slow_speed, CLOSE if ph == Phase.CLOSE else OPEN
+        drop = np.array([p.target_center[0] + self._drop_dxy[0], p.target_center[1] + self._drop_dxy[1]])
+        if ph == Phase.LIFT:
+            return np.array([self._hold[0], self._hold[1], self._carry_z]), c.max_speed, CLOSE
+        if ph == Phase.ABOVE_TARGET:
+            return np.array([drop[0], drop[1], self._carry_z]), c.max_speed, CLOSE
+        if ph == Phase.LOWER:
+            return np.array([drop[0], drop[1], self._release_z]), c.slow_speed, CLOSE
+        if ph == Phase.RETREAT:
+            return np.array([self._hold[0], self._hold[1], self._carry_z]), c.max_speed, OPEN
+        return eef, 0.0, OPEN  # DONE: stay put, open
+
+    def _reached(self, eef: np.ndarray, goal: np.ndarray) -> bool:
+        c = self.config
+        if self.phase in (Phase.CLOSE, Phase.OPEN):
+            return self._t_phase >= c.gripper_steps
+        if self.phase == Phase.RETREAT:
+            return self._t_phase >= c.retreat_steps
+        if self.phase == Phase.DONE:
+            return False
+        return bool(np.linalg.norm(goal[:2] - eef[:2]) < c.xy_tolerance
+                    and abs(goal[2] - eef[2]) < c.z_tolerance)
+
+    def _advance(self, p: ScenePoses, eef: np.ndarray) -> bool:
+        """Enter the next phase, fixing the heights it needs from the scene as it is now."""
+        c = self.config
+        nxt = Phase(self.phase + 1)
+        if nxt in (Phase.CLOSE, Phase.OPEN, Phase.RETREAT):
+            self._hold = eef.copy()
+        if nxt == Phase.LIFT:
+            # The object hangs (eef - bottom) below the gripper; carry it clear of the target's rim.
+            hang = eef[2] - p.object_bottom
+            self._carry_z = max(p.target_top + c.carry_clearance + hang, eef[2] + c.approach_height)
+            self._release_z = p.target_top + c.release_clearance + hang
+        self.phase, self._t_phase = nxt, 0
+        return True
+
+
+def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamilton product of (x, y, z, w) quaternions."""
+    ax, ay, az, aw = a
+    bx, by, bz, bw = b
+    return np.array([aw * bx + ax * bw + ay * bz - az * by, aw * by - ax * bz + ay * bw + az * bx,
+                     aw * bz + ax * by - ay * bx + az * bw, aw * bw - ax * bx - ay * by - az * bz])
+
+
+def _rotation_error(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
+    """World-frame axis-angle taking ``cur`` to ``ref``: the OSC applies rotation deltas on the left."""
+    cur = np.asarray(cur, dtype=np.float64)
+    err = _quat_mul(np.asarray(ref, dtype=np.float64), cur * [-1.0, -1.0, -1.0, 1.0])
+    if err[3] < 0:  # the short way round
+        err = -err
+    return quat2axisangle(err / np.linalg.norm(err))
+
+
+# -- the simulator side -------------------------------------------------------------------------------
+GOAL_PREDICATES = ("in", "on")
+
+
+def parse_pick_place_goal(goal_state: Sequence[Sequence[str]], task: str) -> tuple[str, str]:
+    """``(object, target)`` names from a LIBERO ``parsed_problem["goal_state"]``.
+
+    Accepts a single ``["in", obj, "<target>_contain_region"]`` or ``["on", obj, target]`` (a region suffix
+    of the target object is stripped); anything else is not a single pick-and-place and raises.
+    """
+    goals = [list(g) for g in goal_state]
+    if len(goals) != 1 or len(goals[0]) != 3 or str(goals[0][0]).lower() not in GOAL_PREDICATES:
+        raise ValueError(f"task {task!r}: the scripted expert handles one (In obj target) or (On obj target) "
+                         f"goal, got {goals}")
+    _, obj, target = goals[0]
+    return obj, target
+
+
+def _resolve_body(names: Sequence[str], region: str, task: str) -> str:
+    """The object whose region ``region`` is (``basket_1_contain_region`` -> ``basket_1``)."""
+    if region in names:
+        return region
+    owners = [n for n in names if region.startswith(n + "_")]
+    if not owners:
+        raise ValueError(f"task {task!r}: goal target {region!r} is neither an object nor a region of one "
+                         f"(objects: {sorted(names)})")
+    return max(owners, key=len)
+
+
+class LiberoPoses:
+    """Reads :class:`ScenePoses` for one pick-and-place task from a LIBERO env's MuJoCo state."""
+
+    def __init__(self, env, task: str):
+        self._env = env.env if hasattr(env, "env") and hasattr(env.env, "parsed_problem") else env
+        e = self._env
+        obj, target = parse_pick_place_goal(e.parsed_problem["goal_state"], task)
+        names = list(e.obj_body_id)
+        self.object_name = _resolve_body(names, obj, task)
+        self.target_name = _resolve_body(names, target, task)
+
+    def _extent(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """World-frame axis-aligned box (low, high) of every geom under an object's root body."""
+        model, data = self._env.sim.model._model, self._env.sim.data._data
+        root = self._env.obj_body_id[name]
+        geoms = np.flatnonzero(model.body_rootid[model.geom_bodyid] == root)
+        if geoms.size == 0:
+            raise ValueError(f"object {name!r} has no geoms")
+        aabb = model.geom_aabb[geoms]  # (n, 6): centre and half sizes in each geom's frame
+        signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
+        corners = aabb[:, None, :3] + signs[None] * aabb[:, None, 3:]  # (n, 8, 3)
+        rot = data.geom_xmat[geoms].reshape(-1, 3, 3)
+        world = np.einsum("nij,nkj->nki", rot, corners) + data.geom_xpos[geoms][:, None]
+        world = world.reshape(-1, 3)
+        return world.min(0), world.max(0)
+
+    def read(self) -> ScenePoses:
+        e = self._env
+        eef_pos = np.array(e.sim.data.site_xpos[e.robots[0].eef_site_id])
+        eef_quat = _mat2quat(np.array(e.sim.data.site_xmat[e.robots[0].eef_site_id]).reshape(3, 3))
+        olo, ohi = self._extent(self.object_name)
+        tlo, thi = self._extent(self.target_name)
+        height = ohi[2] - olo[2]
+        # Short objects are grasped halfway up; tall ones (bottles) 3 cm below the top, because open fingers
+        # cannot slide down past a bottle's shoulder. Never so low that the fingertips scrape the floor.
+        grasp_z = ohi[2] - 0.03 if height > TALL_OBJECT else olo[2] + height / 2
+        grasp_z = max(grasp_z, olo[2] + 0.012)
+        centre = (olo + ohi) / 2
+        return ScenePoses(eef_pos=eef_pos, eef_quat=eef_quat,
+                          object_grasp=np.array([centre[0], centre[1], grasp_z]), object_bottom=float(olo[2]),
+                          target_center=(tlo + thi) / 2, target_top=float(thi[2]))
+
+
+def _mat2quat(m: np.ndarray) -> np.ndarray:
+    """Rotation matrix -> (x, y, z, w) quaternion."""
+    import mujoco
+
+    q = np.zeros(4)
+    mujoco.mju_mat2Quat(q, m.reshape(-1))  # (w, x, y, z)
+    return np.array([q[1], q[2], q[3], q[0]])
+
+
+# -- recording ----------------------------------------------------------------------------------------
+@dataclass
+class GenConfig:
+    """One generation run (see :func:`main` for the command line)."""
+
+    suite: str = "libero_object"
+    tasks: tuple[int, ...] = (0,)
+    episodes: int = 20
+    out: str = "data/demos"
+    image_size: int = 64
+    max_steps: int = 250
+    max_attempts: int | None = None
+    workers: int = 1
+    seed: int = 0
+    noise: float = 0.05
+    waypoint_noise: float = 0.01
+    settle_steps: int = 5
+    fast_render: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Demo:
+    """One recorded episode: T steps of observations (before the action) and actions."""
+
+    task: int
+    attempt: int
+    init_state: int
+    success: bool
+    steps: int
+    seconds: float
+    arrays: dict[str, np.ndarray] | None = None
+
+
+class _Worker:
+    """A LiberoEnv and the loop that records one attempt; one per process."""
+
+    def __init__(self, cfg: GenConfig):
+        from vitavla.rollout.libero_env import LiberoEnv
+
+        self.cfg = cfg
+        self.env = LiberoEnv(cfg.suite, protocol="seer", render_size=cfg.image_size, max_steps=cfg.max_steps,
+                             settle_steps=cfg.settle_steps, flip_images=False, gripper_state="width",
+                             seed=cfg.seed, fast_render=cfg.fast_render)
+
+    def record(self, task: int, attempt: int) -> Demo:
+        cfg, env = self.cfg, self.env
+        start = time.perf_counter()
+        init_state = attempt % env.num_init_states(task)
+        obs = env.reset(task, init_state, seed=cfg.seed + attempt)
+        sim_env = env._env.env
+        # Later resets of this task skip the model rebuild (~3 s of a ~15 s demo): set_init_state overwrites
+        # the whole MuJoCo state, so a soft reset starts from the identical state (checked: same images).
+        sim_env.hard_reset = False
+        poses = LiberoPoses(sim_env, env.task_name(task))
+        rng = np.random.default_rng([cfg.seed, task, attempt])
+        expert = PickPlaceExpert(ExpertConfig(noise=cfg.noise, waypoint_noise=cfg.waypoint_noise), rng=rng)
+        robot = sim_env.robots[0]
+        rec: dict[str, list] = {k: [] for k in ("agentview_rgb", "eye_in_hand_rgb", "ee_states",
+                                                "gripper_states", "joint_states", "actions", "states")}
+        success, done_wait = False, 0
+        for _ in range(cfg.max_steps):
+            action = expert.act(poses.read())
+            rec["agentview_rgb"].append(obs.static)
+            rec["eye_in_hand_rgb"].append(obs.wrist)
+            rec["ee_states"].append(obs.state[:6].astype(np.float64))
+            rec["gripper_states"].append(obs.state[6:8].astype(np.float64))
+            rec["joint_states"].append(np.array(sim_env.sim.data.qpos[robot._ref_joint_pos_indexes]))
+            rec["states"].append(sim_env.sim.get_state().flatten())
+            rec["actions"].append(action)
+            obs, _, success, _ = env.step(action)
+            if success or expert.failed:
+                break
+            if expert.phase == Phase.DONE:
+                done_wait += 1
+                if done_wait > 15:  # released but the goal never held: a miss, stop paying for renders
+                    break
+        steps = len(rec["actions"])
+        arrays = None
+        if success:
+            arrays = {k: np.stack(v) for k, v in rec.items()}
+        return Demo(task, attempt, init_state, success, steps, time.perf_counter() - start, arrays)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+_WORKER: _Worker | None = None
+
+
+def _init_worker(cfg: GenConfig) -> None:
+    global _WORKER
+    _WORKER = _Worker(cfg)
+
+
+def _run_job(job: tuple[int, int]) -> Demo:
+    return _WORKER.record(*job)
+
+
+def demo_path(out: str | Path, task_name: str) -> Path:
+    """LIBERO's file name for a task's demos."""
+    return Path(out) / f"{task_name}_demo.hdf5"
+
+
+def _existing(path: Path) -> tuple[int, int]:
+    """(demos kept, next attempt) of an existing output file; (0, 0) when there is none."""
+    if not path.exists():
+        return 0, 0
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h:
+            data = h["data"]
+            kept = sum(1 for k in data if re.fullmatch(r"demo_\d+", k))
+            return kept, int(data.attrs.get("next_attempt", kept))
+    except (OSError, KeyError) as e:
+        raise ValueError(f"{path}: cannot resume from an unreadable demo file (expected a LIBERO HDF5 with a "
+                         f"'data' group): {e}; move it away to start afresh") from e
+
+
+class _Writer:
+    """Appends demos to ``<file>.tmp`` (a copy of any existing file) and renames it into place on close."""
+
+    def __init__(self, path: Path, problem_info: dict, env_args: dict, bddl_file: str):
+        import h5py
+
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.tmp.exists():
+            self.tmp.unlink()  # leftover of an interrupted run; the real file is intact
+        if path.exists():
+            with h5py.File(path, "r") as src, h5py.File(self.tmp, "w") as dst:
+                for k in src:
+                    src.copy(src[k], dst, name=k)
+                for k, v in src.attrs.items():
+                    dst.attrs[k] = v
+        self.h = h5py.File(self.tmp, "a")
+        data = self.h.require_group("data")
+        data.attrs["problem_info"] = json.dumps(problem_info)
+        data.attrs["env_args"] = json.dumps(env_args)
+        data.attrs["bddl_file_name"] = bddl_file
+        data.attrs["generator"] = "vitavla.demos.libero_scripted"
+        self.data = data
+        self.kept = sum(1 for k in data if re.fullmatch(r"demo_\d+", k))
+
+    def add(self, demo: Demo) -> None:
+        a = demo.arrays
+        g = self.data.create_group(f"demo_{self.kept}")
+        t = len(a["actions"])
+        g.attrs["num_samples"] = t
+        g.attrs["init_state_index"] = demo.init_state
+        g.attrs["attempt"] = demo.attempt
+        g.create_dataset("actions", data=a["actions"])
+        g.create_dataset("states", data=a["states"])
+        dones = np.zeros(t, np.uint8)
+        dones[-1] = 1
+        g.create_dataset("dones", data=dones)
+        g.create_dataset("rewards", data=dones.astype(np.float64))
+        ee_quat = np.stack([_axisangle2quat(v) for v in a["ee_states"][:, 3:]])
+        # LIBERO's robot_states: gripper qpos, eef pos, eef quat.
+        g.create_dataset("robot_states", data=np.concatenate([a["gripper_states"], a["ee_states"][:, :3],
+                                                              ee_quat], axis=1))
+        obs = g.create_group("obs")
+        for key in ("agentview_rgb", "eye_in_hand_rgb"):
+            # Chunked per frame and gzipped: h5py decompresses transparently on read.
+            img = a[key]
+            obs.create_dataset(key, data=img, chunks=(1, *img.shape[1:]), compression="gzip",
+                               compression_opts=4)
+        obs.create_dataset("ee_states", data=a["ee_states"])
+        obs.create_dataset("ee_pos", data=a["ee_states"][:, :3])
+        obs.create_dataset("ee_ori", data=a["ee_states"][:, 3:])
+        obs.create_dataset("gripper_states", data=a["gripper_states"])
+        obs.create_dataset("joint_states", data=a["joint_states"])
+        self.kept += 1
+        self.data.attrs["num_demos"] = self.kept
+        self.data.attrs["total"] = int(self.data.attrs.get("total", 0)) + t
+        self.h.flush()
+
+    def close(self, next_attempt: int) -> None:
+        self.data.attrs["next_attempt"] = next_attempt
+        self.h.close()
+        if self.kept:
+            os.replace(self.tmp, self.path)  # atomic on POSIX: readers see the old or the new file
+        else:
+            self.tmp.unlink()
+
+    def abort(self) -> None:
+        self.h.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _axisangle2quat(v: np.ndarray) -> np.ndarray:
+    angle = float(np.linalg.norm(v))
+    if np.isclose(angle, 0.0):
+        return np.array([0.0, 0.0, 0.0, 1.0])
+    return np.concatenate([v / angle * np.sin(angle / 2), [np.cos(angle / 2)]])
+
+
+@dataclass
+class TaskResult:
+    """Outcome of one task's generation."""
+
+    task: int
+    path: Path
+    kept: int
+    attempted: int
+    steps: list[int]
+    seconds: list[float]
+
+
+def _task_info(cfg: GenConfig, task: int) -> tuple[str, dict, dict, str]:
+    from vitavla.rollout.libero_env import _libero
+
+    benchmark, get_path, _ = _libero()
+    bench = benchmark.get_benchmark_dict()[cfg.suite]()
+    t = bench.get_task(task)
+    bddl = os.path.join(get_path("bddl_files"), t.problem_folder, t.bddl_file)
+    from libero.libero.envs.bddl_utils import get_problem_info
+
+    problem = get_problem_info(bddl)
+    # The benchmark's task language, not the BDDL's (they differ, e.g. "pick" vs "pick up"): it is what
+    # LiberoEnv gives policies at rollout, so training and evaluation see the same instruction.
+    info = {"problem_name": problem["problem_name"], "domain_name": problem["domain_name"],
+            "language_instruction": t.language}
+    env_args = {"env_name": t.name, "suite": cfg.suite, "task_index": task, "camera_heights": cfg.image_size,
+                "camera_widths": cfg.image_size, "controller": "OSC_POSE", "control_freq": 20,
+                "settle_steps": cfg.settle_steps, "settle_action": "zeros", "fast_render": cfg.fast_render,
+                "image_orientation": "native (upside down; LiberoEnv flip_images=False)"}
+    return t.name, info, env_args, bddl
+
+
+def generate(cfg: GenConfig, log: Callable[[str], None] = print) -> list[TaskResult]:
+    """Record ``cfg.episodes`` successful demos per task (topping up existing files); returns per-task stats.
+
+    Attempts go to ``cfg.workers`` spawned processes (one LiberoEnv each) in order; the kept demos are the
+    first successes in attempt order, so the output does not depend on the number of workers.
+    """
+    from vitavla.rollout.libero_env import _libero, _set_gl
+
+    if cfg.episodes < 1 or cfg.workers < 1 or cfg.image_size < 8 or cfg.max_steps < 1:
+        raise ValueError(f"episodes, workers, max_steps must be >= 1 and image_size >= 8, got "
+                         f"{cfg.episodes}, {cfg.workers}, {cfg.max_steps}, {cfg.image_size}")
+    _set_gl("egl")
+    benchmark, _, _ = _libero()
+    suites = benchmark.get_benchmark_dict()
+    if cfg.suite not in suites:
+        raise ValueError(f"unknown LIBERO suite {cfg.suite!r}; available: {sorted(suites)}")
+    n_tasks = suites[cfg.suite]().n_tasks
+    for t in cfg.tasks:
+        if not 0 <= t < n_tasks:
+            raise ValueError(f"task {t} outside [0, {n_tasks}) of {cfg.suite}")
+    max_attempts = cfg.max_attempts or 3 * cfg.episodes
+    plan = []
+    for t in cfg.tasks:
+        name, info, env_args, bddl = _task_info(cfg, t)
+        path = demo_path(cfg.out, name)
+        kept, next_attempt = _existing(path)
+        plan.append((t, path, info, env_args, bddl, kept, next_attempt))
+        if kept >= cfg.episodes:
+            log(f"{path}: already has {kept} demos, nothing to do")
+
+    jobs = [(t, a) for t, _, _, _, _, kept, nxt in plan if kept < cfg.episodes
+            for a in range(nxt, nxt + max_attempts)]
+    if not jobs:
+        return [TaskResult(t, p, kept, 0, [], []) for t, p, _, _, _, kept, _ in plan]
+    with _demo_stream(cfg, jobs) as stream:
+        return _collect(cfg, plan, stream, log)
+
+
+class _demo_stream:
+    """Context manager yielding Demos for jobs in order: in-process for one worker, else a spawn pool."""
+
+    def __init__(self, cfg: GenConfig, jobs: list[tuple[int, int]]):
+        self.cfg, self.jobs, self.pool, self.worker = cfg, jobs, None, None
+        self._skip: set[int] = set()
+
+    def __enter__(self) -> "_demo_stream":
+        return self
+
+    def skip_task(self, task: int) -> None:
+        """Stop starting attempts of a task (it has its demos)."""
+        self._skip.add(task)
+
+    def __iter__(self) -> Iterator[Demo]:
+        if self.cfg.workers == 1:
+            self.worker = _Worker(self.cfg)
+            for job in self.jobs:
+                if job[0] not in self._skip:
+                    yield self.worker.record(*job)
+            return
+        import multiprocessing as mp
+
+        # spawn: a forked child would inherit the parent's GL/EGL state, which is not fork-safe.
+        self.pool = mp.get_context("spawn").Pool(self.cfg.workers, _init_worker, (self.cfg,))
+        # Jobs of a finished task are skipped lazily: imap pulls them as workers free up.
+        jobs = ((t, a) for t, a in self.jobs if t not in self._skip)
+        yield from self.pool.imap(_run_job, jobs)
+
+    def __exit__(self, *exc) -> None:
+        if self.worker is not None:
+            self.worker.close()
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _collect(cfg: GenConfig, plan, stream: _demo_stream, log) -> list[TaskResult]:
+    from tqdm import tqdm
+
+    results = []
+    todo = {t: (path, info, env_args, bddl, kept) for t, path, info, env_args, bddl, kept, _ in plan
+            if kept < cfg.episodes}
+    total = sum(cfg.episodes - v[4] for v in todo.values())
+    bar = tqdm(total=total, desc=f"{cfg.suite} demos", unit="demo", disable=not cfg.progress, file=sys.stderr)
+    writer, current = None, None
+    attempted = kept_new = 0
+    stats: dict[int, TaskResult] = {}
+    last_attempt: dict[int, int] = {}
+    try:
+        for demo in stream:
+            if demo.task not in todo:
+                continue  # a job of a task already complete (pool prefetch)
+            if demo.task != current:
+                if writer is not None:
+                    writer.close(last_attempt[current] + 1)
+                path, info, env_args, bddl, _ = todo[demo.task]
+                writer, current = _Writer(path, info, env_args, bddl), demo.task
+                stats[current] = TaskResult(current, path, writer.kept, 0, [], [])
+            attempted += 1
+            last_attempt[current] = demo.attempt
+            res = stats[current]
+            res.attempted += 1
+            if demo.success:
+                writer.add(demo)
+                res.kept, kept_new = writer.kept, kept_new + 1
+                res.steps.append(demo.steps)
+                res.seconds.append(demo.seconds)
+                bar.update(1)
+            bar.set_postfix(kept=kept_new, attempted=attempted, success=f"{kept_new / attempted:.0%}")
+            if writer.kept >= cfg.episodes:
+                writer.close(demo.attempt + 1)
+                writer = None
+                stream.skip_task(current)
+                del todo[current]
+                current = None
+                if not todo:
+                    break
+        if writer is not None:  # attempts ran out before enough successes
+            writer.close(last_attempt[current] + 1)
+            writer = None
+    except BaseException:
+        if writer is not None:
+            # Keep what finished: the demos so far are complete and valid, and a rerun tops the file up.
+            writer.close(last_attempt.get(current, -1) + 1)
+        raise
+    finally:
+        bar.close()
+    for t, path, _, _, _, kept, _ in plan:
+        res = stats.get(t, TaskResult(t, path, kept, 0, [], []))
+        results.append(res)
+        if res.kept < cfg.episodes:
+            log(f"warning: task {t}: only {res.kept}/{cfg.episodes} demos after {res.attempted} attempts "
+                f"(raise --max-attempts)")
+    return results
+
+
+def main(argv: list[str] | None = None) -> list[TaskResult]:
+    ap = argparse.ArgumentParser(prog="vitavla demos", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="source", required=True)
+    lib = sub.add_parser("libero", help="scripted pick-and-place demos in LIBERO (needs the sim extra)",
+                         description="Record scripted pick-and-place demos of LIBERO tasks into "
+                                     "<out>/<TASK_NAME>_demo.hdf5, keeping only successful episodes.")
+    lib.add_argument("--suite", default="libero_object", help="LIBERO suite (default: %(default)s)")
+    lib.add_argument("--tasks", default="0", help="task indices, comma-separated, e.g. 0,3 (default: 0)")
+    lib.add_argument("--episodes", type=int, default=20, help="successful demos per task (default: 20)")
+    lib.add_argument("--out", default="data/demos", help="output directory (default: %(default)s)")
+    lib.add_argument("--image-size", type=int, default=64, help="camera height = width in px (default: 64)")
+    lib.add_argument("--max-steps", type=int, default=250, help="step budget per attempt (default: 250)")
+    lib.add_argument("--max-attempts", type=int, default=None,
+                     help="attempts per task before giving up (default: 3 x episodes)")
+    lib.add_argument("--workers", type=int, default=1, help="parallel simulator processes (default: 1)")
+    lib.add_argument("--seed", type=int, default=0,
+                     help="seed of the expert's noise and the env (default: 0)")
+    lib.add_argument("--noise", type=float, default=0.05,
+                     help="std of action noise, in action units, for diverse demos (default: 0.05)")
+    lib.add_argument("--waypoint-noise", type=float, default=0.01,
+                     help="std in metres of per-episode waypoint offsets (default: 0.01)")
+    lib.add_argument("--settle-steps", type=int, default=5,
+                     help="zero actions before recording, as LiberoEnv's seer protocol (default: 5)")
+    lib.add_argument("--full-render", action="store_true",
+                     help="keep MSAA, shadows and reflections (about 3x slower on CPU)")
+    lib.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    try:
+        tasks = tuple(int(t) for t in args.tasks.split(",") if t.strip())
+    except ValueError:
+        ap.error(f"--tasks: expected comma-separated integers, got {args.tasks!r}")
+    cfg = GenConfig(suite=args.suite, tasks=tasks, episodes=args.episodes, out=args.out,
+                    image_size=args.image_size, max_steps=args.max_steps, max_attempts=args.max_attempts,
+                    workers=args.workers, seed=args.seed, noise=args.noise,
+                    waypoint_noise=args.waypoint_noise,
+                    settle_steps=args.settle_steps, fast_render=not args.full_render,
+                    progress=not args.no_progress)
+    try:
+        results = generate(cfg)
+    except ValueError as e:
+        sys.exit(f"vitavla demos: error: {e}")
+    for r in results:
+        if r.attempted:
+            print(f"task {r.task}: {r.path} ({r.kept} demos; this run {len(r.steps)}/{r.attempted} attempts "
+                  f"succeeded, {np.mean(r.steps) if r.steps else 0:.0f} steps and "
+                  f"{np.mean(r.seconds) if r.seconds else 0:.1f} s per kept demo)")
+        else:
+            print(f"task {r.task}: {r.path} ({r.kept} demos)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
