@@ -17,8 +17,7 @@ from vitavla.batch import RobotSpec
 from vitavla.rollout.calvin_env import CalvinSimEnv, load_calvin_chains
 from vitavla.rollout.calvin_lightning import CalvinRolloutTestCallback
 from vitavla.rollout.calvin_protocol import EP_LEN, check_subtasks
-from vitavla.rollout.executors import (ActionExecutor, ChunkExecutor, FirstActionExecutor,
-                                       TemporalEnsembleExecutor)
+from vitavla.rollout.executors import ActionExecutor, build_executor
 from vitavla.rollout.runner import EpisodeSpec
 
 ExecutorName = Literal["first", "chunk", "ensemble"]
@@ -91,11 +90,7 @@ class CalvinRolloutDataModule(LightningDataModule):
 
     def make_executor(self) -> ActionExecutor:
         """A fresh executor (run_chain resets it per subtask)."""
-        if self.executor == "first":
-            return FirstActionExecutor()
-        if self.executor == "chunk":
-            return ChunkExecutor(self.chunk_steps)
-        return TemporalEnsembleExecutor(self.ensemble_k)
+        return build_executor(self.executor, self.ensemble_k, self.chunk_steps)
 
     def setup(self, stage: str) -> None:
         if stage != "test":

@@ -14,8 +14,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from vitavla.rollout.env import RolloutEnv
-from vitavla.rollout.executors import (ActionExecutor, ChunkExecutor, FirstActionExecutor,
-                                       TemporalEnsembleExecutor)
+from vitavla.rollout.executors import ActionExecutor, build_executor
 from vitavla.rollout.lightning import RolloutTestCallback
 from vitavla.rollout.runner import EpisodeSpec
 
@@ -93,15 +92,12 @@ class RolloutDataModule(LightningDataModule):
 
     def specs(self) -> list[EpisodeSpec]:
         """Every episode of the evaluation, task-major (the order of results files and reports)."""
-        return [EpisodeSpec(t, e, self.seed) for t in self.tasks for e in range(self.first_episode, self.first_episode + self.episodes_per_task)]
+        episodes = range(self.first_episode, self.first_episode + self.episodes_per_task)
+        return [EpisodeSpec(t, e, self.seed) for t in self.tasks for e in episodes]
 
     def make_executor(self) -> ActionExecutor:
         """A fresh executor (one per episode; executors keep per-episode buffers)."""
-        if self.executor == "first":
-            return FirstActionExecutor()
-        if self.executor == "chunk":
-            return ChunkExecutor(self.chunk_steps)
-        return TemporalEnsembleExecutor(self.ensemble_k)
+        return build_executor(self.executor, self.ensemble_k, self.chunk_steps)
 
     def setup(self, stage: str) -> None:
         if stage != "test":

@@ -10,7 +10,7 @@
    the demonstrations never used (``eval.yaml``, layered over each policy's training config).
 
 It prints one table (held-out action error and rollout success per policy) and writes it to
-``<out>/summary.md`` and ``summary.json``; videos land in ``<out>/<run>/rollout/videos`` and TensorBoard
+``<out>/summary.md`` and ``summary.json``; videos land in ``<out>/eval_<policy>/rollout/videos`` and TensorBoard
 logs in every run folder (``tensorboard --logdir <out>``). Re-running with the same ``--out`` reuses the
 demonstrations already recorded.
 
@@ -89,14 +89,14 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
     ap.add_argument("--suite", default="libero_object", help="LIBERO suite of the task")
     ap.add_argument("--tasks", type=int, nargs="+", default=[0],
                     help="task indices in the suite (pick-and-place tasks); demos and rollouts cover each")
-    ap.add_argument("--demos", type=int, default=24, help="successful demonstrations to record per task")
-    ap.add_argument("--render-size", type=int, default=96, help="camera size of demos and rollouts (px)")
+    ap.add_argument("--demos", type=int, default=10, help="successful demonstrations to record per task")
+    ap.add_argument("--render-size", type=int, default=64, help="camera size of demos and rollouts (px)")
     ap.add_argument("--workers", type=int, default=2, help="simulator processes (demos and rollouts)")
-    ap.add_argument("--teacher-steps", type=int, default=400, help="teacher training steps")
-    ap.add_argument("--align-steps", type=int, default=200, help="stage-1 steps")
-    ap.add_argument("--finetune-steps", type=int, default=300, help="stage-2 steps per mode")
-    ap.add_argument("--episodes", type=int, default=6, help="rollouts per task and policy (held-out init states)")
-    ap.add_argument("--max-steps", type=int, default=220, help="policy steps per rollout")
+    ap.add_argument("--teacher-steps", type=int, default=250, help="teacher training steps")
+    ap.add_argument("--align-steps", type=int, default=150, help="stage-1 steps")
+    ap.add_argument("--finetune-steps", type=int, default=250, help="stage-2 steps per mode")
+    ap.add_argument("--episodes", type=int, default=4, help="rollouts per task and policy (held-out init states)")
+    ap.add_argument("--max-steps", type=int, default=140, help="policy steps per rollout")
     ap.add_argument("--batch-size", type=int, default=16, help="training batch size")
     ap.add_argument("--configs", default=None, help="folder holding the quickstart configs")
     ap.add_argument("--scale", default=None,
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
         train_cfg = layered("teacher.yaml" if name == "teacher" else "finetune.yaml")
         model = [] if name == "teacher" else teacher + ["--model.init_args.init_mode=only_finetune",
                                                          "--model.init_args.init_from=null"]
-        run.rollout = _rollout(train_cfg + layered("eval.yaml"), run.checkpoint, Path(run.log_dir), env + model)
+        run.rollout = _rollout(train_cfg + layered("eval.yaml"), run.checkpoint, out / f"eval_{name}", env + model)
 
     summary = {"demos": {"kept": args.demos, "attempted": attempts_used, "seconds": demo_seconds,
                          "path": str(demos)},

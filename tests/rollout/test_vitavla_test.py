@@ -140,3 +140,12 @@ def test_rollout_policy_hook_is_preferred_over_wrapping_module_policy():
 
     with pytest.raises(TypeError, match="image_size"):
         RolloutTestCallback._policy(Incomplete())
+
+
+def test_first_episode_offsets_every_task_and_bad_settings_fail_at_config_time():
+    dm = RolloutDataModule(ScriptedStandInEnv(num_task=2), episodes_per_task=2, first_episode=3)
+    assert [(s.task_index, s.episode_index) for s in dm.specs()] == [(0, 3), (0, 4), (1, 3), (1, 4)]
+    with pytest.raises(ValueError, match="first_episode"):
+        RolloutDataModule(ScriptedStandInEnv(), first_episode=-1)
+    with pytest.raises(ValueError, match="executor must be"):
+        RolloutDataModule(ScriptedStandInEnv(), executor="last")

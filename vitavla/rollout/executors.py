@@ -191,3 +191,14 @@ def to_env_action(action: Tensor, normalizer: Normalizer | None = None) -> np.nd
                              f"{normalizer.arm_dim} + {normalizer.gripper_dim}")
         action = normalizer.unnormalize_actions(action)
     return action.detach().cpu().numpy().astype(np.float32)
+
+
+def build_executor(name: str, ensemble_k: float = 0.01, chunk_steps: int | None = None) -> ActionExecutor:
+    """A fresh executor by config name: ``first``, ``chunk`` (``chunk_steps`` open-loop) or ``ensemble``."""
+    if name == "first":
+        return FirstActionExecutor()
+    if name == "chunk":
+        return ChunkExecutor(chunk_steps)
+    if name == "ensemble":
+        return TemporalEnsembleExecutor(ensemble_k)
+    raise ValueError(f"executor must be 'first', 'chunk' or 'ensemble', got {name!r}")
