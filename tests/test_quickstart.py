@@ -47,12 +47,12 @@ def test_quickstart_runs_every_step_in_libero(tmp_path):
     from vitavla.quickstart import main as quickstart
 
     out = tmp_path / "qs"
-    results = quickstart(["--out", str(out), "--demos", "1", "--teacher-steps", "2", "--align-steps", "2",
+    results = quickstart(["--out", str(out), "--demos", "2", "--teacher-steps", "2", "--align-steps", "2",
                           "--finetune-steps", "2", "--episodes", "1", "--max-steps", "3", "--workers", "1",
                           "--render-size", "32", "--batch-size", "4"])
     assert list(results) == ["teacher", "two_stage", "only_finetune", "freeze_vlm"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["demos"]["kept"] == 1 and len(list((out / "demos").glob("*_demo.hdf5"))) == 1
+    assert summary["demos"]["kept"] == 2 and len(list((out / "demos").glob("*_demo.hdf5"))) == 1
     for name, run in summary["runs"].items():
         assert math.isfinite(run["val"]["val/arm_mae"]) and 0 <= run["val"]["val/gripper_acc"] <= 1
         assert run["rollout"]["episodes"] + run["rollout"]["errors"] == 1 and run["rollout"]["errors"] == 0

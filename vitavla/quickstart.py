@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
                     help="a folder of override configs layered over each step's config, e.g. "
                          "configs/quickstart/gpu (bigger teacher and student, bf16 on one GPU)")
     args = ap.parse_args(argv)
-    if args.episodes < 1 or args.demos < 1 or args.episodes > INIT_STATES:
-        ap.error(f"--demos must be >= 1 and --episodes in [1, {INIT_STATES}]")
+    if args.demos < 2 or not 1 <= args.episodes <= INIT_STATES:
+        # The held-out action error needs at least one demonstration kept out of training.
+        ap.error(f"--demos must be >= 2 and --episodes in [1, {INIT_STATES}]")
     disable_possible_user_warnings()
     cfg = Path(args.configs) if args.configs else _config_dir()
     scale = Path(args.scale) if args.scale else None
