@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from datamodules.libero import LiberoReader
-from vitavla.demos.libero_scripted import (OSC_POS_LIMIT, Demo, ExpertConfig, GenConfig, Phase,
-                                           PickPlaceExpert, ScenePoses, _resolve_body, _rotation_error,
-                                           _Writer, parse_pick_place_goal)
+from vitavla.demos.libero_scripted import Demo, GenConfig, _resolve_body, _Writer, parse_pick_place_goal
+from vitavla.demos.pick_place_expert import (OSC_POS_LIMIT, ExpertConfig, Phase, PickPlaceExpert, ScenePoses,
+                                             _rotation_error)
 
 DOWN = np.array([1.0, 0.0, 0.0, 0.0])  # (x, y, z, w): gripper pointing down, as LIBERO's Panda starts
 

@@ -275,8 +275,8 @@ def test_vitavla_fit_tiny_teacher_writes_a_loadable_export(tmp_path, one_thread)
     teacher = SeerTeacher("tiny", checkpoint=str(exports[-1]))
     fresh = SeerTeacher("tiny")
     assert not torch.equal(teacher.model.obs_tokens, fresh.model.obs_tokens)  # the trained weights arrived
-    ckpt = torch.load(next(tmp_path.glob("version_*/checkpoints/last.ckpt")), map_location="cpu",
-                      weights_only=True)
+    last = next(tmp_path.glob("version_*/checkpoints/last.ckpt"))
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert not any(k.startswith(("teacher.model.vision_encoder.", "teacher.text_encoder.")) for k in ckpt["state_dict"])
 
 
