@@ -12,10 +12,8 @@ Every part (teacher, student backbone, datamodule, strategy) is chosen by ``clas
 from __future__ import annotations
 
 import sys
+from functools import cache
 from typing import Any
-
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
 
 EXTRA_COMMANDS = {
     "quickstart": "vitavla.quickstart:main",
@@ -38,24 +36,40 @@ def _enable_attribute_docstrings() -> None:
         jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
 
 
-class VitaCLI(LightningCLI):
-    """LightningCLI that maps ``strategy: deepspeed_stage_N`` to a CPU-capable DeepSpeed strategy when no
-    GPU is present, so the same YAML trains on a laptop and on a GPU node."""
+@cache
+def vita_cli_class() -> type:
+    """The LightningCLI subclass, built on first use.
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
-        from vitavla.strategies import resolve_strategy
+    Lightning is imported here, not at module level: simulator worker processes are spawned, and a spawned
+    child re-imports the ``vitavla`` console script (hence this module) before it unpickles its env, so a
+    top-level Lightning import would add seconds to every worker start.
+    """
+    from lightning.pytorch.cli import LightningCLI
 
-        config = dict(config)
-        config["strategy"] = resolve_strategy(config.get("strategy", "auto"), config.get("accelerator", "auto"))
-        return super()._instantiate_trainer(config, callbacks)
+    class VitaCLI(LightningCLI):
+        """LightningCLI that maps ``strategy: deepspeed_stage_N`` to a CPU-capable DeepSpeed strategy when
+        no GPU is present, so the same YAML trains on a laptop and on a GPU node."""
+
+        def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+            from vitavla.strategies import resolve_strategy
+
+            config = dict(config)
+            config["strategy"] = resolve_strategy(config.get("strategy", "auto"),
+                                                  config.get("accelerator", "auto"))
+            return super()._instantiate_trainer(config, callbacks)
+
+    return VitaCLI
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> VitaCLI:
+def build_cli(args: list[str] | None = None, run: bool = True):
+    """The parsed (and, with ``run``, executed) ``VitaCLI`` for ``args`` (None: the command line)."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+
     _enable_attribute_docstrings()
     # Explicit args replace the command line; LightningCLI warns when it sees both.
     saved, sys.argv = sys.argv, (sys.argv[:1] if args is not None else sys.argv)
     try:
-        return VitaCLI(
+        return vita_cli_class()(
             LightningModule,
             LightningDataModule,
             subclass_mode_model=True,

@@ -1,5 +1,13 @@
-from datamodules.synthetic import SyntheticWindowDataModule  # noqa: F401
-from datamodules.aloha import AlohaDataModule, AlohaReader  # noqa: F401
-from datamodules.libero import LiberoDataModule, LiberoReader  # noqa: F401
-from datamodules.calvin import CalvinDataModule  # noqa: F401
-from datamodules.rollout import RolloutDataModule  # noqa: F401
+"""LightningDataModules of the benchmarks' on-disk formats, and of rollouts. Members import on first use."""
+
+from vitavla.lazy import lazy_exports
+
+_EXPORTS = {
+    "SyntheticWindowDataModule": "datamodules.synthetic",
+    "AlohaDataModule": "datamodules.aloha", "AlohaReader": "datamodules.aloha",
+    "LiberoDataModule": "datamodules.libero", "LiberoReader": "datamodules.libero",
+    "CalvinDataModule": "datamodules.calvin",
+    "RolloutDataModule": "datamodules.rollout",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

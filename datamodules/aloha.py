@@ -33,17 +33,13 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from datamodules.aloha_layout import ARM_COLUMNS
 from datamodules.base import DataError, Episode, EpisodeReader, Frames, WindowDataModule
 from vitavla.batch import RobotSpec
 
 QPOS, ACTION, IMAGES, COMPRESS_LEN = "/observations/qpos", "/action", "/observations/images", "/compress_len"
 INSTRUCTION_ATTRS = ("instruction", "language_instruction")
 INSTRUCTIONS_FILE = "instructions.json"
-# qpos width -> arms -> columns, reordered to (arm joints..., grippers...) as RobotSpec expects
-ARM_COLUMNS = {
-    14: {"left": list(range(7)), "right": list(range(7, 14)), "both": [*range(6), *range(7, 13), 6, 13]},
-    7: {"left": list(range(7))},
-}
 GRIPPER_CONVENTION = "1 = open (opening width, min→0, max→1)"
 _EPISODE_RE = re.compile(r"episode_(\d+)\.hdf5$")
 

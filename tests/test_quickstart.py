@@ -26,14 +26,17 @@ def test_configs_agree_on_robot_images_and_teacher(capsys, step):
     gpu = resolved(capsys, CONFIGS / step, CONFIGS / "gpu" / step)
     for cfg, size, steps in ((cpu, 112, 6), (gpu, 224, 7)):
         data = cfg["data"]["init_args"]
-        assert (data["image_size"], data["num_steps"], data["gripper_state"]) == (size, steps, "width")
+        # Seer trains on windows of sequence_length + future_steps (3) frames, the last 3 foresight targets
+        # only; the students read the teacher's sequence_length steps.
+        window = steps + 3 if step == "teacher.yaml" else steps
+        assert (data["image_size"], data["num_steps"], data["gripper_state"]) == (size, window, "width")
         model = cfg["model"]["init_args"]
         teacher = model["teacher"]["init_args"]
         if size == 112:  # the tiny teacher must be built identically by every step (export metadata checks it)
             assert teacher["preset"] == "tiny" and teacher["overrides"]["image_size"] == 112
             assert teacher["overrides"]["sequence_length"] == steps
         else:
-            assert teacher["preset"] == "seer_libero" and teacher["overrides"] == {}
+            assert teacher["preset"] == "seer_libero" and teacher["overrides"] == {}  # sequence_length 7
         if "student" in model:
             backbone = model["student"]["init_args"]["backbone"]["init_args"]
             assert backbone["image_size"] == size and model["student"]["init_args"]["max_steps"] == steps

@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
     ap.add_argument("--demos", type=int, default=10, help="successful demonstrations to record per task")
     ap.add_argument("--render-size", type=int, default=64, help="camera size of demos and rollouts (px)")
     ap.add_argument("--workers", type=int, default=2, help="simulator processes (demos and rollouts)")
-    ap.add_argument("--teacher-steps", type=int, default=250, help="teacher training steps")
+    ap.add_argument("--teacher-steps", type=int, default=200, help="teacher training steps")
     ap.add_argument("--align-steps", type=int, default=150, help="stage-1 steps")
-    ap.add_argument("--finetune-steps", type=int, default=250, help="stage-2 steps per mode")
+    ap.add_argument("--finetune-steps", type=int, default=200, help="stage-2 steps per mode")
     ap.add_argument("--episodes", type=int, default=4, help="rollouts per task and policy (held-out init states)")
     ap.add_argument("--max-steps", type=int, default=140, help="policy steps per rollout")
     ap.add_argument("--batch-size", type=int, default=16, help="training batch size")
@@ -159,11 +159,15 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
            f"--data.init_args.env.init_args.max_steps={args.max_steps}",
            f"--data.init_args.episodes_per_task={args.episodes}", f"--data.init_args.first_episode={first}",
            f"--data.init_args.num_envs={args.workers}"]
-    for name, run in results.items():
-        train_cfg = layered("teacher.yaml" if name == "teacher" else "finetune.yaml")
-        model = [] if name == "teacher" else teacher + ["--model.init_args.init_mode=only_finetune",
-                                                         "--model.init_args.init_from=null"]
-        run.rollout = _rollout(train_cfg + layered("eval.yaml"), run.checkpoint, out / f"eval_{name}", env + model)
+    from vitavla.rollout.parallel import shared_pools
+
+    with shared_pools():  # one set of simulator processes serves all four evaluations
+        for name, run in results.items():
+            train_cfg = layered("teacher.yaml" if name == "teacher" else "finetune.yaml")
+            model = [] if name == "teacher" else teacher + ["--model.init_args.init_mode=only_finetune",
+                                                             "--model.init_args.init_from=null"]
+            run.rollout = _rollout(train_cfg + layered("eval.yaml"), run.checkpoint, out / f"eval_{name}",
+                                   env + model)
 
     summary = {"demos": {"kept": args.demos, "attempted": attempts_used, "seconds": demo_seconds,
                          "path": str(demos)},

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from teachers.seer.config import SeerConfig
 from teachers.seer.modeling import SeerModel
 from teachers.seer.vision import MAEEncoder
 from vitavla.checkpoint_io import CheckpointMismatchError, check_fit, read_state_dict
@@ -23,6 +24,15 @@ _SEER_IGNORED_PREFIXES = ("clip_model.", "vision_encoder.")
 _SEER_IGNORED_KEYS = ("attention_mask", "image_decoder_position_embedding")
 # The MAE decoder, present in some MAE files and never used by Seer.
 _MAE_IGNORED_PREFIXES = ("decoder_", "mask_token")
+# Weights whose width the robot fields of SeerConfig set: key -> (axis of nn.Linear's (out, in) weight, what
+# that axis counts, the fields that size it). A mismatch there means the file is for another robot.
+_ROBOT_KEYS = {
+    "arm_action_decoder.0.weight": (0, "arm outputs", ("arm_dim",)),
+    "gripper_action_decoder.0.weight": (0, "gripper outputs", ("gripper_dim",)),
+    "arm_state_encoder.weight": (1, "arm state inputs", ("arm_dim",)),
+    "gripper_state_encoder.weight": (1, "gripper state features", ("gripper_dim", "gripper_width",
+                                                                   "gripper_state_dim")),
+}
 
 
 def strip_prefix(state: dict[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
@@ -59,9 +69,25 @@ def load_seer_checkpoint(model: SeerModel, path: str | Path, allow_history_trunc
                 f"{path}: checkpoint has history {found} but preset {cfg.name} expects {want[1]} "
                 f"({_POS_KEY} is {tuple(pos.shape)}).{hint}"
             )
-    check_fit(state, expected, path, f"Seer preset {cfg.name}")
+    check_fit(state, expected, path, f"Seer preset {cfg.name}", _robot_notes(state, expected, cfg))
     # check_fit proved the keys equal everything but the vision encoder, which comes from the MAE file.
     model.load_state_dict(state, strict=False)
+
+
+def _robot_notes(state: dict[str, Tensor], expected: dict[str, torch.Size],
+                 cfg: SeerConfig) -> list[str]:
+    """One line per robot-sized weight whose shape differs, naming the key, both shapes and the config fields
+    (the generic shape list alone does not say which override to change)."""
+    notes = []
+    for key, (axis, what, fields) in _ROBOT_KEYS.items():
+        found, want = state.get(key), expected.get(key)
+        if found is None or want is None or tuple(found.shape) == tuple(want) or found.dim() != len(want):
+            continue
+        config = ", ".join(f"{f}={getattr(cfg, f)!r}" for f in fields)
+        notes.append(f"{key} is {tuple(found.shape)} in the checkpoint but {tuple(want)} for this config: "
+                     f"the checkpoint has {found.shape[axis]} {what}, SeerConfig({config}) gives "
+                     f"{want[axis]}; set these overrides to the robot the checkpoint was trained for.")
+    return notes
 
 
 def load_mae_checkpoint(encoder: MAEEncoder, path: str | Path) -> None:

@@ -28,10 +28,20 @@ class SeerConfig:
     num_obs_tokens_per_image: int = 9
     """No: foresight queries per camera; a perfect square (the decoder lays them on a sqrt(No) grid)."""
     action_pred_steps: int = 3
-    # Robot state
+    # Robot state and action
     arm_dim: int = 6
+    """Arm values in the state and the action: 6 for Seer's end-effector pose, 12 for a bimanual ALOHA
+    (2 arms x 6 joints). Sets ``arm_state_encoder``'s input and ``arm_action_decoder``'s output."""
+    gripper_dim: int = 1
+    """Grippers, i.e. gripper action outputs (one sigmoid each): 1 in every released Seer, 2 for a bimanual
+    robot. Sets ``gripper_action_decoder``'s output width."""
     gripper_width: bool = False
-    """False: binary gripper value thresholded into a one-hot (CALVIN); True: 2 finger positions (LIBERO)."""
+    """False: one binary value per gripper thresholded into a one-hot (CALVIN); True: raw gripper positions
+    (LIBERO: 2 finger positions; ALOHA: 1 opening width per gripper)."""
+    gripper_state_dim: int | None = None
+    """Gripper values in the raw state. None: ``gripper_dim`` for binary grippers, ``2 * gripper_dim`` finger
+    positions for ``gripper_width`` (LIBERO). Set it for width robots that record another count, e.g. 2 for
+    ALOHA's two opening widths (``gripper_dim`` 2). ``gripper_state_encoder`` reads ``gripper_features``."""
     # Frozen MAE ViT encoder
     image_size: int = 224
     patch_size: int = 16
@@ -51,6 +61,10 @@ class SeerConfig:
     text_dim: int = 512
 
     def __post_init__(self) -> None:
+        for name in ("arm_dim", "gripper_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SeerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        self._check_gripper_state_dim()
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.hidden_size % self.image_decoder_heads:
@@ -62,6 +76,18 @@ class SeerConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
                              f"{self.patch_size}")
+
+    def _check_gripper_state_dim(self) -> None:
+        n, g = self.gripper_state_dim, self.gripper_dim
+        if n is None:
+            return
+        if not self.gripper_width and n != g:
+            # The one-hot rule reads exactly one open/closed value per gripper.
+            raise ValueError(f"SeerConfig.gripper_state_dim={n} does not fit binary grippers: they have one "
+                             f"value each, so it must be gripper_dim={g} or None (or set gripper_width=True)")
+        if self.gripper_width and (n < 1 or n % g):
+            raise ValueError(f"SeerConfig.gripper_state_dim={n} must be a positive multiple of "
+                             f"gripper_dim={g} (the same number of width values per gripper)")
 
     # Token layout within one step (spec §1.6): group A = text, state, Nq primary, Nq wrist, 2 CLS;
     # group B = No primary foresight, No wrist foresight, P action queries.
@@ -90,9 +116,18 @@ class SeerConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @property
-    def gripper_state_dim(self) -> int:
-        """Gripper values in Seer's raw state: 1 binary value or 2 finger positions."""
-        return 2 if self.gripper_width else 1
+    def gripper_state_values(self) -> int:
+        """Gripper values in Seer's raw state: ``gripper_state_dim`` or its default (1 binary value or 2
+        finger positions per gripper)."""
+        if self.gripper_state_dim is not None:
+            return self.gripper_state_dim
+        return 2 * self.gripper_dim if self.gripper_width else self.gripper_dim
+
+    @property
+    def gripper_features(self) -> int:
+        """Width of ``gripper_state_encoder``'s input: the one-hot doubles binary values (2 for the released
+        models either way)."""
+        return self.gripper_state_values if self.gripper_width else 2 * self.gripper_state_values
 
     def to_dict(self) -> dict:
         return asdict(self)

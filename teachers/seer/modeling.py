@@ -4,6 +4,9 @@ Top-level parameter names are Seer's, so an official finetune checkpoint with it
 loads strictly (``vision_encoder.*`` comes from the separate MAE file). Modules the official forward never
 calls (``action_pose_encoder``, ``action_gripper_position_encoder``, ``action_projector``, ``recon_*``) are
 declared for that reason only.
+
+``arm_dim``, ``gripper_dim`` and the gripper state convention size the state encoder and the action head (e.g.
+12 + 2 for a bimanual ALOHA); at their defaults every key and shape is the official one.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class SeerOutput:
     arm: Tensor
     """(B, S, P, arm_dim) in [-1, 1]."""
     gripper_logit: Tensor
-    """(B, S, P, 1); Seer's gripper output is its sigmoid."""
+    """(B, S, P, gripper_dim); Seer's gripper output is its sigmoid."""
     image_pred: Tensor | None = None
     """(B * S, 2, patches, 3 * patch**2) foresight prediction (0 = primary, 1 = wrist), if requested."""
 
@@ -61,10 +64,11 @@ class SeerModel(nn.Module):
 
         self.text_projector = nn.Linear(cfg.text_dim, d)
         self.arm_state_encoder = nn.Linear(cfg.arm_dim, d)
-        self.gripper_state_encoder = nn.Linear(2, d)
+        self.gripper_state_encoder = nn.Linear(cfg.gripper_features, d)
         self.state_projector = nn.Linear(2 * d, d)
         self.action_pose_encoder = nn.Linear(cfg.arm_dim, d)
-        self.action_gripper_position_encoder = nn.Linear(2, d)
+        # Unused (see the module doc); sized like one one-hot gripper action per gripper, 2 officially.
+        self.action_gripper_position_encoder = nn.Linear(2 * cfg.gripper_dim, d)
         self.action_projector = nn.Linear(2 * d, d)
 
         self.image_primary_projector = nn.Linear(vit, d)
@@ -82,7 +86,7 @@ class SeerModel(nn.Module):
 
         # The action decoder is the teacher's ActionHead itself: the same module objects are registered here
         # under Seer's names (for checkpoint keys) and reachable as ``self.action_head`` (for the student).
-        head = ActionHead(d, arm_dim=cfg.arm_dim, gripper_dim=1, decoder_width=half)
+        head = ActionHead(d, arm_dim=cfg.arm_dim, gripper_dim=cfg.gripper_dim, decoder_width=half)
         self.action_decoder = head.action_decoder
         self.arm_action_decoder = head.arm_action_decoder
         self.gripper_action_decoder = head.gripper_action_decoder
@@ -90,7 +94,7 @@ class SeerModel(nn.Module):
 
         self.recon_state_decoder = _action_mlp(d)
         self.recon_arm_state_decoder = nn.Sequential(nn.Linear(half, cfg.arm_dim), nn.Tanh())
-        self.recon_gripper_state_decoder = nn.Sequential(nn.Linear(half, 1), nn.Sigmoid())
+        self.recon_gripper_state_decoder = nn.Sequential(nn.Linear(half, cfg.gripper_dim), nn.Sigmoid())
 
         self.image_decoder_obs_pred_projector = nn.Linear(d, d)
         self.image_decoder = nn.Sequential(
@@ -140,20 +144,20 @@ class SeerModel(nn.Module):
         return full[:n, :n]
 
     def split_state(self, state: Tensor) -> tuple[Tensor, Tensor]:
-        """Seer's own state rule: (B, S, arm_dim + 1 or 2) -> (arm, 2 gripper features).
+        """Seer's own state rule: (B, S, arm_dim + gripper_state_values) -> (arm, gripper_features).
 
-        Binary gripper: value < 1 -> class 0 (closed), otherwise class 1 (open), one-hot; this accepts both
-        Seer's training (0/1) and evaluation (-1/+1) conventions. Width gripper: the two finger positions as
-        they are.
+        Binary gripper: value < 1 -> class 0 (closed), otherwise class 1 (open), one-hot per gripper, the
+        pairs in gripper order (as ``RobotSpec.split_state``); this accepts both Seer's training (0/1) and
+        evaluation (-1/+1) conventions. Width gripper: the positions as they are.
         """
         cfg = self.cfg
-        expected = cfg.arm_dim + cfg.gripper_state_dim
+        expected = cfg.arm_dim + cfg.gripper_state_values
         if state.shape[-1] != expected:
             raise ValueError(f"Seer ({cfg.name}) takes a {expected}-D state (arm {cfg.arm_dim} + gripper "
-                             f"{cfg.gripper_state_dim}), got {state.shape[-1]}")
+                             f"{cfg.gripper_state_values}), got {state.shape[-1]}")
         arm, grip = state[..., : cfg.arm_dim], state[..., cfg.arm_dim :]
         if not cfg.gripper_width:
-            grip = F.one_hot((grip[..., 0] >= 1).long(), num_classes=2).to(state.dtype)
+            grip = F.one_hot((grip >= 1).long(), num_classes=2).to(state.dtype).flatten(-2)
         return arm, grip
 
     def forward(self, image_primary: Tensor, image_wrist: Tensor, state: Tensor, text_features: Tensor,
@@ -165,7 +169,8 @@ class SeerModel(nn.Module):
     def forward_features(self, image_primary: Tensor, image_wrist: Tensor, arm_state: Tensor,
                          gripper_features: Tensor, text_features: Tensor,
                          predict_images: bool = False) -> SeerOutput:
-        """image_*: (B, S, 3, H, W) CLIP-normalised; arm_state (B, S, arm_dim); gripper_features (B, S, 2);
+        """image_*: (B, S, 3, H, W) CLIP-normalised; arm_state (B, S, arm_dim); gripper_features
+        (B, S, cfg.gripper_features), 2 for the released models;
         text_features (B, S, text_dim), the CLIP text embedding at the input of ``text_projector``.
         """
         cfg = self.cfg
@@ -173,8 +178,8 @@ class SeerModel(nn.Module):
         if s > cfg.sequence_length:
             raise ValueError(f"Seer ({cfg.name}) has a history of {cfg.sequence_length} steps, got {s}")
         for name, x, last in (("image_wrist", image_wrist, None), ("arm_state", arm_state, cfg.arm_dim),
-                              ("gripper_features", gripper_features, 2), ("text_features", text_features,
-                                                                          cfg.text_dim)):
+                              ("gripper_features", gripper_features, cfg.gripper_features),
+                              ("text_features", text_features, cfg.text_dim)):
             if tuple(x.shape[:2]) != (b, s) or (last is not None and x.shape[-1] != last):
                 raise ValueError(f"{name} has shape {tuple(x.shape)}; expected (B={b}, S={s}, ...)"
                                  + (f" with last dim {last}" if last is not None else ""))

@@ -33,6 +33,17 @@ TEST_PRESETS = ("tiny",)
 _CONFIG_FIELDS_NOT_CHECKED = ("name", "dropout")
 
 
+def robot_spec(cfg: SeerConfig) -> RobotSpec:
+    """The robot a Seer config reads and predicts, in the data's terms (what ``setup()`` compares)."""
+    if cfg.gripper_width:
+        return RobotSpec(arm_dim=cfg.arm_dim, gripper_dim=cfg.gripper_dim, gripper_state="width",
+                         gripper_state_dim=cfg.gripper_state_values, action_chunk=cfg.action_pred_steps)
+    # Binary grippers always have one state value each: RobotSpec's default, left implicit so that the spec
+    # equals the datamodules' (e.g. CALVIN's RobotSpec()).
+    return RobotSpec(arm_dim=cfg.arm_dim, gripper_dim=cfg.gripper_dim, gripper_state="binary",
+                     action_chunk=cfg.action_pred_steps)
+
+
 class SeerTeacher(Teacher):
     """Seer (Tian et al., ICLR 2025) as a distillation teacher, and trainable with Seer's own objective.
 
@@ -53,7 +64,9 @@ class SeerTeacher(Teacher):
             preset builds a small random one when it is None.
         allow_history_truncation: accept a checkpoint with a longer history (a pretrain one) and keep the
             first rows of its position embedding.
-        overrides: SeerConfig fields to change on top of the preset (e.g. ``{"sequence_length": 7}``).
+        overrides: SeerConfig fields to change on top of the preset (e.g. ``{"sequence_length": 7}``, or
+            ``{"arm_dim": 12, "gripper_dim": 2, "gripper_width": True, "gripper_state_dim": 2}`` for a
+            bimanual ALOHA; no released checkpoint fits that robot, so it trains from scratch).
         seed: seed of the random initialisation (weights that no file provides, the tiny text tower).
         text_cache_size: distinct instructions whose text features are kept.
     """
@@ -103,11 +116,7 @@ class SeerTeacher(Teacher):
         self.num_action_queries = cfg.action_pred_steps
         self.max_steps = cfg.sequence_length
         self.image_size = cfg.image_size
-        if cfg.gripper_width:
-            self.robot = RobotSpec(arm_dim=cfg.arm_dim, gripper_dim=1, gripper_state="width",
-                                   gripper_state_dim=2)
-        else:
-            self.robot = RobotSpec(arm_dim=cfg.arm_dim, gripper_dim=1, gripper_state="binary")
+        self.robot = robot_spec(cfg)
         self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(3, 1, 1), persistent=False)
 
@@ -119,8 +128,10 @@ class SeerTeacher(Teacher):
     def normalize_images(self, images: Tensor) -> Tensor:
         """uint8 (..., 3, H, W) -> float CLIP-normalised, on the model's device and dtype."""
         ref = self.model.transformer_backbone_position_embedding
-        x = images.to(ref.device, non_blocking=True).to(ref.dtype) / 255.0
-        return (x - self.clip_mean.to(ref.dtype)) / self.clip_std.to(ref.dtype)
+        x = images.to(ref.device, non_blocking=True).to(ref.dtype)
+        # (x / 255 - mean) / std as one fused multiply-add: two passes over the frames instead of four.
+        scale = 1.0 / (255.0 * self.clip_std)
+        return torch.addcmul((-self.clip_mean / self.clip_std).to(ref.dtype), x, scale.to(ref.dtype))
 
     def forward(self, window: Window, predict_images: bool = False) -> SeerOutput:
         """Every Seer output for a window (T <= S steps); step t depends on steps <= t only."""

@@ -3,11 +3,21 @@
 Total loss = 1.0 * smooth-L1(arm) + 0.01 * BCE(gripper) + 0.1 * foresight MSE, with the random-shift augmentation
 applied to the CLIP-normalised images of every frame in training mode only.
 
-One deliberate difference from the official loop: Seer loads ``S + future_steps`` frames per sample (13 for
-CALVIN) so that every one of the S steps has a frame three steps ahead to predict. A Window holds exactly the
-T steps the model reads, so the foresight loss covers the steps ``t`` with ``t + future_steps < T`` whose two
-frames are both real (``Window.valid``); the last ``future_steps`` steps still get the action losses. With
-T = 10 that is 7 of 10 steps for the auxiliary image term, while the action terms are unchanged.
+Windows. Seer loads ``S + future_steps`` frames per training sample (``window_size`` 13 for CALVIN's
+S = 10, 10 for LIBERO's S = 7; seer spec §3.2) so that every one of its S steps has a frame
+``future_steps`` (3) ahead to predict (§1.12). :func:`seer_training_loss` takes such a window the same way:
+
+- ``T = S + future_steps`` (``S = teacher.max_steps``, Seer's ``sequence_length``): the model reads steps
+  ``[0, S)`` (images, states, instruction, action labels and masks: ``Window.slice_steps(0, S)``) and the
+  foresight target of step ``t`` is frame ``t + future_steps`` of the whole window. The random shift is drawn
+  once for all T frames, as Seer augments the whole loaded sequence, so a frame the model reads and the same
+  frame as a target are shifted alike. The trailing frames carry no action loss.
+- ``T <= S``: the model reads the whole window and the targets are inside it, so only the steps with
+  ``t + future_steps < T`` get the foresight term (the action terms cover every step).
+- any other ``T`` is an error naming the window length, ``sequence_length`` and ``future_steps``.
+
+In both cases a step's foresight term counts only when step ``t`` and frame ``t + future_steps`` are both real
+(``Window.valid``). Teacher training configs therefore cut windows of ``num_steps = sequence_length + 3``.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vitavla.batch import Window
+from vitavla.batch import BatchError, Window
 from vitavla.losses import masked_mean
 
 if TYPE_CHECKING:
@@ -65,7 +75,8 @@ def random_shift(images: Tensor, pad: int, offsets: Tensor) -> Tensor:
     """Replicate-pad (N, C, H, W) images by ``pad`` and crop H x W at ``offsets`` (N, 2) = (x, y) per frame.
 
     Equal to the official replicate pad + ``grid_sample`` at an integer shift (which samples exactly at
-    pixel centres), without interpolation round-off.
+    pixel centres), without interpolation round-off. Works on any dtype: a shift commutes with the per-pixel
+    CLIP normalisation, so training shifts the uint8 frames (a quarter of the bytes) and normalises after.
     """
     n, _, h, w = images.shape
     if offsets.shape != (n, 2):
@@ -73,13 +84,15 @@ def random_shift(images: Tensor, pad: int, offsets: Tensor) -> Tensor:
     if int(offsets.min()) < 0 or int(offsets.max()) > 2 * pad:
         raise ValueError(f"offsets must lie in [0, {2 * pad}] for pad {pad}, got "
                          f"[{int(offsets.min())}, {int(offsets.max())}]")
-    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
-    offsets = offsets.to(images.device)
-    rows = offsets[:, 1, None] + torch.arange(h, device=images.device)  # (N, H)
-    cols = offsets[:, 0, None] + torch.arange(w, device=images.device)  # (N, W)
-    frame = torch.arange(n, device=images.device)[:, None, None]
-    # Advanced indexing around the channel slice puts the indexed axes first: (N, H, W, C).
-    return padded[frame, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    # Replicate padding by concatenating edge rows/columns: F.pad's replicate mode refuses integer dtypes,
+    # and this is a plain copy (4x faster than an index_select on uint8).
+    edge = (n, images.shape[1])
+    padded = torch.cat([images[:, :, :1].expand(*edge, pad, w), images,
+                        images[:, :, -1:].expand(*edge, pad, w)], dim=2)
+    padded = torch.cat([padded[..., :1].expand(*edge, h + 2 * pad, pad), padded,
+                        padded[..., -1:].expand(*edge, h + 2 * pad, pad)], dim=3)
+    # One slice per frame: ~4x faster than a gather with per-pixel indices for these small frames.
+    return torch.stack([padded[i, :, y:y + h, x:x + w] for i, (x, y) in enumerate(offsets.tolist())])
 
 
 def augment_views(images: Tensor, pads: tuple[int, ...], generator: torch.Generator | None = None
@@ -136,53 +149,79 @@ def foresight_loss(image_pred: Tensor, images: Tensor, valid: Tensor, patch_size
     """0.5 * (MSE_primary + MSE_wrist) between the prediction at step t and the frame at t + future_steps.
 
     Args:
-        image_pred: (B, T, 2, patches, p * p * 3), the foresight head's output per step and camera.
-        images: (B, T, 2, 3, H, W) the (augmented, normalised) frames the model read.
-        valid: (B, T) real steps; a step counts only when it and its target frame are both real.
-    Steps without a frame ``future_steps`` ahead inside the window are left out (see the module doc); when no
+        image_pred: (B, S, 2, patches, p * p * 3), the foresight head's output per model step and camera.
+        images: (B, T, 2, 3, H, W) the (augmented, normalised) frames of the whole window, T >= S: the S
+            frames the model read, then any trailing target-only frames (T = S + future_steps gives every
+            step one).
+        valid: (B, T) real frames; a step counts only when it and its target frame are both real.
+    Steps without a frame ``future_steps`` ahead inside ``images`` are left out (see the module doc); when no
     step has one the loss is an exact zero that still reaches the foresight head's parameters.
     """
-    t = images.shape[1]
-    if image_pred.shape[:3] != images.shape[:3]:
+    s, t = image_pred.shape[1], images.shape[1]
+    if image_pred.shape[0] != images.shape[0] or image_pred.shape[2] != images.shape[2] or s > t:
         raise ValueError(f"image_pred {tuple(image_pred.shape)} and images {tuple(images.shape)} disagree on "
-                         "(B, T, views)")
-    span = t - future_steps
+                         "(B, views), or there are more predicted steps than frames")
+    if valid.shape != images.shape[:2]:
+        raise ValueError(f"valid {tuple(valid.shape)} does not match the frames' (B, T) = "
+                         f"{tuple(images.shape[:2])}")
+    span = min(s, t - future_steps)
     if span <= 0:
         return image_pred.sum() * 0.0
-    target = foresight_targets(images[:, future_steps:], patch_size, eps).to(image_pred.dtype)
-    mask = valid[:, :span] & valid[:, future_steps:]
+    ahead = slice(future_steps, future_steps + span)
+    target = foresight_targets(images[:, ahead], patch_size, eps).to(image_pred.dtype)
+    mask = valid[:, :span] & valid[:, ahead]
     # Both cameras have the same number of values, so the mean over them is 0.5 * (primary + wrist).
     return masked_mean((image_pred[:, :span] - target) ** 2, mask)
+
+
+def split_training_window(window: Window, sequence_length: int | None, future_steps: int) -> Window:
+    """The steps the model reads of a training window: all of it when ``T <= sequence_length``, the first
+    ``sequence_length`` when ``T = sequence_length + future_steps``; any other ``T`` is an error."""
+    t = window.num_steps
+    if sequence_length is None or t <= sequence_length:
+        return window
+    if future_steps > 0 and t == sequence_length + future_steps:
+        return window.slice_steps(0, sequence_length)
+    s, f = sequence_length, future_steps
+    raise BatchError(f"a Seer training window has {t} steps, but with sequence_length={s} and "
+                     f"future_steps={f} it must have either at most {s} steps (foresight targets inside the "
+                     f"window) or exactly {s} + {f} = {s + f} (the model reads the first {s}, the last {f} "
+                     "are foresight targets only); set the datamodule's num_steps accordingly")
 
 
 def seer_training_loss(teacher: SeerTeacher, window: Window, objective: SeerObjective = SeerObjective()
                        ) -> tuple[Tensor, dict[str, Tensor]]:
     """Seer's objective on a Window: (total, {"arm", "gripper", "image"}), parts detached.
 
-    The random shift runs only when ``teacher.training`` is True; the same shifted frames feed the model and
-    serve as foresight targets.
+    ``window`` has at most ``S = teacher.max_steps`` steps, or ``S + objective.future_steps`` whose trailing
+    frames are foresight targets only (see the module doc). The random shift runs only when
+    ``teacher.training`` is True, drawn once for every frame of the window; the same shifted frames feed the
+    model and serve as foresight targets.
     """
-    window = window.validate(teacher.robot, image_size=teacher.image_size, max_steps=teacher.max_steps,
-                             require_actions=True)
-    images = teacher.normalize_images(window.images)
+    window = window.validate(teacher.robot, image_size=teacher.image_size, require_actions=True)
+    seen = split_training_window(window, teacher.max_steps, objective.future_steps)
+    seen = seen.validate(teacher.robot, image_size=teacher.image_size, max_steps=teacher.max_steps,
+                         require_actions=True)
+    images = window.images
     if teacher.training:
         with torch.no_grad():
             images, _ = augment_views(images, objective.pads(images.shape[-1]))
-    out = teacher.run(window, images, predict_images=True)
-    b, t = window.batch_size, window.num_steps
+    images = teacher.normalize_images(images)
+    b, s = seen.batch_size, seen.num_steps
+    out = teacher.run(seen, images[:, :s], predict_images=True)
     arm_dim = teacher.robot.arm_dim
-    target = window.actions.to(out.arm.device, out.arm.dtype)
-    mask = window.action_valid.to(out.arm.device)
+    target = seen.actions.to(out.arm.device, out.arm.dtype)
+    mask = seen.action_valid.to(out.arm.device)
 
     arm = masked_mean(F.smooth_l1_loss(out.arm, target[..., :arm_dim], reduction="none",
                                        beta=objective.smooth_l1_beta), mask)
     gripper = masked_mean(F.binary_cross_entropy_with_logits(out.gripper_logit, target[..., arm_dim:],
                                                              reduction="none"), mask)
-    image = foresight_loss(out.image_pred.unflatten(0, (b, t)), images, window.valid.to(images.device),
+    image = foresight_loss(out.image_pred.unflatten(0, (b, s)), images, window.valid.to(images.device),
                            teacher.cfg.patch_size, objective.future_steps, objective.norm_pix_eps)
     total = objective.arm_weight * arm + objective.gripper_weight * gripper + objective.image_weight * image
     return total, {"arm": arm.detach(), "gripper": gripper.detach(), "image": image.detach()}
 
 
 __all__ = ["SeerObjective", "augment_views", "draw_shifts", "foresight_loss", "foresight_targets",
-           "normalize_patches", "patchify", "random_shift", "seer_training_loss"]
+           "normalize_patches", "patchify", "random_shift", "seer_training_loss", "split_training_window"]

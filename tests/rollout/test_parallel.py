@@ -164,3 +164,52 @@ def test_evaluate_parallel_retries_crashes_and_resumes_with_identical_totals(tmp
     again = evaluate(make_env, policy, specs(), FirstActionExecutor, str(path), num_envs=2, **run)
     assert again == full and policy.resets == 3  # 4 remaining specs, one crash retried alone
     assert len(load_results(path)) == 7
+
+
+def test_shared_pools_reuse_one_pool_per_env_and_drop_a_broken_one():
+    from vitavla.rollout.parallel import acquire_pool, release_pool, shared_pools
+
+    env = make_env()
+    alone = acquire_pool(env, 1)
+    release_pool(alone)
+    assert alone.closed  # outside a block, release closes
+    with shared_pools():
+        p = acquire_pool(env, 1, timeout=30)
+        release_pool(p)
+        assert not p.closed and acquire_pool(make_env(), 1, timeout=30) is p  # equal env bytes: same pool
+        other = acquire_pool(make_env(num_task=3), 1, timeout=30)
+        assert other is not p
+        release_pool(p, broken=True)  # stopped mid-command: never handed out again
+        assert p.closed
+        q = acquire_pool(env, 1, timeout=30)
+        assert q is not p and run_wave(q, ReachingBatch(), specs()[:1], FirstActionExecutor, image_size=16)[0].success
+    assert q.closed and other.closed
+
+
+def test_worker_side_imports_stay_free_of_lightning():
+    # A spawned worker imports the console script (cli), its target's module and the env's adapter before it
+    # unpickles the env; with Lightning among them every worker start cost 6-9 s more.
+    import subprocess
+    import sys
+
+    code = ("import sys, cli, vitavla.rollout.env_worker, vitavla.rollout.libero_env, vitavla.rollout.aloha_env, "
+            "datamodules.normalization; "
+            "print(sorted(m for m in ('lightning', 'torchmetrics', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_lazy_package_exports_resolve_to_their_classes():
+    import datamodules
+    import vitavla.rollout as rollout
+    from datamodules.libero import LiberoDataModule
+    from vitavla.rollout.runner import run_episode
+
+    assert datamodules.LiberoDataModule is LiberoDataModule and rollout.run_episode is run_episode
+    for package in (datamodules, rollout):
+        assert all(getattr(package, name) is not None for name in package.__all__)
+        assert dir(package) == sorted(package.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        datamodules.Nope

@@ -149,3 +149,31 @@ def test_first_episode_offsets_every_task_and_bad_settings_fail_at_config_time()
         RolloutDataModule(ScriptedStandInEnv(), first_episode=-1)
     with pytest.raises(ValueError, match="executor must be"):
         RolloutDataModule(ScriptedStandInEnv(), executor="last")
+
+
+def test_shared_pools_serve_consecutive_test_runs_with_one_set_of_workers(stage2_ckpt, tmp_path, monkeypatch):
+    from vitavla.rollout import parallel
+
+    started = []
+    real_init = parallel.EnvPool.__init__
+
+    def counting_init(self, *a, **kw):
+        started.append(self)
+        real_init(self, *a, **kw)
+
+    monkeypatch.setattr(parallel.EnvPool, "__init__", counting_init)
+    keys = ("success_rate", "successes", "episodes", "errors", "per_task")
+    fresh = vitavla_test(stage2_ckpt, tmp_path / "fresh", "--data.init_args.num_envs=2")
+    assert len(started) == 1 and started[0].closed  # without the block every run stops its workers
+    with parallel.shared_pools():
+        a = vitavla_test(stage2_ckpt, tmp_path / "a", "--data.init_args.num_envs=2")
+        pids = [slot.process.pid for slot in started[1]._slots]
+        b = vitavla_test(stage2_ckpt, tmp_path / "b", "--data.init_args.num_envs=2")
+        assert len(started) == 2 and not started[1].closed
+        assert [slot.process.pid for slot in started[1]._slots] == pids  # the same processes ran both
+    assert started[1].closed
+    want = json.loads((fresh / "results.json").read_text())
+    for out in (a, b):  # a reused simulator gives the episodes a fresh one gives
+        got = json.loads((out / "results.json").read_text())
+        assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+        assert (out / "episodes.jsonl").read_text().count("\n") == 4

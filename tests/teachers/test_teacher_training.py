@@ -19,9 +19,11 @@ from teachers.seer.training import (
     augment_views,
     draw_shifts,
     foresight_loss,
+    foresight_targets,
     normalize_patches,
     patchify,
     random_shift,
+    seer_training_loss,
 )
 from vitavla.batch import fake_window
 from vitavla.losses import action_metrics
@@ -32,6 +34,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # 96 px images (9 patches of 32 px) keep the trained tests fast on a shared CPU.
 SMALL = {"image_size": 96}
+# Seer with S = 4 model steps: its training windows are S + future_steps = 7 frames.
+SHORT = {**SMALL, "sequence_length": 4}
 
 
 def smooth_window(robot, batch_size=2, num_steps=6, image_size=96):
@@ -138,6 +142,92 @@ def test_seer_training_loss_parts_and_modes(one_thread):
     window.actions[:, -1] = 5.0
     teacher.eval()
     assert teacher.training_loss(window)[1]["arm"] < 1.0
+
+
+def test_foresight_loss_with_trailing_frames_gives_every_step_its_target():
+    b, s, f, patch = 2, 4, 3, 8
+    images = torch.randn(b, s + f, 2, 3, 16, 16)
+    targets = normalize_patches(patchify(images.flatten(0, 2), patch)).unflatten(0, (b, s + f, 2))
+    pred = targets[:, f:].clone()  # all 4 model steps predict frames 3..6 exactly
+    valid = torch.ones(b, s + f, dtype=torch.bool)
+    assert foresight_loss(pred, images, valid, patch) == 0
+    pred[1, 3] += 1.0  # the last model step counts too: its target is the trailing frame 6
+    torch.testing.assert_close(foresight_loss(pred, images, valid, patch), torch.tensor(1.0 / (b * s)))
+    valid[1, 6] = False  # its target frame is padding: it no longer counts
+    assert foresight_loss(pred, images, valid, patch) == 0
+    with pytest.raises(ValueError, match="more predicted steps than frames"):
+        foresight_loss(pred, images[:, :3], valid[:, :3], patch)
+
+
+def _seer_loss_by_hand(out, window, images, s, f=3, patch=32, valid=None):
+    """Seer's three terms written out: actions on steps [0, s), image targets = frames t + f of ``images``."""
+    seen = window.slice_steps(0, s)
+    arm = F.smooth_l1_loss(out.arm, seen.actions[..., :6])
+    grip = F.binary_cross_entropy_with_logits(out.gripper_logit, seen.actions[..., 6:])
+    pred = out.image_pred.unflatten(0, (window.batch_size, s))
+    err = ((pred - foresight_targets(images[:, f:f + s], patch)) ** 2).mean(dim=(2, 3, 4))  # (B, s)
+    mask = torch.ones_like(err, dtype=torch.bool) if valid is None else valid[:, :s] & valid[:, f:f + s]
+    return arm, grip, err[mask].mean()
+
+
+def test_seer_window_of_s_plus_future_steps_covers_every_step(one_thread):
+    teacher = SeerTeacher("tiny", overrides=SHORT).eval()
+    s, f = teacher.max_steps, teacher.objective.future_steps
+    assert (s, f) == (4, 3)
+    window = fake_window(teacher.robot, batch_size=2, num_steps=s + f, image_size=96)
+    window.valid[0, 5:] = False  # episode 0 ends after frame 4: steps 2 and 3 of it have no real target
+    window.action_valid[0] = (torch.arange(s + f)[:, None] + torch.arange(3)) < 5  # labels past the end
+    seen = window.slice_steps(0, s)
+    with torch.no_grad():
+        total, parts = teacher.training_loss(window)
+        out = teacher(seen, predict_images=True)
+        arm, grip, image = _seer_loss_by_hand(out, window, teacher.normalize_images(window.images), s,
+                                              valid=window.valid)
+        alone = seer_training_loss(teacher, seen)[1]  # the first S steps alone: targets only inside them
+    torch.testing.assert_close(parts["image"], image)
+    # The action terms are those of the S steps the model reads (their labels and masks), nothing else.
+    torch.testing.assert_close(parts["arm"], alone["arm"], rtol=0, atol=0)
+    torch.testing.assert_close(parts["gripper"], alone["gripper"], rtol=0, atol=0)
+    window.action_valid[0] = True
+    with torch.no_grad():
+        full = teacher.training_loss(window)[1]
+    torch.testing.assert_close(full["arm"], arm)
+    torch.testing.assert_close(full["gripper"], grip, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(parts["image"], alone["image"])  # in-window targets cover step 0 only
+    torch.testing.assert_close(total, parts["arm"] + 0.01 * parts["gripper"] + 0.1 * parts["image"])
+
+
+def test_seer_training_shift_is_drawn_once_for_model_frames_and_targets(one_thread, monkeypatch):
+    teacher = SeerTeacher("tiny", overrides=SHORT).train()
+    s = teacher.max_steps
+    window = fake_window(teacher.robot, batch_size=2, num_steps=s + 3, image_size=96)
+    calls = []
+    run = teacher.run
+
+    def recording_run(w, images, predict_images=False):
+        out = run(w, images, predict_images)
+        calls.append((w, images, out))
+        return out
+
+    monkeypatch.setattr(teacher, "run", recording_run)
+    torch.manual_seed(5)
+    _, parts = teacher.training_loss(window)
+    torch.manual_seed(5)  # the same draw, over all 7 frames at once
+    shifted, _ = augment_views(teacher.normalize_images(window.images), teacher.objective.pads(96))
+    (seen, images, out), = calls
+    assert seen.num_steps == s and seen.actions.shape[1] == s
+    assert torch.equal(images, shifted[:, :s])  # the model reads the first S shifted frames
+    _, _, image = _seer_loss_by_hand(out, window, shifted, s)  # and predicts shifted frames 3..6
+    torch.testing.assert_close(parts["image"], image.detach())
+
+
+@pytest.mark.parametrize("steps", [5, 6, 8])
+def test_seer_training_window_of_another_length_is_an_error(steps):
+    teacher = SeerTeacher("tiny", overrides=SHORT)
+    window = fake_window(teacher.robot, batch_size=1, num_steps=steps, image_size=96)
+    with pytest.raises(ValueError, match=rf"has {steps} steps.*sequence_length=4 and future_steps=3.*"
+                                         r"at most 4 steps.*exactly 4 \+ 3 = 7"):
+        teacher.training_loss(window)
 
 
 # ---------------------------------------------------------------- training
@@ -250,6 +340,39 @@ def test_teacher_module_validation_uses_the_student_metrics(tmp_path, one_thread
     assert {"val/arm", "val/gripper", "val/image"} <= set(metrics)
 
 
+def test_teacher_module_trains_and_validates_on_s_plus_future_steps_windows(tmp_path, one_thread):
+    import lightning as L
+
+    from datamodules import SyntheticWindowDataModule
+
+    teacher = SeerTeacher("tiny", overrides=SHORT)
+    data = SyntheticWindowDataModule(num_episodes=4, episode_length=8, num_steps=7, image_size=96,
+                                     batch_size=8, seed=0)
+    module = TeacherModule(teacher, OptimConfig(lr=1e-3), export_path=None)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        max_steps=1, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+    batch = next(iter(data.val_dataloader()))
+    assert batch.num_steps == 7
+    seen = batch.slice_steps(0, 4)
+    teacher.eval()
+    with torch.no_grad():  # metrics on the S steps the model reads; the objective on the whole window
+        want = action_metrics(teacher.predict(seen), seen.actions, seen.action_valid, teacher.robot)
+        loss = teacher.training_loss(batch)[0]
+        predicted = module.predict_step(batch, 0)
+    for name in ("arm_mae", "gripper_acc", "gripper_bce"):
+        assert metrics[f"val/{name}"] == pytest.approx(want[name].item(), rel=1e-5), name
+    assert metrics["val/loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert predicted.shape[:2] == (batch.batch_size, 4)
+
+    data.num_steps = 6  # neither <= S nor S + future_steps: refused before the first step
+    refused = r"num_steps=6 .* at most 4 steps or exactly 4 \+ future_steps 3 = 7"
+    with pytest.raises(ValueError, match=refused):
+        trainer.validate(module, datamodule=data, verbose=False)
+
+
 def test_transformer_teacher_trains_and_exports_through_the_default_objective(tmp_path):
     teacher = TransformerTeacher(hidden_size=32, num_layers=1, num_heads=2, max_steps=4)
     window = fake_window(teacher.robot, batch_size=2, num_steps=3)
@@ -280,10 +403,27 @@ def test_vitavla_fit_tiny_teacher_writes_a_loadable_export(tmp_path, one_thread)
     assert not any(k.startswith(("teacher.model.vision_encoder.", "teacher.text_encoder.")) for k in ckpt["state_dict"])
 
 
-def test_teacher_configs_parse():
-    from cli import build_cli
+def seer_window_rule(cfg: dict) -> tuple[int, int] | None:
+    """(data num_steps, Seer sequence_length + future_steps) of a resolved Seer training config, else None."""
+    from teachers.seer import SeerConfig
 
-    for name in ("tiny_teacher", "teacher_calvin", "teacher_libero", "teacher_aloha"):
-        with pytest.raises(SystemExit) as e:
-            build_cli(["fit", "--config", str(CONFIGS / f"{name}.yaml"), "--print_config"], run=True)
-        assert e.value.code in (0, None), name
+    teacher = cfg["model"]["init_args"]["teacher"]
+    if teacher["class_path"] != "teachers.SeerTeacher":
+        return None
+    args = teacher["init_args"]
+    preset = SeerConfig.preset(args.get("preset") or "seer_calvin", **(args.get("overrides") or {}))
+    s = preset.sequence_length
+    return cfg["data"]["init_args"]["num_steps"], s + 3
+
+
+@pytest.mark.parametrize("name", ["tiny_teacher", "teacher_calvin", "teacher_libero", "teacher_aloha"])
+def test_teacher_configs_parse_and_seer_windows_carry_the_foresight_frames(capsys, name):
+    """A Seer training config cuts windows of sequence_length + future_steps (3), as Seer loads them."""
+    import yaml
+
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(CONFIGS / f"{name}.yaml"), "--print_config"])
+    assert e.value.code in (0, None), name
+    rule = seer_window_rule(yaml.safe_load(capsys.readouterr().out))
+    assert rule is not None, f"{name}: every teacher config trains a SeerTeacher"
+    assert rule[0] == rule[1], f"{name}: data num_steps {rule[0]} != sequence_length + 3 = {rule[1]}"

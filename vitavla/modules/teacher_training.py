@@ -27,6 +27,11 @@ class TeacherModule(WindowModule):
     metrics computed by the same function as ``PolicyModule`` (``val/arm_mae``, ``val/gripper_bce``,
     ``val/gripper_acc``), so teacher and student rows of a table are comparable. Gradient clipping (Seer:
     max norm 0.1) is the trainer's ``gradient_clip_val``.
+
+    Windows: a teacher whose objective reads frames past the steps the model sees (Seer: foresight targets
+    ``objective.future_steps`` = 3 ahead) trains on windows of ``max_steps + future_steps`` steps, as Seer
+    loads ``sequence_length + 3`` frames. The objective gets the whole window; the action metrics and
+    predictions use its first ``max_steps`` steps, the ones the model reads.
     """
 
     def __init__(self, teacher: Teacher, optim: OptimConfig | None = None,
@@ -64,15 +69,33 @@ class TeacherModule(WindowModule):
             raise ValueError(f"{name} yields {size}px images but the teacher reads {self.teacher.image_size}px")
         steps = getattr(data, "num_steps", None)
         limit = self.teacher.max_steps
-        if steps is not None and limit is not None and steps > limit:
+        future = self.future_steps
+        fits = steps is None or limit is None or steps <= limit or (future > 0 and steps == limit + future)
+        if not fits:
+            extra = (f" or exactly {limit} + future_steps {future} = {limit + future} (the extra frames are "
+                     "foresight targets)") if future else ""
             raise ValueError(f"{name} yields windows of num_steps={steps} but the teacher "
-                             f"({type(self.teacher).__name__}) takes at most {limit} steps")
+                             f"({type(self.teacher).__name__}) takes at most {limit} steps{extra}")
+
+    @property
+    def future_steps(self) -> int:
+        """Frames past the model's steps that the teacher's objective reads (Seer: ``objective.future_steps``;
+        0 for a teacher without such an objective)."""
+        return int(getattr(getattr(self.teacher, "objective", None), "future_steps", 0) or 0)
+
+    def model_steps(self, batch: Window) -> Window:
+        """The steps of ``batch`` the teacher's model reads: its first ``max_steps`` when a training window
+        carries ``future_steps`` trailing foresight frames, else all of it."""
+        limit = self.teacher.max_steps
+        if limit is not None and batch.num_steps > limit and batch.num_steps == limit + self.future_steps:
+            return batch.slice_steps(0, limit)
+        return batch
 
     def parameter_groups(self):
         return dict(self.teacher.named_children())
 
     def forward(self, batch: Window):
-        return self.teacher.predict(batch)
+        return self.teacher.predict(self.model_steps(batch))
 
     def training_step(self, batch: Window, batch_idx: int):
         loss, parts = self.teacher.training_loss(batch)
@@ -85,8 +108,9 @@ class TeacherModule(WindowModule):
     def _evaluate(self, batch: Window, stage: str) -> None:
         robot = self.teacher.robot
         batch.validate(robot, require_actions=True)
-        loss, parts = self.teacher.training_loss(batch)
-        metrics = action_metrics(self.teacher.predict(batch), batch.actions, batch.action_valid, robot)
+        loss, parts = self.teacher.training_loss(batch)  # the whole window: trailing frames are its targets
+        seen = self.model_steps(batch)
+        metrics = action_metrics(self.teacher.predict(seen), seen.actions, seen.action_valid, robot)
         bs = batch.batch_size
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
         for name, value in parts.items():
@@ -110,7 +134,7 @@ class TeacherModule(WindowModule):
         return WindowedTeacherPolicy(self.teacher)
 
     def predict_step(self, batch: Window, batch_idx: int):
-        return self.teacher.predict(batch).as_action()
+        return self.teacher.predict(self.model_steps(batch)).as_action()
 
     def configure_optimizers(self):
         return configure_adamw(self, self.optim)

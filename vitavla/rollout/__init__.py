@@ -1,15 +1,21 @@
 """Simulator-free closed-loop evaluation: executors, the env adapter contract, the resumable runner,
-and CALVIN's long-horizon protocol. Benchmark adapters (LIBERO, CALVIN, ALOHA) plug into these."""
+and CALVIN's long-horizon protocol. Benchmark adapters (LIBERO, CALVIN, ALOHA) plug into these.
 
-from vitavla.rollout.calvin_protocol import (Chain, ChainResult, average_length, calvin_oracle, count_success,
-                                             load_chains, run_chain)
-from vitavla.rollout.env import Obs, RolloutEnv, ScriptedStandInEnv
-from vitavla.rollout.executors import (ActionExecutor, ChunkExecutor, FirstActionExecutor,
-                                       TemporalEnsembleExecutor, to_env_action)
-from vitavla.rollout.runner import (Controller, EpisodeResult, EpisodeSpec, evaluate, load_results,
-                                    run_episode, shard, summarize)
+Members import on first use (:mod:`vitavla.lazy`): a simulator worker that unpickles ``LiberoEnv`` then
+loads only ``vitavla.rollout.env`` and the adapter, not the runner's torchmetrics/Lightning stack.
+"""
 
-__all__ = ["ActionExecutor", "Chain", "ChainResult", "ChunkExecutor", "Controller", "EpisodeResult",
-           "EpisodeSpec", "FirstActionExecutor", "Obs", "RolloutEnv", "ScriptedStandInEnv",
-           "TemporalEnsembleExecutor", "average_length", "calvin_oracle", "count_success", "evaluate",
-           "load_chains", "load_results", "run_chain", "run_episode", "shard", "summarize", "to_env_action"]
+from vitavla.lazy import lazy_exports
+
+_MODULES = {
+    "vitavla.rollout.calvin_protocol": ["Chain", "ChainResult", "average_length", "calvin_oracle",
+                                        "count_success", "load_chains", "run_chain"],
+    "vitavla.rollout.env": ["Obs", "RolloutEnv", "ScriptedStandInEnv"],
+    "vitavla.rollout.executors": ["ActionExecutor", "ChunkExecutor", "FirstActionExecutor",
+                                  "TemporalEnsembleExecutor", "to_env_action"],
+    "vitavla.rollout.runner": ["Controller", "EpisodeResult", "EpisodeSpec", "evaluate", "load_results",
+                               "run_episode", "shard", "summarize"],
+}
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from datamodules.aloha import ARM_COLUMNS
+from datamodules.aloha_layout import ARM_COLUMNS
 from vitavla.rollout.env import Obs, RolloutEnv
 
 TASKS = {"transfer_cube": ("gym_aloha/AlohaTransferCube-v0", "transfer the cube to the other arm"),

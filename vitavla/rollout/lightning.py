@@ -221,11 +221,11 @@ class RolloutTestCallback(Callback):
         if len(specs) > self.num_envs:
             raise ValueError(f"a rollout batch has {len(specs)} specs but num_envs={self.num_envs}; the "
                              "RolloutDataModule's batches hold at most num_envs specs")
-        from vitavla.rollout.parallel import EnvPool, run_wave
+        from vitavla.rollout.parallel import acquire_pool, run_wave
 
         while todo := [s for s in specs if not self.finished(s)]:
             if self.pool is None:
-                self.pool = EnvPool(self.env, self.num_envs, timeout=self.env_timeout)
+                self.pool = acquire_pool(self.env, self.num_envs, timeout=self.env_timeout)
             results = run_wave(self.pool, self.policy, todo, self.make_executor, self.normalizer,
                                self.image_size, self.settle_steps,
                                record_frames=[self._records_video(s) for s in todo])
@@ -233,17 +233,20 @@ class RolloutTestCallback(Callback):
                 self._add(spec, res)
         return [_final(self.by_key[s.key]) for s in specs]
 
-    def close_pool(self) -> None:
-        """Stop the simulator processes (idempotent)."""
+    def close_pool(self, broken: bool = False) -> None:
+        """Stop the simulator processes, or hand them back to an open ``shared_pools()`` block (idempotent);
+        ``broken``: after an exception, when a worker may be mid-command, they are stopped in any case."""
         if self.pool is not None:
+            from vitavla.rollout.parallel import release_pool
+
             pool, self.pool = self.pool, None
-            pool.close()
+            release_pool(pool, broken=broken)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.close_pool()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self.close_pool()
+        self.close_pool(broken=True)
 
     # -- test end: one collective, then log and (rank 0) write results.json ---------------------------
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

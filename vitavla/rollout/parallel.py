@@ -26,9 +26,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
-import signal
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
@@ -39,6 +37,7 @@ import torch
 from datamodules.normalization import Normalizer
 from teachers.base import ActionOutput
 from vitavla.rollout.env import Obs, RolloutEnv
+from vitavla.rollout.env_worker import worker_main
 from vitavla.rollout.executors import ActionExecutor, to_env_action
 from vitavla.rollout.runner import EpisodeResult, EpisodeSpec, to_observation
 from vitavla.streaming import Observation
@@ -82,82 +81,6 @@ def _payload(env: RolloutEnv | Callable[[], RolloutEnv]) -> bytes:
             f"EnvPool env must pickle to reach its worker processes, but {what} does not ({type(e).__name__}: "
             f"{e}); pass a picklable factory (a class or functools.partial, not a lambda), or give the env a "
             "__getstate__ that drops live simulator handles (they are rebuilt lazily on reset)") from e
-
-
-def _build(payload: bytes) -> RolloutEnv:
-    obj = pickle.loads(payload)
-    env = obj if isinstance(obj, RolloutEnv) else obj()
-    if not isinstance(env, RolloutEnv):
-        raise TypeError(f"EnvPool env factory returned {type(env).__name__}, expected a RolloutEnv")
-    return env
-
-
-def _seed(seed: int) -> None:
-    # As run_episode does, for simulators that draw from the global RNGs during reset/step.
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _handle(env: RolloutEnv, cmd: str, arg):
-    if cmd == "reset":
-        task, episode, seed, settle_steps, settle_action = arg
-        _seed(seed)
-        obs = env.reset(task, episode, seed)
-        for _ in range(settle_steps):
-            obs = env.step(settle_action)[0]
-        return obs
-    if cmd == "step":
-        obs, done, success, _ = env.step(arg)  # info is dropped: the runner never reads it, it may not pickle
-        return obs, bool(done), bool(success)
-    if cmd == "task_name":
-        return env.task_name(arg)
-    raise ValueError(f"unknown EnvPool command {cmd!r}")
-
-
-def _close_quietly(env: RolloutEnv | None) -> None:
-    if env is None:
-        return
-    try:
-        env.close()
-    except Exception:  # a crashed simulator may fail to close; it is dropped either way
-        pass
-
-
-def _worker(conn, payload: bytes) -> None:
-    """Worker main loop: build the env, then answer commands until ``close`` or the parent goes away."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes the pool
-    torch.set_num_threads(1)
-    try:
-        env = _build(payload)
-        info = (env.num_tasks, env.max_steps, env.action_dim)
-    except BaseException:
-        conn.send(("fatal", traceback.format_exc()))
-        return
-    conn.send(("ready", info))
-    while True:
-        try:
-            cmd, arg = conn.recv()
-        except (EOFError, OSError):  # parent gone
-            break
-        if cmd == "close":
-            break
-        start = time.perf_counter()
-        try:
-            if env is None:  # rebuilt lazily after a crash: its state is not trusted
-                env = _build(payload)
-            reply = ("ok", _handle(env, cmd, arg), time.perf_counter() - start)
-        except Exception as e:  # any simulator failure: physics blow-up, renderer error, adapter bug
-            reply = ("error", f"{type(e).__name__}: {e}", time.perf_counter() - start)
-            _close_quietly(env)
-            env = None
-        try:
-            conn.send(reply)
-        except (BrokenPipeError, OSError):
-            break
-    _close_quietly(env)
-    conn.close()
-    # Skip interpreter teardown (seconds with torch loaded); the env is closed and nothing else is pending.
-    os._exit(0)
 
 
 @contextmanager
@@ -218,6 +141,10 @@ class EnvPool:
     def size(self) -> int:
         return len(self._slots)
 
+    @property
+    def closed(self) -> bool:
+        return all(slot is None for slot in self._slots)
+
     def __enter__(self) -> EnvPool:
         return self
 
@@ -228,7 +155,7 @@ class EnvPool:
     def _start(self, i: int) -> None:
         parent, child = self._ctx.Pipe()
         with _thread_env():
-            proc = self._ctx.Process(target=_worker, args=(child, self._payload), daemon=True,
+            proc = self._ctx.Process(target=worker_main, args=(child, self._payload), daemon=True,
                                      name=f"vitavla-env-{i}")
             proc.start()
         child.close()  # the parent keeps only its end, so a dead worker shows up as EOF
@@ -345,6 +272,59 @@ class EnvPool:
         return reply.value
 
 
+# Pools kept alive by an open `shared_pools()` block, keyed by (env bytes, workers, timeout); None: no block.
+_shared: dict[tuple, EnvPool] | None = None
+
+
+@contextmanager
+def shared_pools():
+    """Within this block, :func:`acquire_pool` hands out one pool per (env, size, timeout) and
+    :func:`release_pool` keeps it running; every pool closes when the block ends.
+
+    For a process that evaluates several policies on the same simulator (``vitavla quickstart`` rolls out four):
+    worker start and env creation (~20 s for LIBERO) are paid once. Episodes stay independent, since every
+    episode starts with a reset from its own init state and seed, exactly as in a fresh pool.
+    """
+    global _shared
+    if _shared is not None:  # nested: the outer block owns the pools
+        yield
+        return
+    _shared = {}
+    try:
+        yield
+    finally:
+        pools, _shared = list(_shared.values()), None
+        for pool in pools:
+            pool.close()
+
+
+def acquire_pool(env: RolloutEnv | Callable[[], RolloutEnv], num_workers: int, *,
+                 timeout: float | None = None) -> EnvPool:
+    """A running pool for ``env``: the shared one inside :func:`shared_pools`, else a new one."""
+    if _shared is None:
+        return EnvPool(env, num_workers, timeout=timeout)
+    key = (_payload(env), num_workers, timeout)
+    pool = _shared.get(key)
+    if pool is None or pool.closed:
+        pool = _shared[key] = EnvPool(env, num_workers, timeout=timeout)
+    return pool
+
+
+def release_pool(pool: EnvPool, *, broken: bool = False) -> None:
+    """Done with ``pool``: close it, unless a :func:`shared_pools` block keeps it for the next user.
+
+    ``broken``: the user stopped mid-command (an exception), so a worker may still owe an answer that the
+    next user would read as its own; such a pool is closed and dropped from the block.
+    """
+    if _shared is not None:
+        for key, shared in list(_shared.items()):
+            if shared is pool:
+                if not broken:
+                    return
+                del _shared[key]
+    pool.close()
+
+
 def run_wave(pool: EnvPool, policy: BatchPolicy, specs: Sequence[EpisodeSpec],
              executor_factory: Callable[[], ActionExecutor], normalizer: Normalizer | None = None,
              image_size: int = 224, settle_steps: int = 0, record_frames: bool | Sequence[bool] = False,
@@ -454,4 +434,5 @@ def default_workers(requested: int | None = None) -> int:
     return max(1, cores or 1)
 
 
-__all__ = ["BatchPolicy", "EnvPool", "EnvPoolError", "Reply", "default_workers", "run_wave"]
+__all__ = ["BatchPolicy", "EnvPool", "EnvPoolError", "Reply", "acquire_pool", "default_workers", "release_pool",
+           "run_wave", "shared_pools"]
