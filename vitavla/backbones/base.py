@@ -103,7 +103,8 @@ def normalize_images(images: Tensor, mean: tuple[float, ...], std: tuple[float, 
     """uint8 (N, 3, H, W) -> float normalized with per-channel mean/std (in [0, 1] units)."""
     if images.dtype != torch.uint8:
         raise TypeError(f"images must be uint8, got {images.dtype}")
-    x = images.to(dtype) / 255.0
-    m = torch.tensor(mean, dtype=dtype, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=dtype, device=images.device).view(1, -1, 1, 1)
-    return (x - m) / s
+    # (x / 255 - mean) / std as one fused multiply-add on x: two passes over the pixels instead of four
+    # (this was 30% of a tiny student's training step on CPU).
+    scale = torch.tensor([1.0 / (255.0 * v) for v in std], dtype=dtype, device=images.device).view(1, -1, 1, 1)
+    bias = torch.tensor([-m / v for m, v in zip(mean, std)], dtype=dtype, device=images.device).view(1, -1, 1, 1)
+    return torch.addcmul(bias, images.to(dtype), scale)

