@@ -1,6 +1,7 @@
 """configs/eval_calvin.yaml and configs/eval_aloha.yaml without the simulators: they parse, their model sections
-match the training side, the CALVIN data section instantiates over a fake calvin_env, and `vitavla test` runs
-CALVIN chains through CalvinRolloutTestCallback (resume and crash handling included)."""
+match the training side (eval_aloha against the other ALOHA configs in tests/test_aloha_configs.py), the
+CALVIN data section instantiates over a fake calvin_env, and `vitavla test` runs CALVIN chains through
+CalvinRolloutTestCallback (resume and crash handling included)."""
 
 import json
 from pathlib import Path
@@ -11,6 +12,8 @@ import yaml
 from cli import build_cli, main
 from datamodules.calvin import ROBOT as CALVIN_ROBOT
 from datamodules.calvin_rollout import CalvinRolloutDataModule
+from teachers import SeerConfig
+from teachers.seer.teacher import robot_spec
 from vitavla.batch import RobotSpec
 from vitavla.rollout.aloha_env import TO_MODEL
 from vitavla.rollout.calvin_env import CalvinSimEnv
@@ -46,7 +49,12 @@ def test_eval_aloha_model_is_a_bimanual_student_for_the_sim_adapter():
     # AlohaDataModule(arms="both") trains with this robot; AlohaSimEnv returns and takes 12 + 2 values.
     both = RobotSpec(arm_dim=12, gripper_dim=2, gripper_state="width", gripper_state_dim=2)
     assert RobotSpec(s["arm_dim"], s["gripper_dim"], s["gripper_state"], s["gripper_state_dim"]) == both
-    assert RobotSpec(t["arm_dim"], t["gripper_dim"], t["gripper_state"], t["gripper_state_dim"]) == both
+    # The teacher is the bimanual Seer of teacher_aloha.yaml: its robot comes from the SeerConfig overrides
+    # on its preset (the config alone: building the released preset needs the MAE and CLIP files).
+    assert cfg["model"]["init_args"]["teacher"]["class_path"] == "teachers.SeerTeacher"
+    seer = SeerConfig.preset(t["preset"], **t["overrides"])
+    assert robot_spec(seer) == both
+    assert s["max_steps"] == seer.sequence_length  # the student's history is the teacher's S (7)
     assert len(TO_MODEL) == both.arm_dim + both.gripper_dim
     env = cfg["data"]["init_args"]["env"]
     assert env["class_path"] == "vitavla.rollout.aloha_env.AlohaSimEnv" and env["init_args"]["task"] == "transfer_cube"

@@ -17,7 +17,7 @@ from teachers.base import ActionOutput
 from tests.vitavla.helpers import tiny_policy
 from vitavla.rollout.env import ScriptedStandInEnv
 from vitavla.rollout.executors import ChunkExecutor, FirstActionExecutor, TemporalEnsembleExecutor
-from vitavla.rollout.parallel import EnvPool, run_wave
+from vitavla.rollout.parallel import EnvPool, EnvPoolError, run_wave
 from vitavla.rollout.runner import EpisodeSpec, evaluate, load_results, run_episode
 from vitavla.streaming import StreamingPolicy
 
@@ -213,3 +213,15 @@ def test_lazy_package_exports_resolve_to_their_classes():
         assert dir(package) == sorted(package.__all__)
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         datamodules.Nope
+
+
+class DiesWhenUnpickled(ScriptedStandInEnv):
+    """Kills the worker process while it rebuilds the env, before it can report anything."""
+
+    def __setstate__(self, state):
+        os._exit(5)
+
+
+def test_a_worker_that_dies_while_starting_is_a_clear_pool_error():
+    with pytest.raises(EnvPoolError, match="env worker 0 exited with code 5 while starting"):
+        EnvPool(DiesWhenUnpickled(), 1, start_timeout=60)

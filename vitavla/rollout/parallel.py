@@ -173,7 +173,14 @@ class EnvPool:
                     raise EnvPoolError(f"env worker {i} did not start within start_timeout="
                                        f"{self.start_timeout} s")
                 continue
-            self._take_ready(i, slot.conn.recv())
+            try:
+                msg = slot.conn.recv()
+            except (EOFError, OSError):  # it died before reporting (e.g. a script without a __main__ guard)
+                slot.process.join(1.0)
+                raise EnvPoolError(f"env worker {i} exited with code {slot.process.exitcode} while starting; "
+                                   "a script that starts simulator workers must do so under "
+                                   "`if __name__ == '__main__':` (they are spawned)") from None
+            self._take_ready(i, msg)
 
     def _take_ready(self, i: int, msg) -> None:
         kind, value = msg
