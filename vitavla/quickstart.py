@@ -82,9 +82,12 @@ def _rollout(configs: list[Path], ckpt: str, run_dir: Path, overrides: list[str]
     return results
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module doc as written, and every option's default in ``--help``."""
+
+
 def main(argv: list[str] | None = None) -> dict[str, RunResult]:
-    ap = argparse.ArgumentParser(prog="vitavla quickstart", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="vitavla quickstart", description=__doc__, formatter_class=_HelpFormatter)
     ap.add_argument("--out", default="runs/quickstart", help="run directory (demos, checkpoints, logs, videos)")
     ap.add_argument("--suite", default="libero_object", help="LIBERO suite of the task")
     ap.add_argument("--tasks", type=int, nargs="+", default=[0],
