@@ -1,7 +1,8 @@
 """Seer's own training objective (``utils/train_utils.py`` of the official code), on vitavla Windows.
 
 Total loss = 1.0 * smooth-L1(arm) + 0.01 * BCE(gripper) + 0.1 * foresight MSE, with the random-shift augmentation
-applied to the CLIP-normalised images of every frame in training mode only.
+of every frame in training mode only (Seer shifts the CLIP-normalised frames; shifting the uint8 frames before
+normalising gives the same values for a quarter of the bytes).
 
 Windows. Seer loads ``S + future_steps`` frames per training sample (``window_size`` 13 for CALVIN's
 S = 10, 10 for LIBERO's S = 7; seer spec §3.2) so that every one of its S steps has a frame
