@@ -18,11 +18,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.normalization import Normalizer, cached_normalizer, dataset_fingerprint
 from vitavla.batch import RobotSpec, collate_windows
+from vitavla.images import resize_uint8  # the one resize, shared with rollouts; tests import it from here
 
 
 class DataError(ValueError):
@@ -81,18 +81,6 @@ class EpisodeReader(ABC):
     def default_normalizer(self) -> Normalizer | None:
         """A fixed normalizer when the format's actions are already normalized (e.g. CALVIN rel_actions)."""
         return None
-
-
-def resize_uint8(frames: np.ndarray, size: int) -> torch.Tensor:
-    """(n, H, W, 3) uint8 -> (n, 3, size, size) uint8; antialiased bilinear, a no-op at the right size."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-    if x.shape[-2:] == (size, size):
-        return x.contiguous()
-    # uint8 in, uint8 out: torch's channels-last uint8 path is ~6x faster than a float round trip. Antialiasing
-    # only changes downscaling, and upscaling (CALVIN's 84/200 px -> 224) is 2x faster without it. The result
-    # stays channels-last: the caller copies it into its window buffer, a copy here would be wasted.
-    antialias = x.shape[-2] > size or x.shape[-1] > size
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=antialias, align_corners=False)
 
 
 class WindowDataset(Dataset):
