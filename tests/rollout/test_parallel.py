@@ -74,7 +74,7 @@ class FlakyEnv(ScriptedStandInEnv):
 
 
 def make_env(**kw):
-    return ScriptedStandInEnv(steps=8, crash_at=3, crash_episodes={(1, 2)}, **kw)
+    return ScriptedStandInEnv(steps=8, crash_at=3, crash_episodes={(1, 2)}, video_size=48, **kw)
 
 
 def specs(tasks=2, episodes=3, seed=7):
@@ -94,6 +94,9 @@ def same(a, b):
     assert (a.frames is None) == (b.frames is None)
     if a.frames is not None:
         assert len(a.frames) == len(b.frames) and all(np.array_equal(x, y) for x, y in zip(a.frames, b.frames))
+    assert a.instruction == b.instruction and (a.first_last is None) == (b.first_last is None)
+    if a.first_last is not None:
+        assert all(np.array_equal(x, y) for x, y in zip(a.first_last, b.first_last))
 
 
 @pytest.mark.parametrize("executor", [FirstActionExecutor, lambda: ChunkExecutor(2)])
@@ -126,6 +129,22 @@ def test_waves_equal_sequential_episodes_with_the_tiny_streaming_policy(pool):
         same(g, w)
     assert got[0].error is not None and got[0].steps == 3  # its row was dropped with select
     assert len(stream._instruction) == 2 and stream.held_steps == max(r.steps for r in got[1:])
+
+
+def test_workers_render_the_video_camera_only_for_recorded_episodes(pool):
+    wave = [EpisodeSpec(0, 1, 7), EpisodeSpec(1, 1, 7), EpisodeSpec(0, 2, 7)]
+    flags = [True, False, True]
+    got = run_wave(pool, ReachingBatch(), wave, FirstActionExecutor, image_size=16, record_frames=flags)
+    env = make_env()
+    want = [run_episode(env, ReachingBatch(), FirstActionExecutor(), s, image_size=16, record_frames=f)
+            for s, f in zip(wave, flags)]
+    for g, w in zip(got, want):
+        same(g, w)
+    # Recorded: every frame from the 48 px video camera, the outcome frame included. Not recorded (on a
+    # worker whose env recorded in earlier tests): no frames, and its first/last are the 32 px policy view.
+    assert [f.shape for f in got[0].frames] == [(48, 48, 3)] * (got[0].steps + 1)
+    assert got[1].frames is None and [f.shape for f in got[1].first_last] == [(32, 32, 3)] * 2
+    assert got[2].first_last[1].shape == (48, 48, 3)
 
 
 def test_env_that_does_not_pickle_is_refused_before_any_worker_starts():

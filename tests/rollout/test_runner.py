@@ -1,4 +1,6 @@
 import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -49,9 +51,45 @@ def test_run_episode_with_scripted_policy_succeeds_and_times_both_sides():
     assert res.success and res.error is None and 1 <= res.steps <= 8
     assert env._t == res.steps + 2  # settle steps are env steps, not policy steps
     assert res.seconds_sim > 0 and res.seconds_policy > 0
-    assert len(res.frames) == res.steps and res.frames[0].shape == (32, 32, 3)
+    # A frame per observation: the one after reset (and settling) through the outcome after the last step.
+    assert len(res.frames) == res.steps + 1 and res.frames[0].shape == (32, 32, 3)
+    np.testing.assert_array_equal(res.frames[-1], env._obs().static)
+    assert res.first_last[0] is res.frames[0] and res.first_last[1] is res.frames[-1]
+    assert res.instruction == "move to the top left target"
     fail = run_episode(env, ReachingStub(), FirstActionExecutor(), EpisodeSpec(1, 0), image_size=16)
     assert not fail.success and fail.steps == 8 and fail.frames is None
+    # Unrecorded episodes still keep their first and last frame (for the first/last sheet of all episodes).
+    first, last = fail.first_last
+    assert first.shape == last.shape == (32, 32, 3) and not np.array_equal(first, last)
+    np.testing.assert_array_equal(last, env._obs().static)
+
+
+class SeenFrames(ReachingStub):
+    """Also keeps the static view of every observation the policy gets."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def step(self, obs):
+        self.seen.append(obs.images[0, 0].clone())
+        return super().step(obs)
+
+
+def test_only_recorded_episodes_render_the_video_camera():
+    env = ScriptedStandInEnv(steps=8, image_size=32, video_size=96)
+    spec = EpisodeSpec(0, 0)
+    plain, recorded = SeenFrames(), SeenFrames()
+    a = run_episode(env, plain, FirstActionExecutor(), spec, image_size=16)
+    assert not env._recording and a.first_last[0].shape == (32, 32, 3)  # no video camera: the policy frame
+    b = run_episode(env, recorded, FirstActionExecutor(), spec, image_size=16, record_frames=True)
+    assert env._recording and b.success == a.success and b.steps == a.steps
+    assert [f.shape for f in b.frames] == [(96, 96, 3)] * (b.steps + 1)
+    assert b.first_last[0].shape == (96, 96, 3)
+    # The video camera is for people only: the policy saw the same frames in both episodes.
+    assert len(plain.seen) == len(recorded.seen) and all(map(torch.equal, plain.seen, recorded.seen))
+    c = run_episode(env, ReachingStub(), FirstActionExecutor(), spec, image_size=16)
+    assert not env._recording and c.first_last[1].shape == (32, 32, 3)  # switched off again for the next one
 
 
 def test_chunk_executor_queries_every_chunk():
@@ -86,8 +124,10 @@ def test_success_counting_per_task(tmp_path):
     assert out["success_rate"] == 0.5 and out["successes"] == 3
     assert out["episodes"] == 6 and out["errors"] == 0
     assert out["per_task"][0] == {"name": "reach_top_left", "successes": 3, "episodes": 3, "errors": 0,
-                                  "success_rate": 1.0}
+                                  "success_rate": 1.0, "success_ci95": [pytest.approx(0.4385, abs=1e-4), 1.0]}
     assert out["per_task"][1]["success_rate"] == 0.0
+    assert out["per_task"][1]["success_ci95"] == [0.0, pytest.approx(0.5615, abs=1e-4)]  # 0/3
+    assert out["success_ci95"] == pytest.approx([0.1876, 0.8124], abs=1e-4)  # 3/6
     lines = load_results(tmp_path / "r.jsonl")
     assert len(lines) == 6 and all(r["seconds_sim"] > 0 and r["seconds_policy"] > 0 for r in lines)
 

@@ -4,12 +4,14 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from cli import build_cli, main
 from datamodules import RolloutDataModule
 from vitavla.rollout.env import ScriptedStandInEnv
 from vitavla.rollout.runner import EpisodeSpec
+from vitavla.rollout.stats import wilson_interval
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -51,6 +53,20 @@ def test_vitavla_test_runs_rollouts_and_resumes_without_new_episodes(stage2_ckpt
     assert 0.0 <= res["success_rate"] <= 1.0
     assert res["successes"] == sum(t["successes"] for t in res["per_task"].values())
     assert lines(out) == 4 and len((out / "episodes.jsonl").read_text().splitlines()) == 4
+    assert res["success_ci95"] == list(wilson_interval(res["successes"], 4))
+    assert all(t["success_ci95"] == list(wilson_interval(t["successes"], 2)) for t in res["per_task"].values())
+    # Every episode leaves its first and last frame (32 px stand-in frames, side by side), and one sheet shows
+    # them all; the recorded episode per task (record_videos_per_task: 1) leaves an mp4 of >= 256 px frames.
+    pairs = sorted(p.name for p in (out / "first_last").glob("*.png"))
+    assert pairs == ["task00_ep000.png", "task00_ep001.png", "task01_ep000.png", "task01_ep001.png"]
+    assert Image.open(out / "first_last" / pairs[0]).size == (64, 32)
+    assert Image.open(out / "first_last.png").size[1] > 2 * 128
+    videos = sorted((out / "videos").glob("*.mp4"))
+    assert [v.name[:12] for v in videos] == ["task00_ep000", "task01_ep000"]
+    av = pytest.importorskip("av")
+    with av.open(str(videos[0])) as c:
+        frame = next(c.decode(video=0))
+    assert frame.width == 256 and frame.height > 256  # 8x the 32 px frame, under the banner
 
     # Same out_dir again: every spec is found finished, nothing runs, the totals are identical.
     first = (out / "episodes.rank0.jsonl").read_text()

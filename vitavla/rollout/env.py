@@ -16,19 +16,32 @@ import numpy as np
 
 @dataclass
 class Obs:
-    """One observation of one env: two uint8 H x W x 3 cameras, the proprio state, the instruction."""
+    """One observation of one env: two uint8 H x W x 3 cameras, the proprio state, the instruction.
+
+    ``video`` (optional, never shown to the policy): the frame a person watches in rollout videos and the
+    first/last-frame sheet, upright and possibly larger than the policy's cameras. ``None`` (the default, and
+    what envs without it return): reports use ``static``.
+    """
 
     static: np.ndarray
     wrist: np.ndarray
     state: np.ndarray
     instruction: str
+    video: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        for name in ("static", "wrist"):
+        for name in ("static", "wrist", "video"):
             img = getattr(self, name)
+            if img is None and name == "video":
+                continue
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
                 raise ValueError(f"Obs.{name} must be uint8 (H, W, 3), got {img.dtype} {img.shape}")
         self.state = np.asarray(self.state, dtype=np.float32)
+
+    @property
+    def frame(self) -> np.ndarray:
+        """The frame for people: ``video`` when the env renders one, else the policy's ``static`` view."""
+        return self.static if self.video is None else self.video
 
 
 class RolloutEnv(ABC):
@@ -64,6 +77,11 @@ class RolloutEnv(ABC):
     def close(self) -> None:
         """Free simulator resources; the default has none."""
 
+    def set_recording(self, on: bool) -> None:
+        """Whether the next episode (from the next :meth:`reset` on) is recorded as a video. The runner calls
+        it before every reset. An env that can render a better frame for people (:attr:`Obs.video`: larger,
+        another camera) does that expensive work only while recording; the default renders nothing extra."""
+
 
 TASKS = (("top left", (-0.6, 0.6)), ("top right", (0.6, 0.6)), ("bottom left", (-0.6, -0.6)),
          ("bottom right", (0.6, -0.6)), ("center", (0.0, 0.0)))
@@ -80,6 +98,8 @@ class ScriptedStandInEnv(RolloutEnv):
     ``crash_at``: raise ``RuntimeError`` at that step (for episodes in ``crash_episodes``, or all if None),
     to exercise the runner's error handling. ``sim_cost_ms``: CPU time each reset and step burns in a busy
     loop (not a sleep), to model a CPU-bound simulator in throughput benchmarks of parallel evaluation.
+    ``video_size``: while recording (:meth:`set_recording`), :attr:`Obs.video` is the static scene drawn again
+    at that size, like a simulator rendering a larger camera for videos; otherwise no video frame.
     """
 
     num_task: int = 2
@@ -93,6 +113,7 @@ class ScriptedStandInEnv(RolloutEnv):
     crash_episodes: set[tuple[int, int]] | None = None
     seed: int = 0
     sim_cost_ms: float = 0.0
+    video_size: int | None = None
     resets: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -103,6 +124,10 @@ class ScriptedStandInEnv(RolloutEnv):
         self._pos = self._goal = np.zeros(2)
         self._t = 0
         self._task = self._episode = -1
+        self._recording = False
+
+    def set_recording(self, on: bool) -> None:
+        self._recording = bool(on)
 
     @property
     def num_tasks(self) -> int:
@@ -153,22 +178,29 @@ class ScriptedStandInEnv(RolloutEnv):
         while time.perf_counter() < end:
             pass
 
-    def _pixel(self, p: np.ndarray) -> tuple[int, int]:
-        s = self.image_size
+    @staticmethod
+    def _pixel(p: np.ndarray, s: int) -> tuple[int, int]:
         col = int(round((p[0] + 1) / 2 * (s - 1)))
         row = int(round((1 - p[1]) / 2 * (s - 1)))
         return row, col
 
-    def _obs(self) -> Obs:
-        s, r = self.image_size, max(1, self.image_size // 16)
-        static = np.full((s, s, 3), 40, dtype=np.uint8)
+    def _draw(self, s: int) -> np.ndarray:
+        """The scene from above at ``s`` px: goal green, point red."""
+        r = max(1, s // 16)
+        img = np.full((s, s, 3), 40, dtype=np.uint8)
         for p, color in ((self._goal, (0, 220, 0)), (self._pos, (220, 0, 0))):
-            row, col = self._pixel(p)
-            static[max(0, row - r): row + r + 1, max(0, col - r): col + r + 1] = color
+            row, col = self._pixel(p, s)
+            img[max(0, row - r): row + r + 1, max(0, col - r): col + r + 1] = color
+        return img
+
+    def _obs(self) -> Obs:
+        s = self.image_size
+        static = self._draw(s)
         # The "wrist camera" sees how far the goal is: brightness falls with distance.
         dist = float(np.linalg.norm(self._pos - self._goal))
         wrist = np.full((s, s, 3), int(255 * max(0.0, 1 - dist / 2.9)), dtype=np.uint8)
         state = np.zeros(self.state_dim, dtype=np.float32)
         state[:4] = [*self._pos, *self._goal]
         state[-1] = 1.0
-        return Obs(static, wrist, state, self.instruction(self._task))
+        video = self._draw(self.video_size) if self._recording and self.video_size else None
+        return Obs(static, wrist, state, self.instruction(self._task), video=video)

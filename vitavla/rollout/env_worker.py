@@ -39,8 +39,11 @@ def _seed(seed: int) -> None:
 
 def _handle(env: RolloutEnv, cmd: str, arg):
     if cmd == "reset":
-        task, episode, seed, settle_steps, settle_action = arg
+        task, episode, seed, settle_steps, settle_action, record = arg
         _seed(seed)
+        hook = getattr(env, "set_recording", None)  # as runner.set_recording (not imported: lean worker)
+        if callable(hook):
+            hook(bool(record))
         obs = env.reset(task, episode, seed)
         for _ in range(settle_steps):
             obs = env.step(settle_action)[0]

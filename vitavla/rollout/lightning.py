@@ -27,7 +27,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,7 +36,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 
 from datamodules.normalization import Normalizer
-from vitavla.rollout.runner import EpisodeResult, EpisodeSpec, _append, _final, load_results, run_episode
+from vitavla.rollout.runner import (EpisodeResult, EpisodeSpec, _append, _final, load_results, result_record,
+                                   run_episode)
+from vitavla.rollout.stats import success_ci95
 from vitavla.streaming import StreamingPolicy
 
 log = logging.getLogger(__name__)
@@ -186,17 +187,23 @@ class RolloutTestCallback(Callback):
         return spec.episode_index - self.first_episode < self.videos_per_task and self.reporter is not None
 
     def _add(self, spec: EpisodeSpec, res: EpisodeResult) -> None:
-        """Append one attempt (fsync'd) and save its video if it is one of the recorded episodes."""
-        rec = {k: v for k, v in asdict(res).items() if k != "frames"}
+        """Append one attempt (fsync'd); save its first/last frames and, for a recorded episode, its video."""
+        rec = result_record(res)
         rec.update(seed=spec.seed, task_name=self.names[spec.task_index],
                    attempt=len(self.by_key.get(spec.key, [])))
         _append(self.path, rec)
         self.by_key.setdefault(spec.key, []).append(rec)
         if res.error is not None:
             log.warning("episode %s crashed (attempt %d): %s", spec, rec["attempt"], res.error)
-        elif res.frames is not None:
+        if self.reporter is None:
+            return
+        # On disk per episode (a few KB), not in memory: rank 0 builds first_last.png from every rank's
+        # files at the end, and a resumed run still shows the episodes an earlier run finished.
+        self.reporter.save_first_last(res, self.out_dir / "first_last")
+        if res.error is None and res.frames is not None:
             # Written now, not at the end: a few hundred frames per episode add up over a suite.
-            self.reporter.save_videos([res], self.out_dir / "videos", per_task=self.videos_per_task)
+            self.reporter.save_videos([res], self.out_dir / "videos", per_task=self.videos_per_task,
+                                      task_names=self.names)
 
     def run(self, pl_module: LightningModule, spec: EpisodeSpec) -> dict:
         """The final record of ``spec``: taken from an earlier run if finished there, else run now.
@@ -275,9 +282,11 @@ class RolloutTestCallback(Callback):
                 total[k] += c[k]
             # A rate with no error-free episode behind it is None (JSON null), not a made-up 0.
             rate = c["successes"] / c["episodes"] if c["episodes"] else None
-            per_task[t] = {"name": name, **c, "success_rate": rate}
+            per_task[t] = {"name": name, **c, "success_rate": rate,
+                           "success_ci95": success_ci95(c["successes"], c["episodes"])}
         rate = total["successes"] / total["episodes"] if total["episodes"] else None
-        return {"success_rate": rate, **total, "per_task": per_task}
+        return {"success_rate": rate, "success_ci95": success_ci95(total["successes"], total["episodes"]),
+                **total, "per_task": per_task}
 
     def write(self, trainer: Trainer, results: dict) -> None:
         dm = trainer.datamodule

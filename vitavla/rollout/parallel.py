@@ -372,8 +372,10 @@ def run_wave(pool: EnvPool, policy: BatchPolicy, specs: Sequence[EpisodeSpec],
     steps, success = [0] * n, [False] * n
     errors: list[str | None] = [None] * n
     frames = [[] if on else None for on in frames_on]
+    first_last: list[list | None] = [None] * n
+    instructions: list[str | None] = [None] * n
 
-    replies = pool.run({k: ("reset", (s.task_index, s.episode_index, s.seed, settle_steps, noop))
+    replies = pool.run({k: ("reset", (s.task_index, s.episode_index, s.seed, settle_steps, noop, frames_on[k]))
                         for k, s in enumerate(specs)})
     active = []
     for k, r in replies.items():
@@ -381,6 +383,8 @@ def run_wave(pool: EnvPool, policy: BatchPolicy, specs: Sequence[EpisodeSpec],
         if r.ok:
             obs[k] = r.value
             active.append(k)
+            # As run_episode: the first frame, and (updated every step) the last one.
+            first_last[k], instructions[k] = [obs[k].frame.copy()] * 2, obs[k].instruction
         else:
             errors[k] = r.value
     in_policy: list[int] | None = None  # spec index of each row of the policy's batch
@@ -411,7 +415,7 @@ def run_wave(pool: EnvPool, policy: BatchPolicy, specs: Sequence[EpisodeSpec],
         commands = {}
         for k in active:
             if frames[k] is not None:
-                frames[k].append(obs[k].static.copy())
+                frames[k].append(first_last[k][1] if t == 0 else obs[k].frame.copy())
             a0 = time.perf_counter()
             commands[k] = ("step", to_env_action(executors[k].act(t), normalizer)[0])
             pol[k] += time.perf_counter() - a0
@@ -424,11 +428,18 @@ def run_wave(pool: EnvPool, policy: BatchPolicy, specs: Sequence[EpisodeSpec],
                 continue
             obs[k], done, success[k] = r.value
             steps[k] = t + 1
+            first_last[k][1] = obs[k].frame.copy()
             if not (done or success[k]):
                 still.append(k)
+            elif frames[k] is not None:
+                frames[k].append(first_last[k][1])  # the outcome: the state after the last action
         active = still
+    for k in active:  # ran to max_steps without done: their outcome frame too
+        if frames[k] is not None:
+            frames[k].append(first_last[k][1])
     return [EpisodeResult(s.task_index, s.episode_index, bool(success[k]) and errors[k] is None, steps[k],
-                          errors[k], frames[k], sim[k], pol[k]) for k, s in enumerate(specs)]
+                          errors[k], frames[k], sim[k], pol[k], instructions[k], first_last[k])
+            for k, s in enumerate(specs)]
 
 
 def default_workers(requested: int | None = None) -> int:

@@ -14,20 +14,21 @@ import json
 import os
 import pickle
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchmetrics.aggregation import SumMetric
 from tqdm.auto import tqdm
 
 from datamodules.normalization import Normalizer
 from teachers.base import ActionOutput
+from vitavla.images import resize_uint8
 from vitavla.rollout.env import Obs, RolloutEnv
 from vitavla.rollout.executors import ActionExecutor, to_env_action
+from vitavla.rollout.stats import success_ci95
 from vitavla.streaming import Observation, StreamingPolicy
 
 
@@ -44,18 +45,9 @@ def as_step_policy(policy) -> StepPolicy:
     return StreamingPolicy(policy) if hasattr(policy, "student") and not hasattr(policy, "reset") else policy
 
 
-def resize_uint8(img: np.ndarray, size: int) -> torch.Tensor:
-    """H x W x 3 uint8 -> 3 x size x size uint8 (antialiased bilinear; no work if already that size)."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
-    if x.shape[1:] == (size, size):
-        return x
-    y = F.interpolate(x[None].float(), size=(size, size), mode="bilinear", antialias=True,
-                      align_corners=False)
-    return y[0].round().clamp(0, 255).to(torch.uint8)
-
-
 def to_observation(obs: Obs, image_size: int, instruction: str | None = None) -> Observation:
-    """One env observation -> a batch-of-one :class:`Observation` (views: static, wrist)."""
+    """One env observation -> a batch-of-one :class:`Observation` (views: static, wrist), resized by the same
+    :func:`~vitavla.images.resize_uint8` as the training windows."""
     images = torch.stack([resize_uint8(obs.static, image_size), resize_uint8(obs.wrist, image_size)])
     state = torch.from_numpy(np.asarray(obs.state, dtype=np.float32))[None]
     return Observation(images[None], state, [obs.instruction if instruction is None else instruction])
@@ -98,6 +90,11 @@ class EpisodeSpec:
 
 @dataclass
 class EpisodeResult:
+    """One episode attempt. ``frames`` (recorded episodes only): :attr:`Obs.frame` of every observation, the
+    one after reset through the one after the last step (``steps + 1`` frames). ``first_last`` (every
+    episode that reset): those two frames alone, cheap enough to keep for a contact sheet of all episodes.
+    Neither goes into results files (:func:`result_record`)."""
+
     task: int
     episode: int
     success: bool
@@ -106,6 +103,16 @@ class EpisodeResult:
     frames: list | None = None
     seconds_sim: float = 0.0
     seconds_policy: float = 0.0
+    instruction: str | None = None
+    first_last: list | None = None
+
+
+IMAGE_FIELDS = ("frames", "first_last")
+
+
+def result_record(res: EpisodeResult) -> dict:
+    """The JSON-able fields of a result (images left out; not ``asdict``, which would deep-copy them)."""
+    return {f.name: getattr(res, f.name) for f in fields(res) if f.name not in IMAGE_FIELDS}
 
 
 class _EnvError(Exception):
@@ -123,12 +130,17 @@ def run_episode(env: RolloutEnv, streaming_policy: StepPolicy, executor: ActionE
                 normalizer: Normalizer | None = None, image_size: int = 224, settle_steps: int = 0,
                 record_frames: bool = False, settle_action: np.ndarray | None = None) -> EpisodeResult:
     """One episode: reset, ``settle_steps`` no-op actions (LIBERO: 5 zeros for Seer, 10 for OpenVLA), then
-    up to ``env.max_steps`` policy steps, stopping at ``done``. Seeds torch and numpy with ``spec.seed``."""
+    up to ``env.max_steps`` policy steps, stopping at ``done``. Seeds torch and numpy with ``spec.seed``.
+
+    ``record_frames``: keep every frame for a video; the env is told first (``set_recording``) so that it
+    renders its video camera for this episode only."""
     torch.manual_seed(spec.seed)
     np.random.seed(spec.seed % 2**32)
     ctl = Controller(streaming_policy, executor, normalizer, image_size)
     ctl.reset()
+    set_recording(env, record_frames)
     frames = [] if record_frames else None
+    first_last, instruction = None, None
     sim, steps, success = 0.0, 0, False
     noop = np.zeros(env.action_dim, dtype=np.float32) if settle_action is None else settle_action
 
@@ -144,18 +156,30 @@ def run_episode(env: RolloutEnv, streaming_policy: StepPolicy, executor: ActionE
         obs = timed(env.reset, spec.task_index, spec.episode_index, spec.seed)
         for _ in range(settle_steps):
             obs = timed(env.step, noop)[0]
+        first_last, instruction = [obs.frame.copy()] * 2, obs.instruction
         for t in range(env.max_steps):
             if frames is not None:
-                frames.append(obs.static.copy())
+                frames.append(first_last[1] if t == 0 else obs.frame.copy())
             obs, done, success, _ = timed(env.step, ctl.act(t, obs))
             steps = t + 1
+            first_last[1] = obs.frame.copy()
             if done or success:
                 break
+        if frames is not None:
+            frames.append(first_last[1])  # the outcome: the state after the last action
         error = None
     except _EnvError as e:
         error, success = str(e), False
     return EpisodeResult(spec.task_index, spec.episode_index, bool(success), steps, error, frames, sim,
-                         ctl.seconds)
+                         ctl.seconds, instruction, first_last)
+
+
+def set_recording(env, on: bool) -> None:
+    """Tell ``env`` whether the coming episode is recorded (see :meth:`RolloutEnv.set_recording`); envs
+    written against the contract before it existed simply lack the method."""
+    hook = getattr(env, "set_recording", None)
+    if callable(hook):
+        hook(bool(on))
 
 
 def shard(specs: list[EpisodeSpec], rank: int, world_size: int) -> list[EpisodeSpec]:
@@ -196,7 +220,7 @@ def _final(records: list[dict]) -> dict:
 
 
 def _record(spec: EpisodeSpec, res: EpisodeResult, names: list[str], attempt: int) -> dict:
-    rec = {k: v for k, v in asdict(res).items() if k != "frames"}
+    rec = result_record(res)
     rec.update(seed=spec.seed, task_name=names[spec.task_index], attempt=attempt)
     return rec
 
@@ -210,7 +234,7 @@ def evaluate(env_factory: Callable[[], RolloutEnv], policy, specs: list[EpisodeS
 
     A spec is finished when it has an error-free record or ``1 + retries`` error records. After a
     simulator crash the env is closed and rebuilt with ``env_factory`` (its state is not trusted).
-    Returns ``{"success_rate", "successes", "episodes", "errors", "per_task": {task: {...}}}``;
+    Returns ``{"success_rate", "success_ci95", "successes", "episodes", "errors", "per_task": {task: {...}}}``;
     ``episodes`` counts error-free episodes only, so crashes never enter a success rate.
 
     ``num_envs > 1`` runs up to that many episodes at once, each simulator in its own process, with one
@@ -300,7 +324,8 @@ def _evaluate_parallel(env_factory, env: RolloutEnv, policy, pending: list[Episo
 def summarize(records: list[dict], task_names: list[str]) -> dict:
     """Per-task and overall counts/rates from final records, summed with torchmetrics (DDP-correct).
 
-    A rate with no error-free episode behind it is None (JSON null), not a made-up 0.
+    A rate with no error-free episode behind it is None (JSON null), not a made-up 0; ``success_ci95`` is
+    its 95% Wilson interval ``[lo, hi]`` (:func:`~vitavla.rollout.stats.wilson_interval`).
     """
     kinds = ("successes", "episodes", "errors")
     counts = {t: {k: SumMetric() for k in kinds} for t in range(len(task_names))}
@@ -320,6 +345,8 @@ def summarize(records: list[dict], task_names: list[str]) -> dict:
         for k in total:
             total[k] += c[k]
         per_task[t] = {"name": task_names[t], **c,
-                       "success_rate": c["successes"] / c["episodes"] if c["episodes"] else None}
+                       "success_rate": c["successes"] / c["episodes"] if c["episodes"] else None,
+                       "success_ci95": success_ci95(c["successes"], c["episodes"])}
     rate = total["successes"] / total["episodes"] if total["episodes"] else None
-    return {"success_rate": rate, **total, "per_task": per_task}
+    return {"success_rate": rate, "success_ci95": success_ci95(total["successes"], total["episodes"]), **total,
+            "per_task": per_task}
