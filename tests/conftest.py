@@ -21,3 +21,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def libero_demo(tmp_path_factory):
+    """One scripted LIBERO demo (libero_object task 0, 32 px), recorded once per session and shared by the
+    simulator tests that need one; returns (GenConfig, TaskResult). Skips without LIBERO."""
+    pytest.importorskip("libero.libero")
+    from vitavla.demos.libero_scripted import GenConfig, generate
+
+    cfg = GenConfig(suite="libero_object", tasks=(0,), episodes=1, max_attempts=2,
+                    out=str(tmp_path_factory.mktemp("libero_demo")), image_size=32, max_steps=200,
+                    settle_steps=1, progress=False)
+    (res,) = generate(cfg, log=lambda msg: None)
+    return cfg, res

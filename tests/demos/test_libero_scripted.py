@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from datamodules.libero import LiberoReader
-from vitavla.demos.libero_scripted import Demo, GenConfig, _resolve_body, _Writer, parse_pick_place_goal
+from vitavla.demos.libero_scripted import Demo, _resolve_body, _Writer, parse_pick_place_goal
 from vitavla.demos.pick_place_expert import (OSC_POS_LIMIT, ExpertConfig, Phase, PickPlaceExpert, ScenePoses,
                                              _rotation_error)
 
@@ -160,15 +160,10 @@ def test_writer_round_trip_and_top_up(tmp_path):
 
 
 @pytest.mark.sim
-def test_generate_one_libero_demo(tmp_path):
-    pytest.importorskip("libero.libero")
-    from vitavla.demos.libero_scripted import generate
-
-    cfg = GenConfig(suite="libero_object", tasks=(0,), episodes=1, max_attempts=2, out=str(tmp_path),
-                    image_size=32, max_steps=200, settle_steps=1, progress=False)
-    (res,) = generate(cfg, log=lambda msg: None)
+def test_generate_one_libero_demo(libero_demo):
+    cfg, res = libero_demo  # tests/conftest.py: generate() with 1 episode of 32 px
     assert res.kept == 1 and res.path.name == "pick_up_the_alphabet_soup_and_place_it_in_the_basket_demo.hdf5"
-    reader = LiberoReader(tmp_path)
+    reader = LiberoReader(cfg.out)
     (ep,) = reader.episodes
     assert ep.instruction == "pick up the alphabet soup and place it in the basket"
     assert ep.length == res.steps[0] and 40 < ep.length < 200

@@ -46,4 +46,11 @@ data:
     assert res["episodes"] + res["errors"] == 1 and res["errors"] == 0
     assert res["per_task"]["0"]["episodes"] == 1
     assert (out / "success_per_task.png").is_file()
-    assert list(out.rglob("*.mp4")), "no rollout video written"
+    assert res["success_ci95"] is not None and len(res["success_ci95"]) == 2
+    videos = list(out.rglob("*.mp4"))
+    assert videos, "no rollout video written"
+    av = pytest.importorskip("av")
+    with av.open(str(videos[0])) as c:
+        frame = next(c.decode(video=0))
+    assert frame.width == 256 and frame.height > 256  # the 128 px render enlarged 2x, under the banner
+    assert (out / "first_last.png").is_file() and (out / "first_last" / "task00_ep000.png").is_file()

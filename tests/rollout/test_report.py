@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitavla.rollout.report import (BAR_COLOR, ERROR_COLOR, FAILURE_COLOR, LABEL_H, PLOT_H, SUCCESS_COLOR, TEXT_BG,
-                                    annotate_frames, first_last_sheet, log_to_tensorboard, save_first_last,
+from vitavla.rollout.report import (BAR_COLOR, ERROR_COLOR, FAILURE_COLOR, LABEL_H, PLOT_H, SUCCESS_COLOR,
+                                    TEXT_BG, annotate_frames, first_last_sheet, log_to_tensorboard, save_first_last,
                                     save_videos, write_report, write_video)
 from vitavla.rollout.runner import EpisodeResult
 from vitavla.rollout.stats import wilson_interval
@@ -192,7 +192,8 @@ def _runs(index: np.ndarray) -> list[np.ndarray]:
 def _patches(img: np.ndarray, color) -> int:
     """Separate rectangles of ``color``: column runs within each run of rows that contain it."""
     mask = np.all(img == color, axis=-1)
-    return sum(len(_runs(np.flatnonzero(mask[rows].any(axis=0)))) for rows in _runs(np.flatnonzero(mask.any(1))))
+    row_runs = _runs(np.flatnonzero(mask.any(axis=1)))
+    return sum(len(_runs(np.flatnonzero(mask[rows].any(axis=0)))) for rows in row_runs)
 
 
 def test_first_last_sheet_labels_every_episode(tmp_path):

@@ -1,4 +1,4 @@
-"""vitavla.images: the shared uint8 resize (values, shapes, single frame = batch row) and nearest upscaling."""
+"""vitavla.images: the shared uint8 resize (values, shapes, a frame = its row of a stack), nearest upscaling."""
 
 import numpy as np
 import pytest

@@ -16,6 +16,11 @@ positions; ``"binary"``: 1.0 if the previous gripper command opened, else 0.0). 
 
 Settling happens inside :meth:`LiberoEnv.reset`, so run the runner with ``settle_steps=0``.
 
+Videos: every observation carries :attr:`Obs.video`, the agentview turned upright for people (free: the
+policy's render, rotated if needed). ``video_size`` renders the agentview once more at that size, but only
+in episodes the runner records (:meth:`LiberoEnv.set_recording`): on software OpenGL rendering is most of a
+step, so unrecorded episodes never pay for it. Without it, reports upscale the policy's frame instead.
+
 Rendering: ``fast_render=True`` (off by default, so evaluations match published numbers) turns off MSAA,
 shadows and reflections after every env reset: steps about 1.7-2x faster on software OpenGL (llvmpipe) at
 64-128 px, with slightly harder edges and no shadows. :func:`apply_fast_render` is shared with the scripted
@@ -130,20 +135,29 @@ class LiberoEnv(RolloutEnv):
     ``fast_render=True`` renders without MSAA, shadows and reflections (:func:`apply_fast_render`): much
     faster on CPU-only machines, but the images differ from the published protocols', so keep it off for
     evaluations compared with papers and use it for demos and rollouts made on the same machine.
+
+    ``video_size``: side in px of an extra agentview render for the videos of recorded episodes (e.g. 256
+    when the policy sees 64-128 px); ``None`` (default) renders nothing extra. The policy's observations are
+    the same either way.
     """
 
     def __init__(self, suite: str = "libero_10", protocol: str = "openvla", render_size: int | None = None,
                  max_steps: int | None = None, settle_steps: int | None = None, flip_images: bool | None = None,
-                 gripper_state: str = "width", seed: int = 7, gl: str = "egl", fast_render: bool = False):
+                 gripper_state: str = "width", seed: int = 7, gl: str = "egl", fast_render: bool = False,
+                 video_size: int | None = None):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
         if gripper_state not in GRIPPER_STATES:
             raise ValueError(f"gripper_state must be one of {GRIPPER_STATES}, got {gripper_state!r}")
+        if video_size is not None and (not isinstance(video_size, int) or video_size < 8):
+            raise ValueError(f"video_size must be an integer >= 8 (px) or None, got {video_size!r}")
         preset = PROTOCOLS[protocol]
         # Kept to rebuild the env in another process: the benchmark classes and a live MuJoCo sim don't pickle.
         self._args = dict(suite=suite, protocol=protocol, render_size=render_size, max_steps=max_steps,
                           settle_steps=settle_steps, flip_images=flip_images, gripper_state=gripper_state,
-                          seed=seed, gl=gl, fast_render=fast_render)
+                          seed=seed, gl=gl, fast_render=fast_render, video_size=video_size)
+        self.video_size = video_size
+        self._recording = False
         if max_steps is None:
             max_steps = preset["max_steps"] or SUITE_MAX_STEPS.get(suite)
             if max_steps is None:  # LIBERO-PRO variants etc.: no published budget, so demand one
@@ -239,6 +253,11 @@ class LiberoEnv(RolloutEnv):
             self._env.close()
         self._env, self._env_task, self._task = None, None, None
 
+    def set_recording(self, on: bool) -> None:
+        """Render the ``video_size`` agentview in the coming episodes (the runner calls this before each
+        reset, with True only for the episodes it turns into videos)."""
+        self._recording = bool(on)
+
     # -- internals -------------------------------------------------------------------------------------
     def _check_task(self, task_index: int) -> int:
         if not 0 <= task_index < self.num_tasks:
@@ -271,5 +290,19 @@ class LiberoEnv(RolloutEnv):
             grip = np.asarray(raw["robot0_gripper_qpos"], dtype=np.float64)
         else:
             grip = np.array([1.0 if self._last_gripper < 0 else 0.0])  # as the datamodule: 1.0 = open
-        return Obs(self._image(raw["agentview_image"]), self._image(raw["robot0_eye_in_hand_image"]),
-                   np.concatenate([arm, grip]).astype(np.float32), self.instruction(self._task))
+        static = self._image(raw["agentview_image"])
+        return Obs(static, self._image(raw["robot0_eye_in_hand_image"]),
+                   np.concatenate([arm, grip]).astype(np.float32), self.instruction(self._task),
+                   video=self._video(raw, static))
+
+    def _video(self, raw: dict, static: np.ndarray) -> np.ndarray:
+        """The upright agentview for people: rendered at ``video_size`` while recording, else the policy's
+        own frame (the same array when it is already upright, so nothing is copied or sent twice)."""
+        if self._recording and self.video_size is not None and self.video_size != self.render_size:
+            # Same camera and render settings as the policy's frame, in the native (upside-down) orientation
+            # of raw["agentview_image"]. The offscreen buffer (640 x 480 unless the model says otherwise)
+            # grows if needed; robosuite then rebuilds the context from the same model settings.
+            frame = self._env.env.sim.render(camera_name="agentview", width=self.video_size,
+                                             height=self.video_size)
+            return np.ascontiguousarray(frame[::-1, ::-1])
+        return static if self.flip_images else raw["agentview_image"][::-1, ::-1]

@@ -375,8 +375,8 @@ def run_wave(pool: EnvPool, policy: BatchPolicy, specs: Sequence[EpisodeSpec],
     first_last: list[list | None] = [None] * n
     instructions: list[str | None] = [None] * n
 
-    replies = pool.run({k: ("reset", (s.task_index, s.episode_index, s.seed, settle_steps, noop, frames_on[k]))
-                        for k, s in enumerate(specs)})
+    replies = pool.run({k: ("reset", (s.task_index, s.episode_index, s.seed, settle_steps, noop, on))
+                        for k, (s, on) in enumerate(zip(specs, frames_on))})
     active = []
     for k, r in replies.items():
         sim[k] += r.seconds

@@ -234,7 +234,7 @@ def evaluate(env_factory: Callable[[], RolloutEnv], policy, specs: list[EpisodeS
 
     A spec is finished when it has an error-free record or ``1 + retries`` error records. After a
     simulator crash the env is closed and rebuilt with ``env_factory`` (its state is not trusted).
-    Returns ``{"success_rate", "success_ci95", "successes", "episodes", "errors", "per_task": {task: {...}}}``;
+    Returns ``{"success_rate", "success_ci95", "successes", "episodes", "errors", "per_task": {task: ...}}``;
     ``episodes`` counts error-free episodes only, so crashes never enter a success rate.
 
     ``num_envs > 1`` runs up to that many episodes at once, each simulator in its own process, with one
@@ -348,5 +348,5 @@ def summarize(records: list[dict], task_names: list[str]) -> dict:
                        "success_rate": c["successes"] / c["episodes"] if c["episodes"] else None,
                        "success_ci95": success_ci95(c["successes"], c["episodes"])}
     rate = total["successes"] / total["episodes"] if total["episodes"] else None
-    return {"success_rate": rate, "success_ci95": success_ci95(total["successes"], total["episodes"]), **total,
-            "per_task": per_task}
+    ci = success_ci95(total["successes"], total["episodes"])
+    return {"success_rate": rate, "success_ci95": ci, **total, "per_task": per_task}
