@@ -15,6 +15,7 @@ _MODULES = {
                                   "TemporalEnsembleExecutor", "to_env_action"],
     "vitavla.rollout.runner": ["Controller", "EpisodeResult", "EpisodeSpec", "evaluate", "load_results",
                                "run_episode", "shard", "summarize"],
+    "vitavla.rollout.stats": ["wilson_interval"],
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_EXPORTS)
