@@ -269,6 +269,10 @@ class AlohaReader(EpisodeReader):
         ids = range(len(self._sources)) if episodes is None else episodes
         return np.concatenate([self._sources[i].action for i in ids])
 
+    def all_states(self, episodes: Sequence[int] | None = None) -> np.ndarray:
+        ids = range(len(self._sources)) if episodes is None else episodes
+        return np.concatenate([self._sources[i].state for i in ids]).astype(np.float64)  # no frames decoded
+
     def files(self) -> list[Path]:
         return [s.path for s in self._sources]  # only the episodes determine the action statistics
 
@@ -332,7 +336,8 @@ class AlohaDataModule(WindowDataModule):
     Episodes are split into train/val by a seeded hold-out of ``val_fraction``; action statistics are fitted
     on the whole directory once and cached under ``stats_cache_dir`` (keyed by files and arm selection).
     ``fast_jpeg`` decodes compressed frames at a reduced DCT scale no smaller than ``image_size`` (see
-    ``AlohaReader.jpeg_draft_size``); set it False for bit-exact full-size decoding.
+    ``AlohaReader.jpeg_draft_size``); set it False for bit-exact full-size decoding. ``normalize_state``
+    standardises the joint state with training-episode statistics (stored in the checkpoint's normalizer).
     """
 
     def __init__(self, root: str, arms: str = "left", static_camera: str = "cam_high",
@@ -340,7 +345,8 @@ class AlohaDataModule(WindowDataModule):
                  image_size: int = 224, batch_size: int = 8, num_workers: int = 4,
                  normalization: str = "minmax", stats_cache_dir: str = "~/.cache/vitavla",
                  pad_tail: bool = True, val_fraction: float = 0.1, seed: int = 0,
-                 gripper_range: list[float] | None = None, jpeg_bgr: bool = True, fast_jpeg: bool = True):
+                 gripper_range: list[float] | None = None, jpeg_bgr: bool = True, fast_jpeg: bool = True,
+                 normalize_state: bool = False):
         # The base would quietly treat any other value as minmax.
         if normalization not in ("minmax", "quantile"):
             raise ValueError(f"AlohaDataModule.normalization must be 'minmax' or 'quantile', "
@@ -348,7 +354,7 @@ class AlohaDataModule(WindowDataModule):
         super().__init__(num_steps=num_steps, image_size=image_size, batch_size=batch_size,
                          num_workers=num_workers, normalization=normalization,
                          stats_cache_dir=stats_cache_dir, pad_tail=pad_tail, val_fraction=val_fraction,
-                         seed=seed)
+                         seed=seed, normalize_state=normalize_state)
         self.reader_options = dict(root=root, arms=arms, static_camera=static_camera,
                                    wrist_camera=wrist_camera, instruction=instruction,
                                    gripper_range=gripper_range, jpeg_bgr=jpeg_bgr,

@@ -69,6 +69,14 @@ class EpisodeReader(ABC):
     def all_actions(self, episodes: Sequence[int] | None = None) -> np.ndarray:
         """Every raw action of ``episodes`` (default: all), (N, action_dim), for normalization statistics."""
 
+    def all_states(self, episodes: Sequence[int] | None = None) -> np.ndarray:
+        """Every raw state of ``episodes`` (default: all), (N, state_dim), for state statistics.
+
+        Reads whole episodes through :meth:`read` (frames included); formats with a cheaper path override it.
+        """
+        ids = range(len(self.episodes)) if episodes is None else episodes
+        return np.concatenate([self.read(i, 0, self.episodes[i].length).state for i in ids]).astype(np.float64)
+
     def files(self) -> list[Path]:
         """Files whose identity fingerprints the dataset (for the statistics cache)."""
         return sorted(p for p in self.root.rglob("*") if p.is_file())
@@ -125,7 +133,7 @@ class WindowDataset(Dataset):
         return {
             "images": images,
             "instruction": ep.instruction,
-            "state": torch.from_numpy(fr.state[frame].astype(np.float32)),
+            "state": self.normalizer.normalize_state(torch.from_numpy(fr.state[frame].astype(np.float32))),
             "valid": torch.from_numpy(steps < n),
             "actions": actions,
             "action_valid": torch.from_numpy(action_valid),
@@ -139,13 +147,14 @@ class WindowDataModule(L.LightningDataModule):
 
     def __init__(self, num_steps: int = 10, image_size: int = 224, batch_size: int = 8, num_workers: int = 4,
                  normalization: str = "minmax", stats_cache_dir: str = "~/.cache/vitavla", pad_tail: bool = True,
-                 val_fraction: float = 0.05, seed: int = 0):
+                 val_fraction: float = 0.05, seed: int = 0, normalize_state: bool = False):
         super().__init__()
         if normalization not in ("identity", "minmax", "quantile"):
             raise ValueError(f"normalization must be identity, minmax or quantile, got {normalization!r}")
         self.num_steps, self.image_size, self.batch_size = num_steps, image_size, batch_size
         self.num_workers, self.normalization, self.stats_cache_dir = num_workers, normalization, stats_cache_dir
         self.pad_tail, self.val_fraction, self.seed = pad_tail, val_fraction, seed
+        self.normalize_state = bool(normalize_state)
         self.normalizer: Normalizer | None = None
         self._readers: dict[str, EpisodeReader] = {}
         self._train: WindowDataset | None = None
@@ -186,11 +195,20 @@ class WindowDataModule(L.LightningDataModule):
         split = "all" if episodes is None else hashlib.sha1(",".join(map(str, train)).encode()).hexdigest()[:12]
         fp = dataset_fingerprint(reader.files(), extra=f"{type(reader).__name__}|{self.normalization}|"
                                                        f"{reader.cache_key}|train={split}")
-        mode = self.normalization
-        return cached_normalizer(self.stats_cache_dir, fp,
-                                 lambda: Normalizer.fit(reader.all_actions(episodes), reader.robot.arm_dim, mode=mode,
-                                                        gripper_range=getattr(reader, "gripper_range", None),
-                                                        gripper_convention=getattr(reader, "gripper_convention", "")))
+        if self.normalize_state:
+            fp = dataset_fingerprint(reader.files(), extra=f"{fp}|state=standardize")
+        mode, robot = self.normalization, reader.robot
+
+        def fit() -> Normalizer:
+            norm = Normalizer.fit(reader.all_actions(episodes), robot.arm_dim, mode=mode,
+                                  gripper_range=getattr(reader, "gripper_range", None),
+                                  gripper_convention=getattr(reader, "gripper_convention", ""))
+            if not self.normalize_state:
+                return norm
+            # Binary gripper flags stay 0/1: the models turn them into one-hots by thresholding at 0.5.
+            raw = range(robot.arm_dim, robot.state_dim) if robot.gripper_state == "binary" else ()
+            return norm.with_state_stats(reader.all_states(episodes), raw_dims=raw)
+        return cached_normalizer(self.stats_cache_dir, fp, fit)
 
     def setup(self, stage: str | None = None) -> None:
         if self._train is not None:

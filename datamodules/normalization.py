@@ -1,4 +1,5 @@
-"""Action normalization: arm values into the teacher head's range [-1, 1], gripper into [0, 1].
+"""Action normalization: arm values into the teacher head's range [-1, 1], gripper into [0, 1]; optionally the
+proprioceptive state to zero mean and unit variance.
 
 One :class:`Normalizer` is fitted per dataset (cached as JSON so it is computed once), used by the
 datamodule, saved inside every checkpoint (plain lists: loadable with ``weights_only=True``) and inverted
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +37,10 @@ class Normalizer:
     gripper_convention: str = ""
     """Human-readable meaning of gripper target 1, e.g. ``"1 = close (LIBERO: -1 open / +1 close)"``."""
     meta: dict = field(default_factory=dict)
+    state_mean: list[float] | None = None
+    """Per-dimension mean of the state the model reads; None (the default) = states pass through raw."""
+    state_std: list[float] | None = None
+    """Per-dimension scale of the state (``state_mean`` is subtracted, then divided by this)."""
 
     @property
     def arm_dim(self) -> int:
@@ -77,6 +83,39 @@ class Normalizer:
             g_high = np.full(grip.shape[1], gripper_range[1], dtype=np.float64)
         return cls(low.tolist(), high.tolist(), g_low.tolist(), g_high.tolist(), mode=mode,
                    gripper_convention=gripper_convention, meta={"num_samples": int(a.shape[0])})
+
+    def with_state_stats(self, states: np.ndarray, raw_dims: Sequence[int] = (), min_std: float = 1e-3
+                         ) -> Normalizer:
+        """A copy that also standardises states: ``(state - mean) / max(std, min_std)`` per dimension.
+
+        ``states``: (N, state_dim) raw states of the training episodes. ``raw_dims`` stay as they are (mean 0,
+        scale 1), e.g. binary gripper flags that models threshold at 0.5. ``min_std`` keeps a (nearly)
+        constant dimension from being blown up into noise.
+        """
+        x = np.asarray(states, dtype=np.float64)
+        if x.ndim != 2 or len(x) == 0:
+            raise ValueError(f"Normalizer.with_state_stats needs states of shape (N > 0, state_dim), got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("Normalizer.with_state_stats: states contain NaN or inf")
+        mean, std = x.mean(0), np.maximum(x.std(0), min_std)
+        for d in raw_dims:
+            mean[d], std[d] = 0.0, 1.0
+        return replace(self, state_mean=mean.tolist(), state_std=std.tolist())
+
+    @property
+    def normalizes_state(self) -> bool:
+        return self.state_mean is not None
+
+    def normalize_state(self, state: Tensor) -> Tensor:
+        """Raw (..., state_dim) -> standardised; unchanged when no state statistics were fitted."""
+        if self.state_mean is None:
+            return state
+        if state.shape[-1] != len(self.state_mean):
+            raise ValueError(f"state has {state.shape[-1]} values but the normalizer was fitted on "
+                             f"{len(self.state_mean)}-D states")
+        mean = torch.tensor(self.state_mean, dtype=state.dtype, device=state.device)
+        std = torch.tensor(self.state_std, dtype=state.dtype, device=state.device)
+        return (state - mean) / std
 
     def _arm(self, like: Tensor) -> tuple[Tensor, Tensor]:
         low = torch.tensor(self.arm_low, dtype=like.dtype, device=like.device)

@@ -69,12 +69,14 @@ class SeerTeacher(Teacher):
             bimanual ALOHA; no released checkpoint fits that robot, so it trains from scratch).
         seed: seed of the random initialisation (weights that no file provides, the tiny text tower).
         text_cache_size: distinct instructions whose text features are kept.
+        objective: weights and augmentation of :meth:`training_loss` (default: Seer's released values, e.g.
+            ``gripper_weight`` 0.01); only training reads it, so a teacher loads the same either way.
     """
 
     def __init__(self, preset: str = "seer_calvin", checkpoint: str | None = None,
                  vit_checkpoint: str | None = None, clip_text: str | None = None,
                  allow_history_truncation: bool = False, overrides: dict[str, Any] | None = None,
-                 seed: int = 0, text_cache_size: int = 4096):
+                 seed: int = 0, text_cache_size: int = 4096, objective: SeerObjective | None = None):
         super().__init__()
         cfg = SeerConfig.preset(preset, **(overrides or {}))
         released = preset not in TEST_PRESETS
@@ -91,7 +93,7 @@ class SeerTeacher(Teacher):
         self.seed = seed
         self.overrides = dict(overrides or {})
         self.vit_checkpoint, self.clip_text = vit_checkpoint, clip_text
-        self.objective = SeerObjective()
+        self.objective = objective if objective is not None else SeerObjective()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model = SeerModel(cfg)

@@ -349,3 +349,34 @@ def test_short_fit(suite, tmp_path, stage, gripper_state):
     assert module.normalizer_state == dm.normalizer.state_dict()
     assert module.normalizer_state["gripper_convention"] == "1 = close (LIBERO -1 open / +1 close)"
     assert read_state_dict(ckpt)
+
+
+@pytest.mark.parametrize("gripper_state", ["width", "binary"])
+def test_normalize_state_uses_training_statistics(suite, tmp_path, gripper_state):
+    root, source = suite
+    dm = datamodule(root, tmp_path, normalize_state=True, gripper_state=gripper_state)
+    dm.setup("fit")
+    reader, norm = dm.reader("train"), dm.normalizer
+    train = dm.split_episodes(reader, "train")
+    states = reader.all_states(train)
+    arm = reader.robot.arm_dim
+    assert norm.state_mean[:arm] == pytest.approx(states.mean(0)[:arm].tolist())
+    # Binary gripper flags stay 0/1 (models threshold them); arm values are standardised.
+    if gripper_state == "binary":
+        assert norm.state_mean[arm:] == [0.0] and norm.state_std[arm:] == [1.0]
+    ds = windows(dm)
+    w = ds[0]
+    e, start = ds.index[0]
+    raw = torch.from_numpy(reader.read(e, start, start + 1).state[0])
+    torch.testing.assert_close(w["state"][0], norm.normalize_state(raw))
+    # The same rule as rollouts: the env's raw state goes through the checkpoint's normalizer.
+    from vitavla.rollout.env import Obs
+    from vitavla.rollout.runner import to_observation
+
+    fr = reader.read(e, start, start + 1)
+    obs = Obs(fr.static[0], fr.wrist[0], fr.state[0], "x")
+    torch.testing.assert_close(to_observation(obs, dm.image_size, normalizer=norm).state[0], w["state"][0])
+    # A different flag is a different cache entry, never a stale one.
+    plain = datamodule(root, tmp_path, gripper_state=gripper_state)
+    plain.setup("fit")
+    assert not plain.normalizer.normalizes_state

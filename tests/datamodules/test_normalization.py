@@ -64,3 +64,31 @@ def test_fit_rejects_nan():
     a[3, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         Normalizer.fit(a, arm_dim=6)
+
+
+def test_state_statistics_standardise_and_keep_raw_dims():
+    rng = np.random.default_rng(1)
+    states = np.concatenate([rng.normal([0.1, -0.2, 0.3], [0.05, 0.2, 0.01], size=(500, 3)),
+                             rng.choice([0.0, 1.0], size=(500, 1))], axis=1)
+    states[:, 2] = 0.3  # a constant dimension: its scale is floored, not divided by zero
+    norm = Normalizer.fit(_actions(), arm_dim=6).with_state_stats(states, raw_dims=[3], min_std=1e-3)
+    assert norm.normalizes_state and not Normalizer.fit(_actions(), arm_dim=6).normalizes_state
+    out = norm.normalize_state(torch.from_numpy(states).float())
+    torch.testing.assert_close(out[:, :2].mean(0), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:, :2].std(0, unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
+    assert torch.all(out[:, 2] == 0)
+    assert torch.equal(out[:, 3], torch.from_numpy(states[:, 3]).float())  # binary flags pass through
+    # Raw states through a normalizer without state statistics are unchanged (old checkpoints).
+    raw = torch.randn(2, 4)
+    assert torch.equal(Normalizer.fit(_actions(), arm_dim=6).normalize_state(raw), raw)
+    with pytest.raises(ValueError, match="4-D states"):
+        norm.normalize_state(torch.zeros(2, 5))
+
+
+def test_state_statistics_survive_the_checkpoint_round_trip(tmp_path):
+    norm = Normalizer.fit(_actions(), arm_dim=6).with_state_stats(np.random.default_rng(0).normal(size=(50, 8)))
+    torch.save({"normalizer": norm.state_dict()}, tmp_path / "c.ckpt")
+    back = Normalizer.from_state_dict(torch.load(tmp_path / "c.ckpt", weights_only=True)["normalizer"])
+    assert back == norm
+    old = {k: v for k, v in norm.state_dict().items() if not k.startswith("state_")}  # written before the field
+    assert not Normalizer.from_state_dict(old).normalizes_state

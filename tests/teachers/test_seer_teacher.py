@@ -189,3 +189,17 @@ def test_attention_mask_structure():
     assert not step0[16:34, 16:].any()
     assert not full[:37, 37:].any()  # nothing of a later step
     assert full[37:74, :16].all() and not full[37:74, 16:37].any()  # earlier steps: A only
+
+
+def test_training_objective_weights_come_from_the_config():
+    from teachers.seer.training import SeerObjective
+
+    window = fake_window(SeerTeacher("tiny").robot, batch_size=2, num_steps=4)
+    default = SeerTeacher("tiny").eval()  # eval: no random shift, so both losses see the same frames
+    heavy = SeerTeacher("tiny", objective=SeerObjective(gripper_weight=1.0)).eval()
+    assert default.objective.gripper_weight == 0.01 and heavy.objective.gripper_weight == 1.0
+    total_d, parts_d = default.training_loss(window)
+    total_h, parts_h = heavy.training_loss(window)
+    for k in ("arm", "gripper", "image"):  # same weights (seed 0), so the same parts
+        torch.testing.assert_close(parts_d[k], parts_h[k])
+    torch.testing.assert_close(total_h - total_d, 0.99 * parts_d["gripper"])

@@ -399,7 +399,7 @@ def run_wave(pool: EnvPool, policy: BatchPolicy, specs: Sequence[EpisodeSpec],
                                    "episodes must use executors that query at the same steps")
             if in_policy is not None and in_policy != active:
                 policy.select([in_policy.index(k) for k in active])
-            rows = [to_observation(obs[k], image_size) for k in active]
+            rows = [to_observation(obs[k], image_size, normalizer=normalizer) for k in active]
             batch = Observation(torch.cat([o.images for o in rows]), torch.cat([o.state for o in rows]),
                                 [s for o in rows for s in o.instruction])
             prep = time.perf_counter()

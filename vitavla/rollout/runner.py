@@ -45,11 +45,15 @@ def as_step_policy(policy) -> StepPolicy:
     return StreamingPolicy(policy) if hasattr(policy, "student") and not hasattr(policy, "reset") else policy
 
 
-def to_observation(obs: Obs, image_size: int, instruction: str | None = None) -> Observation:
+def to_observation(obs: Obs, image_size: int, instruction: str | None = None,
+                   normalizer: Normalizer | None = None) -> Observation:
     """One env observation -> a batch-of-one :class:`Observation` (views: static, wrist), resized by the same
-    :func:`~vitavla.images.resize_uint8` as the training windows."""
+    :func:`~vitavla.images.resize_uint8` as the training windows; the state is standardised by ``normalizer``
+    exactly as the datamodule did in training (a no-op for a normalizer without state statistics)."""
     images = torch.stack([resize_uint8(obs.static, image_size), resize_uint8(obs.wrist, image_size)])
     state = torch.from_numpy(np.asarray(obs.state, dtype=np.float32))[None]
+    if normalizer is not None:
+        state = normalizer.normalize_state(state)
     return Observation(images[None], state, [obs.instruction if instruction is None else instruction])
 
 
@@ -70,7 +74,8 @@ class Controller:
     def act(self, t: int, obs: Obs, instruction: str | None = None) -> np.ndarray:
         start = time.perf_counter()
         if self.executor.needs_query(t):
-            self.executor.update(t, self.policy.step(to_observation(obs, self.image_size, instruction)))
+            self.executor.update(t, self.policy.step(to_observation(obs, self.image_size, instruction,
+                                                                    self.normalizer)))
             self.queries += 1
         action = to_env_action(self.executor.act(t), self.normalizer)[0]
         self.seconds += time.perf_counter() - start
