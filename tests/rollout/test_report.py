@@ -165,6 +165,11 @@ def test_annotated_frames_are_enlarged_under_an_outcome_banner():
     assert np.array_equal(out[0][:header], out[3][:header])  # the instruction is the same on every frame
     failed = annotate_frames(frames, "open the drawer", False, 3)
     assert _band_rows(failed[0], FAILURE_COLOR) > 0 and _band_rows(failed[0], SUCCESS_COLOR) == 0
+    # A long episode at the quickstart's 64 px: the banner keeps one height from t=0 to t=160 (a video
+    # needs one frame size), with the long title that used to wrap once t reached three digits.
+    long = annotate_frames([np.zeros((64, 64, 3), np.uint8)] * 161, "pick up the alphabet soup and place "
+                           "it in the basket", False, 160, title="task 0 ep 40")
+    assert len({f.shape for f in long}) == 1
     large = annotate_frames([np.zeros((300, 400, 3), np.uint8)], "x", False, 0)[0]
     assert large.shape[1] == 400  # already large enough: not enlarged
 

@@ -225,7 +225,9 @@ def annotate_frames(frames: list, instruction: str, success: bool, steps: int, t
     out = []
     for t, frame in enumerate(frames):
         img = first if t == 0 else upscale_nearest(np.asarray(frame), min_size)
-        status = text_strip([f"{head} | t={t}"], width, color)
+        # The step counter has a line of its own: appended to ``head`` it can push the line past the width
+        # as t grows (t=9 -> t=100), and a strip one line taller would change the frame size mid-video.
+        status = text_strip([head, f"t={t}"], width, color)
         out.append(np.concatenate([header, status, img], axis=0))
     return out
 
