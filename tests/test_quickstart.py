@@ -24,7 +24,7 @@ def resolved(capsys, *configs: Path) -> dict:
 def test_configs_agree_on_robot_images_and_teacher(capsys, step):
     cpu = resolved(capsys, CONFIGS / step)
     gpu = resolved(capsys, CONFIGS / step, CONFIGS / "gpu" / step)
-    for cfg, size, steps in ((cpu, 112, 6), (gpu, 224, 7)):
+    for cfg, size, steps in ((cpu, 56, 6), (gpu, 224, 7)):
         data = cfg["data"]["init_args"]
         # Seer trains on windows of sequence_length + future_steps (3) frames, the last 3 foresight targets
         # only; the students read the teacher's sequence_length steps.
@@ -32,8 +32,8 @@ def test_configs_agree_on_robot_images_and_teacher(capsys, step):
         assert (data["image_size"], data["num_steps"], data["gripper_state"]) == (size, window, "width")
         model = cfg["model"]["init_args"]
         teacher = model["teacher"]["init_args"]
-        if size == 112:  # the tiny teacher must be built identically by every step (export metadata checks it)
-            assert teacher["preset"] == "tiny" and teacher["overrides"]["image_size"] == 112
+        if size == 56:  # the tiny teacher must be built identically by every step (export metadata checks it)
+            assert teacher["preset"] == "tiny" and teacher["overrides"]["image_size"] == 56
             assert teacher["overrides"]["sequence_length"] == steps
         else:
             assert teacher["preset"] == "seer_libero" and teacher["overrides"] == {}  # sequence_length 7
@@ -68,3 +68,11 @@ def test_quickstart_runs_every_step_in_libero(tmp_path):
     assert list(out.rglob("events.out.tfevents.*"))
     table = (out / "summary.md").read_text()
     assert "| teacher (Seer, trained here) |" in table and "| student freeze_vlm |" in table
+
+
+def test_success_cell_gives_rate_wilson_interval_and_counts():
+    from vitavla.quickstart import format_success
+
+    assert format_success({"successes": 3, "episodes": 10}) == "0.30 [0.11, 0.60] (3/10)"
+    assert format_success({"successes": 0, "episodes": 10, "errors": 1}) == "0.00 [0.00, 0.28] (0/10, 1 errors)"
+    assert format_success({"successes": 0, "episodes": 0}) == "n/a (0/0)"

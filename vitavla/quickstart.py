@@ -93,12 +93,14 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
     ap.add_argument("--tasks", type=int, nargs="+", default=[0],
                     help="task indices in the suite (pick-and-place tasks); demos and rollouts cover each")
     ap.add_argument("--demos", type=int, default=10, help="successful demonstrations to record per task")
-    ap.add_argument("--render-size", type=int, default=64, help="camera size of demos and rollouts (px)")
+    ap.add_argument("--render-size", type=int, default=56,
+                    help="camera size of demos and rollouts (px); the CPU configs' models read 56 px")
     ap.add_argument("--workers", type=int, default=2, help="simulator processes (demos and rollouts)")
     ap.add_argument("--teacher-steps", type=int, default=200, help="teacher training steps")
     ap.add_argument("--align-steps", type=int, default=150, help="stage-1 steps")
     ap.add_argument("--finetune-steps", type=int, default=200, help="stage-2 steps per mode")
-    ap.add_argument("--episodes", type=int, default=4, help="rollouts per task and policy (held-out init states)")
+    ap.add_argument("--episodes", type=int, default=10,
+                    help="rollouts per task and policy (held-out init states)")
     ap.add_argument("--max-steps", type=int, default=140, help="policy steps per rollout")
     ap.add_argument("--batch-size", type=int, default=16, help="training batch size")
     ap.add_argument("--configs", default=None, help="folder holding the quickstart configs")
@@ -184,20 +186,29 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
     return results
 
 
+def format_success(rollout: dict) -> str:
+    """``0.40 [0.17, 0.69] (4/10)``: the rate, its 95% Wilson interval and the counts (errors apart)."""
+    from vitavla.rollout.stats import wilson_interval
+
+    wins, n = int(rollout.get("successes", 0)), int(rollout.get("episodes", 0))
+    errors = f", {rollout['errors']} errors" if rollout.get("errors") else ""
+    ci = wilson_interval(wins, n)
+    if ci is None:
+        return f"n/a ({wins}/{n}{errors})"
+    return f"{wins / n:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] ({wins}/{n}{errors})"
+
+
 def format_table(results: dict[str, RunResult], align: RunResult, summary: dict) -> str:
     """One markdown table: held-out action error (val split of the demos) and rollout success."""
     d = summary["demos"]
     head = (f"Demonstrations: {d['kept']} kept of {d['attempted']} scripted attempts ({d['seconds']:.0f} s). "
             f"Stage 1: val/align_mse {align.val.get('val/align_mse', float('nan')):.4f}, "
             f"{align.trainable:,} trainable, {align.seconds:.0f} s.")
-    rows = ["| policy | trainable params | train s | held-out arm MAE | held-out gripper acc | rollout success |",
+    rows = ["| policy | trainable params | train s | held-out arm MAE | held-out gripper acc "
+            "| rollout success [95% Wilson] (successes/episodes) |",
             "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        ro = r.rollout
-        rate = "n/a" if ro.get("success_rate") is None else f"{ro['success_rate']:.2f}"
-        errors = f", {ro['errors']} errors" if ro.get("errors") else ""
         label = "teacher (Seer, trained here)" if name == "teacher" else f"student {name}"
         rows.append(f"| {label} | {r.trainable:,} | {r.seconds:.0f} | {r.val.get('val/arm_mae', float('nan')):.4f} "
-                    f"| {r.val.get('val/gripper_acc', float('nan')):.3f} | {rate} ({ro.get('successes', 0)}/"
-                    f"{ro.get('episodes', 0)}{errors}) |")
+                    f"| {r.val.get('val/gripper_acc', float('nan')):.3f} | {format_success(r.rollout)} |")
     return "\n".join([head, "", *rows, "", f"Total wall time: {summary['wall_seconds'] / 60:.1f} min"])

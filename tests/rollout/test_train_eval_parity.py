@@ -73,7 +73,8 @@ def test_libero_rollout_inputs_equal_training_windows(libero_demo, tmp_path):
     size, steps = 48, 6  # the demo is 32 px: both paths upscale
     native, flipped = _windows(cfg.out, size, False, tmp_path), _windows(cfg.out, size, True, tmp_path)
     env = LiberoEnv(cfg.suite, protocol="seer", render_size=cfg.image_size, max_steps=cfg.max_steps,
-                    settle_steps=cfg.settle_steps, flip_images=False, gripper_state="width", seed=cfg.seed,
+                    settle_steps=cfg.settle_steps, settle_action=cfg.settle_action, flip_images=False,
+                    gripper_state="width", seed=cfg.seed,
                     fast_render=cfg.fast_render, video_size=128)
     try:
         env.set_recording(True)
@@ -115,7 +116,8 @@ def test_libero_demo_replays_open_loop_to_success(libero_demo):
         actions = g["actions"][()]
         init_state, attempt = int(g.attrs["init_state_index"]), int(g.attrs["attempt"])
     env = LiberoEnv(cfg.suite, protocol="seer", render_size=cfg.image_size, max_steps=len(actions) + 5,
-                    settle_steps=cfg.settle_steps, flip_images=False, gripper_state="width", seed=cfg.seed,
+                    settle_steps=cfg.settle_steps, settle_action=cfg.settle_action, flip_images=False,
+                    gripper_state="width", seed=cfg.seed,
                     fast_render=cfg.fast_render)
     try:
         env.reset(cfg.tasks[0], init_state, seed=cfg.seed + attempt)

@@ -14,8 +14,8 @@ joint_states}}`` and ``data.attrs["problem_info"]`` holding the task's language 
 :class:`datamodules.libero.LiberoReader` reads. Images are stored in the simulator's native (upside-down)
 orientation like the original LIBERO release, i.e. what :class:`~vitavla.rollout.libero_env.LiberoEnv`
 gives policies with ``flip_images=False``. Episode ``i`` starts from the task's fixed init state
-``i % 50`` after the same settle steps as LiberoEnv's ``"seer"`` protocol, so rollouts of a policy trained
-on these demos start where the demos did.
+``i % 50`` after ``--settle-steps`` of ``--settle-action`` (default: arm still, gripper open), so rollouts in
+a LiberoEnv given the same two values start where the demos did.
 
 Files are written to ``<name>.tmp`` and renamed over the old file only when complete: an interrupted run
 never corrupts an existing file, and a rerun tops a file up to ``--episodes`` demos, continuing with the
@@ -137,6 +137,9 @@ class GenConfig:
     noise: float = 0.05
     waypoint_noise: float = 0.01
     settle_steps: int = 5
+    settle_action: str = "noop"
+    """Command while settling (``LiberoEnv.settle_action``): ``noop`` keeps the gripper open, so every demo
+    starts open; ``zeros`` is Seer's protocol (the gripper drifts half shut before the first frame)."""
     fast_render: bool = True
     progress: bool = True
 
@@ -162,7 +165,8 @@ class _Worker:
 
         self.cfg = cfg
         self.env = LiberoEnv(cfg.suite, protocol="seer", render_size=cfg.image_size, max_steps=cfg.max_steps,
-                             settle_steps=cfg.settle_steps, flip_images=False, gripper_state="width",
+                             settle_steps=cfg.settle_steps, settle_action=cfg.settle_action,
+                             flip_images=False, gripper_state="width",
                              seed=cfg.seed, fast_render=cfg.fast_render)
 
     def record(self, task: int, attempt: int) -> Demo:
@@ -346,7 +350,7 @@ def _task_info(cfg: GenConfig, task: int) -> tuple[str, dict, dict, str]:
             "language_instruction": t.language}
     env_args = {"env_name": t.name, "suite": cfg.suite, "task_index": task, "camera_heights": cfg.image_size,
                 "camera_widths": cfg.image_size, "controller": "OSC_POSE", "control_freq": 20,
-                "settle_steps": cfg.settle_steps, "settle_action": "zeros", "fast_render": cfg.fast_render,
+                "settle_steps": cfg.settle_steps, "settle_action": cfg.settle_action, "fast_render": cfg.fast_render,
                 "image_orientation": "native (upside down; LiberoEnv flip_images=False)"}
     return t.name, info, env_args, bddl
 
@@ -510,6 +514,9 @@ def main(argv: list[str] | None = None) -> list[TaskResult]:
                      help="std in metres of per-episode waypoint offsets (default: 0.01)")
     lib.add_argument("--settle-steps", type=int, default=5,
                      help="zero actions before recording, as LiberoEnv's seer protocol (default: 5)")
+    lib.add_argument("--settle-action", default="noop", choices=("noop", "zeros"),
+                     help="command while settling: noop (arm still, gripper open) or zeros (Seer's protocol; "
+                          "the gripper starts half shut) (default: %(default)s)")
     lib.add_argument("--full-render", action="store_true",
                      help="keep MSAA, shadows and reflections (about 3x slower on CPU)")
     lib.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -522,7 +529,8 @@ def main(argv: list[str] | None = None) -> list[TaskResult]:
                     image_size=args.image_size, max_steps=args.max_steps, max_attempts=args.max_attempts,
                     workers=args.workers, seed=args.seed, noise=args.noise,
                     waypoint_noise=args.waypoint_noise,
-                    settle_steps=args.settle_steps, fast_render=not args.full_render,
+                    settle_steps=args.settle_steps, settle_action=args.settle_action,
+                    fast_render=not args.full_render,
                     progress=not args.no_progress)
     try:
         results = generate(cfg)

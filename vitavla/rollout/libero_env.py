@@ -50,6 +50,10 @@ PROTOCOLS = {
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
                    "libero_90": 400}
 GRIPPER_STATES = ("width", "binary")
+SETTLE_ACTIONS = ("zeros", "noop")
+"""``zeros``: all-zero commands (Seer), whose gripper value 0 drives the fingers half shut (LIBERO's gripper
+tracks its command), so the first frames show a half-closed gripper opening; ``noop``: arm still and gripper
+open (-1, OpenVLA's dummy action), so an episode starts with the gripper as open as during the approach."""
 
 
 def _set_gl(gl: str) -> None:
@@ -135,6 +139,7 @@ class LiberoEnv(RolloutEnv):
     ``fast_render=True`` renders without MSAA, shadows and reflections (:func:`apply_fast_render`): much
     faster on CPU-only machines, but the images differ from the published protocols', so keep it off for
     evaluations compared with papers and use it for demos and rollouts made on the same machine.
+    ``settle_action`` (``zeros`` or ``noop``, see :data:`SETTLE_ACTIONS`) overrides the protocol's.
 
     ``video_size``: side in px of an extra agentview render for the videos of recorded episodes (e.g. 256
     when the policy sees 64-128 px); ``None`` (default) renders nothing extra. The policy's observations are
@@ -144,18 +149,22 @@ class LiberoEnv(RolloutEnv):
     def __init__(self, suite: str = "libero_10", protocol: str = "openvla", render_size: int | None = None,
                  max_steps: int | None = None, settle_steps: int | None = None, flip_images: bool | None = None,
                  gripper_state: str = "width", seed: int = 7, gl: str = "egl", fast_render: bool = False,
-                 video_size: int | None = None):
+                 video_size: int | None = None, settle_action: str | None = None):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
         if gripper_state not in GRIPPER_STATES:
             raise ValueError(f"gripper_state must be one of {GRIPPER_STATES}, got {gripper_state!r}")
         if video_size is not None and (not isinstance(video_size, int) or video_size < 8):
             raise ValueError(f"video_size must be an integer >= 8 (px) or None, got {video_size!r}")
+        if settle_action not in (None, *SETTLE_ACTIONS):
+            raise ValueError(f"settle_action must be one of {SETTLE_ACTIONS} or None (the protocol's), got "
+                             f"{settle_action!r}")
         preset = PROTOCOLS[protocol]
         # Kept to rebuild the env in another process: the benchmark classes and a live MuJoCo sim don't pickle.
         self._args = dict(suite=suite, protocol=protocol, render_size=render_size, max_steps=max_steps,
                           settle_steps=settle_steps, flip_images=flip_images, gripper_state=gripper_state,
-                          seed=seed, gl=gl, fast_render=fast_render, video_size=video_size)
+                          seed=seed, gl=gl, fast_render=fast_render, video_size=video_size,
+                          settle_action=settle_action)
         self.video_size = video_size
         self._recording = False
         if max_steps is None:
@@ -170,7 +179,7 @@ class LiberoEnv(RolloutEnv):
         self.trials_per_task = int(preset["trials_per_task"])
         self._max_steps = int(max_steps)
         self.settle_action = np.zeros(7, dtype=np.float32)
-        if preset["settle_action"] == "noop":
+        if (settle_action or preset["settle_action"]) == "noop":
             self.settle_action[-1] = -1.0  # OpenVLA's "dummy action": keep the gripper open while settling
         _set_gl(gl)
         benchmark, self._get_path, self._env_cls = _libero()
