@@ -136,7 +136,8 @@ class GenConfig:
     seed: int = 0
     noise: float = 0.05
     waypoint_noise: float = 0.01
-    settle_steps: int = 5
+    settle_steps: int = 10
+    """Steps of ``settle_action`` before the first recorded frame (10: the gripper ends fully open)."""
     settle_action: str = "noop"
     """Command while settling (``LiberoEnv.settle_action``): ``noop`` keeps the gripper open, so every demo
     starts open; ``zeros`` is Seer's protocol (the gripper drifts half shut before the first frame)."""
@@ -512,8 +513,9 @@ def main(argv: list[str] | None = None) -> list[TaskResult]:
                      help="std of action noise, in action units, for diverse demos (default: 0.05)")
     lib.add_argument("--waypoint-noise", type=float, default=0.01,
                      help="std in metres of per-episode waypoint offsets (default: 0.01)")
-    lib.add_argument("--settle-steps", type=int, default=5,
-                     help="zero actions before recording, as LiberoEnv's seer protocol (default: 5)")
+    lib.add_argument("--settle-steps", type=int, default=10,
+                     help="settle steps before recording; 10 open-gripper steps leave the fingers fully open, "
+                          "as OpenVLA's protocol (default: %(default)s)")
     lib.add_argument("--settle-action", default="noop", choices=("noop", "zeros"),
                      help="command while settling: noop (arm still, gripper open) or zeros (Seer's protocol; "
                           "the gripper starts half shut) (default: %(default)s)")
