@@ -71,6 +71,24 @@ def test_expert_phases_advance_in_order_and_place(noise):
     np.testing.assert_allclose(scene.obj[:2], scene.target[:2], atol=0.03)  # the object ended on the target
 
 
+def test_clean_action_is_the_noise_free_command_of_the_same_state():
+    """DART labels: with noise the executed action differs from the clean one by exactly the position noise,
+    and the clean one equals what a noise-free expert in the same state and phase commands."""
+    scene = FakeScene()
+    noisy = PickPlaceExpert(ExpertConfig(noise=0.2), rng=np.random.default_rng(3))
+    quiet = PickPlaceExpert(ExpertConfig())
+    differs = 0
+    for _ in range(30):
+        p = scene.poses()
+        executed, reference = noisy.act(p), quiet.act(p)
+        differs += int(np.abs(executed[:3] - noisy.clean_action[:3]).max() > 1e-3)
+        assert noisy.phase == quiet.phase
+        np.testing.assert_array_equal(noisy.clean_action, reference)
+        np.testing.assert_array_equal(executed[3:], noisy.clean_action[3:])  # only positions are perturbed
+        scene.step(executed)  # both experts see the states the noisy execution leads to
+    assert differs > 20  # the noise moves the executed positions (rarely masked by clipping at +-1)
+
+
 def test_gripper_closes_only_when_aligned():
     scene = FakeScene()
     cfg = ExpertConfig()

@@ -134,8 +134,13 @@ class GenConfig:
     max_attempts: int | None = None
     workers: int = 1
     seed: int = 0
-    noise: float = 0.05
+    noise: float = 0.2
+    """Std of the noise on the executed position actions (action units)."""
     waypoint_noise: float = 0.01
+    clean_labels: bool = True
+    """Store the expert's noise-free action as the label while executing the noisy one (DART, Laskey et al.
+    2017): the noise spreads the demos' states around the clean path and each label steers back to it, so a
+    policy learns to correct its own drift instead of only the path itself."""
     settle_steps: int = 10
     """Steps of ``settle_action`` before the first recorded frame (10: the gripper ends fully open)."""
     settle_action: str = "noop"
@@ -188,13 +193,14 @@ class _Worker:
         success, done_wait = False, 0
         for _ in range(cfg.max_steps):
             action = expert.act(poses.read())
+            label = expert.clean_action if cfg.clean_labels else action
             rec["agentview_rgb"].append(obs.static)
             rec["eye_in_hand_rgb"].append(obs.wrist)
             rec["ee_states"].append(obs.state[:6].astype(np.float64))
             rec["gripper_states"].append(obs.state[6:8].astype(np.float64))
             rec["joint_states"].append(np.array(sim_env.sim.data.qpos[robot._ref_joint_pos_indexes]))
             rec["states"].append(sim_env.sim.get_state().flatten())
-            rec["actions"].append(action)
+            rec["actions"].append(label)
             obs, _, success, _ = env.step(action)
             if success or expert.failed:
                 break
@@ -509,8 +515,10 @@ def main(argv: list[str] | None = None) -> list[TaskResult]:
     lib.add_argument("--workers", type=int, default=1, help="parallel simulator processes (default: 1)")
     lib.add_argument("--seed", type=int, default=0,
                      help="seed of the expert's noise and the env (default: 0)")
-    lib.add_argument("--noise", type=float, default=0.05,
-                     help="std of action noise, in action units, for diverse demos (default: 0.05)")
+    lib.add_argument("--noise", type=float, default=0.2,
+                     help="std of the noise on executed position actions, in action units (default: 0.2)")
+    lib.add_argument("--noisy-labels", action="store_true",
+                     help="store the executed (noisy) actions instead of the expert's clean ones")
     lib.add_argument("--waypoint-noise", type=float, default=0.01,
                      help="std in metres of per-episode waypoint offsets (default: 0.01)")
     lib.add_argument("--settle-steps", type=int, default=10,
@@ -529,7 +537,7 @@ def main(argv: list[str] | None = None) -> list[TaskResult]:
         ap.error(f"--tasks: expected comma-separated integers, got {args.tasks!r}")
     cfg = GenConfig(suite=args.suite, tasks=tasks, episodes=args.episodes, out=args.out,
                     image_size=args.image_size, max_steps=args.max_steps, max_attempts=args.max_attempts,
-                    workers=args.workers, seed=args.seed, noise=args.noise,
+                    workers=args.workers, seed=args.seed, noise=args.noise, clean_labels=not args.noisy_labels,
                     waypoint_noise=args.waypoint_noise,
                     settle_steps=args.settle_steps, settle_action=args.settle_action,
                     fast_render=not args.full_render,

@@ -92,7 +92,8 @@ class PickPlaceExpert:
     """A phase machine that picks an object and places it in/on a target, from poses read every step.
 
     Call :meth:`act` once per step with the current :class:`ScenePoses`; it returns a 7-D LIBERO action
-    (3 position deltas, 3 axis-angle deltas, gripper -1 open / +1 close), clipped to [-1, 1]. ``failed`` is
+    (3 position deltas, 3 axis-angle deltas, gripper -1 open / +1 close), clipped to [-1, 1], with the
+    configured noise; :attr:`clean_action` then holds the same action without noise. ``failed`` is
     set when a phase times out; ``phase`` is :attr:`Phase.DONE` after the retreat.
     """
 
@@ -130,10 +131,13 @@ class PickPlaceExpert:
         action = np.zeros(7)
         if self.phase != Phase.DONE:
             action[:3] = np.clip(c.gain * (goal - eef) / OSC_POS_LIMIT, -speed, speed)
-            if c.noise > 0 and self.rng is not None:
-                action[:3] += self.rng.normal(0.0, c.noise, 3)
             action[3:6] = c.rot_gain * _rotation_error(self._ref_quat, p.eef_quat) / OSC_ROT_LIMIT
         action[6] = grip
+        # The expert's own command for this state: the label a DART-style recorder stores while it executes
+        # the noisy one, so demos visit states off the clean path and teach the way back from them.
+        self.clean_action = np.clip(action, -1.0, 1.0)
+        if self.phase != Phase.DONE and c.noise > 0 and self.rng is not None:
+            action[:3] += self.rng.normal(0.0, c.noise, 3)
         return np.clip(action, -1.0, 1.0)
 
     # -- internals -------------------------------------------------------------------------------------
