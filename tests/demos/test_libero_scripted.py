@@ -145,6 +145,7 @@ def _fake_demo(i: int, t: int, size: int = 16) -> Demo:
               "ee_states": rng.normal(size=(t, 6)), "gripper_states": rng.normal(size=(t, 2)),
               "joint_states": rng.normal(size=(t, 7)), "states": rng.normal(size=(t, 20)),
               "actions": rng.uniform(-1, 1, (t, 7))}
+    arrays["executed_actions"] = np.clip(arrays["actions"] + rng.normal(0, 0.2, (t, 7)), -1, 1)
     return Demo(0, i, i, True, t, 1.0, arrays)
 
 
@@ -175,6 +176,8 @@ def test_writer_round_trip_and_top_up(tmp_path):
         assert h["data"].attrs["next_attempt"] == 3 and h["data"].attrs["num_demos"] == 2
         assert json.loads(h["data"].attrs["problem_info"]) == info
         assert h["data/demo_1/obs/agentview_rgb"].compression == "gzip"
+        # The labels are what the reader trains on; the executed commands are kept beside them for replays.
+        np.testing.assert_array_equal(h["data/demo_1/executed_actions"][()], demos[1].arrays["executed_actions"])
 
 
 @pytest.mark.sim

@@ -68,7 +68,7 @@ def test_libero_rollout_inputs_equal_training_windows(libero_demo, tmp_path):
     cfg, res = libero_demo
     with h5py.File(res.path) as h:
         g = h["data/demo_0"]
-        actions = g["actions"][()]
+        actions = g["executed_actions"][()]  # the commands the simulator got (labels + DART noise)
         init_state, attempt = int(g.attrs["init_state_index"]), int(g.attrs["attempt"])
     size, steps = 48, 6  # the demo is 32 px: both paths upscale
     native, flipped = _windows(cfg.out, size, False, tmp_path), _windows(cfg.out, size, True, tmp_path)
@@ -113,7 +113,7 @@ def test_libero_demo_replays_open_loop_to_success(libero_demo):
     cfg, res = libero_demo
     with h5py.File(res.path) as h:
         g = h["data/demo_0"]
-        actions = g["actions"][()]
+        actions = g["executed_actions"][()]  # the commands the simulator got (labels + DART noise)
         init_state, attempt = int(g.attrs["init_state_index"]), int(g.attrs["attempt"])
     env = LiberoEnv(cfg.suite, protocol="seer", render_size=cfg.image_size, max_steps=len(actions) + 5,
                     settle_steps=cfg.settle_steps, settle_action=cfg.settle_action, flip_images=False,

@@ -8,8 +8,8 @@ and target poses from the simulator every step and drives LIBERO's OSC delta-pos
 above-object, descend, close, lift, above-target, lower, open and retreat. Only episodes the env reports as
 successful (LIBERO's BDDL goal check) are kept.
 
-Output: one ``<TASK_NAME>_demo.hdf5`` per task with ``data/demo_<i>/{actions, dones, rewards, states,
-robot_states, obs/{agentview_rgb, eye_in_hand_rgb, ee_states, ee_pos, ee_ori, gripper_states,
+Output: one ``<TASK_NAME>_demo.hdf5`` per task with ``data/demo_<i>/{actions, executed_actions, dones,
+rewards, states, robot_states, obs/{agentview_rgb, eye_in_hand_rgb, ee_states, ee_pos, ee_ori, gripper_states,
 joint_states}}`` and ``data.attrs["problem_info"]`` holding the task's language instruction, the layout
 :class:`datamodules.libero.LiberoReader` reads. Images are stored in the simulator's native (upside-down)
 orientation like the original LIBERO release, i.e. what :class:`~vitavla.rollout.libero_env.LiberoEnv`
@@ -189,7 +189,8 @@ class _Worker:
         expert = PickPlaceExpert(ExpertConfig(noise=cfg.noise, waypoint_noise=cfg.waypoint_noise), rng=rng)
         robot = sim_env.robots[0]
         rec: dict[str, list] = {k: [] for k in ("agentview_rgb", "eye_in_hand_rgb", "ee_states",
-                                                "gripper_states", "joint_states", "actions", "states")}
+                                                "gripper_states", "joint_states", "actions", "states",
+                                                "executed_actions")}
         success, done_wait = False, 0
         for _ in range(cfg.max_steps):
             action = expert.act(poses.read())
@@ -201,6 +202,7 @@ class _Worker:
             rec["joint_states"].append(np.array(sim_env.sim.data.qpos[robot._ref_joint_pos_indexes]))
             rec["states"].append(sim_env.sim.get_state().flatten())
             rec["actions"].append(label)
+            rec["executed_actions"].append(action)
             obs, _, success, _ = env.step(action)
             if success or expert.failed:
                 break
@@ -284,6 +286,9 @@ class _Writer:
         g.attrs["init_state_index"] = demo.init_state
         g.attrs["attempt"] = demo.attempt
         g.create_dataset("actions", data=a["actions"])
+        # What the simulator was given (the labels plus the DART noise): replaying these from the init state
+        # reproduces the episode; LIBERO readers ignore the extra key.
+        g.create_dataset("executed_actions", data=a["executed_actions"])
         g.create_dataset("states", data=a["states"])
         dones = np.zeros(t, np.uint8)
         dones[-1] = 1
