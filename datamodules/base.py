@@ -193,10 +193,9 @@ class WindowDataModule(L.LightningDataModule):
         train = self.split_episodes(reader, "train")
         episodes = None if len(train) == len(reader.episodes) else train
         split = "all" if episodes is None else hashlib.sha1(",".join(map(str, train)).encode()).hexdigest()[:12]
+        state = "|state=standardize" if self.normalize_state else ""  # unchanged keys for existing caches
         fp = dataset_fingerprint(reader.files(), extra=f"{type(reader).__name__}|{self.normalization}|"
-                                                       f"{reader.cache_key}|train={split}")
-        if self.normalize_state:
-            fp = dataset_fingerprint(reader.files(), extra=f"{fp}|state=standardize")
+                                                       f"{reader.cache_key}|train={split}{state}")
         mode, robot = self.normalization, reader.robot
 
         def fit() -> Normalizer:
