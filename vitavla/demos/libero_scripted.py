@@ -25,9 +25,7 @@ next init state.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vitavla.demos.libero_hdf5 import _existing, _Writer, demo_path
 from vitavla.demos.pick_place_expert import TALL_OBJECT, ExpertConfig, Phase, PickPlaceExpert, ScenePoses
 
 
@@ -230,108 +229,6 @@ def _init_worker(cfg: GenConfig) -> None:
 
 def _run_job(job: tuple[int, int]) -> Demo:
     return _WORKER.record(*job)
-
-
-def demo_path(out: str | Path, task_name: str) -> Path:
-    """LIBERO's file name for a task's demos."""
-    return Path(out) / f"{task_name}_demo.hdf5"
-
-
-def _existing(path: Path) -> tuple[int, int]:
-    """(demos kept, next attempt) of an existing output file; (0, 0) when there is none."""
-    if not path.exists():
-        return 0, 0
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as h:
-            data = h["data"]
-            kept = sum(1 for k in data if re.fullmatch(r"demo_\d+", k))
-            return kept, int(data.attrs.get("next_attempt", kept))
-    except (OSError, KeyError) as e:
-        raise ValueError(f"{path}: cannot resume from an unreadable demo file (expected a LIBERO HDF5 with a "
-                         f"'data' group): {e}; move it away to start afresh") from e
-
-
-class _Writer:
-    """Appends demos to ``<file>.tmp`` (a copy of any existing file) and renames it into place on close."""
-
-    def __init__(self, path: Path, problem_info: dict, env_args: dict, bddl_file: str):
-        import h5py
-
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if self.tmp.exists():
-            self.tmp.unlink()  # leftover of an interrupted run; the real file is intact
-        if path.exists():
-            with h5py.File(path, "r") as src, h5py.File(self.tmp, "w") as dst:
-                for k in src:
-                    src.copy(src[k], dst, name=k)
-                for k, v in src.attrs.items():
-                    dst.attrs[k] = v
-        self.h = h5py.File(self.tmp, "a")
-        data = self.h.require_group("data")
-        data.attrs["problem_info"] = json.dumps(problem_info)
-        data.attrs["env_args"] = json.dumps(env_args)
-        data.attrs["bddl_file_name"] = bddl_file
-        data.attrs["generator"] = "vitavla.demos.libero_scripted"
-        self.data = data
-        self.kept = sum(1 for k in data if re.fullmatch(r"demo_\d+", k))
-
-    def add(self, demo: Demo) -> None:
-        a = demo.arrays
-        g = self.data.create_group(f"demo_{self.kept}")
-        t = len(a["actions"])
-        g.attrs["num_samples"] = t
-        g.attrs["init_state_index"] = demo.init_state
-        g.attrs["attempt"] = demo.attempt
-        g.create_dataset("actions", data=a["actions"])
-        # What the simulator was given (the labels plus the DART noise): replaying these from the init state
-        # reproduces the episode; LIBERO readers ignore the extra key.
-        g.create_dataset("executed_actions", data=a["executed_actions"])
-        g.create_dataset("states", data=a["states"])
-        dones = np.zeros(t, np.uint8)
-        dones[-1] = 1
-        g.create_dataset("dones", data=dones)
-        g.create_dataset("rewards", data=dones.astype(np.float64))
-        ee_quat = np.stack([_axisangle2quat(v) for v in a["ee_states"][:, 3:]])
-        # LIBERO's robot_states: gripper qpos, eef pos, eef quat.
-        g.create_dataset("robot_states", data=np.concatenate([a["gripper_states"], a["ee_states"][:, :3],
-                                                              ee_quat], axis=1))
-        obs = g.create_group("obs")
-        for key in ("agentview_rgb", "eye_in_hand_rgb"):
-            # Chunked per frame and gzipped: h5py decompresses transparently on read.
-            img = a[key]
-            obs.create_dataset(key, data=img, chunks=(1, *img.shape[1:]), compression="gzip",
-                               compression_opts=4)
-        obs.create_dataset("ee_states", data=a["ee_states"])
-        obs.create_dataset("ee_pos", data=a["ee_states"][:, :3])
-        obs.create_dataset("ee_ori", data=a["ee_states"][:, 3:])
-        obs.create_dataset("gripper_states", data=a["gripper_states"])
-        obs.create_dataset("joint_states", data=a["joint_states"])
-        self.kept += 1
-        self.data.attrs["num_demos"] = self.kept
-        self.data.attrs["total"] = int(self.data.attrs.get("total", 0)) + t
-        self.h.flush()
-
-    def close(self, next_attempt: int) -> None:
-        self.data.attrs["next_attempt"] = next_attempt
-        self.h.close()
-        if self.kept:
-            os.replace(self.tmp, self.path)  # atomic on POSIX: readers see the old or the new file
-        else:
-            self.tmp.unlink()
-
-    def abort(self) -> None:
-        self.h.close()
-        self.tmp.unlink(missing_ok=True)
-
-
-def _axisangle2quat(v: np.ndarray) -> np.ndarray:
-    angle = float(np.linalg.norm(v))
-    if np.isclose(angle, 0.0):
-        return np.array([0.0, 0.0, 0.0, 1.0])
-    return np.concatenate([v / angle * np.sin(angle / 2), [np.cos(angle / 2)]])
 
 
 @dataclass
