@@ -44,21 +44,87 @@ def vita_cli_class() -> type:
     child re-imports the ``vitavla`` console script (hence this module) before it unpickles its env, so a
     top-level Lightning import would add seconds to every worker start.
     """
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.fabric.plugins import CheckpointIO
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    class VitaArgumentParser(LightningArgumentParser):
+        """Parse errors as the line that names the bad key and a pointer to ``--help``, without the ~50
+        lines of usage jsonargparse prints first."""
+
+        def error(self, message: str, ex: Exception | None = None):
+            if not self.exit_on_error:
+                return super().error(message, ex)
+            parser = getattr(ex, "subcommand_parser", None) or self
+            prog = parser.prog.replace(" [options]", "")
+            sys.stderr.write(f"vitavla: error: {_short_parse_error(message)}\n"
+                             f"run `{prog} --help` for the accepted options\n")
+            self.exit(2)
 
     class VitaCLI(LightningCLI):
         """LightningCLI that maps ``strategy: deepspeed_stage_N`` to a CPU-capable DeepSpeed strategy when
-        no GPU is present, so the same YAML trains on a laptop and on a GPU node."""
+        no GPU is present, so the same YAML trains on a laptop and on a GPU node; writes checkpoints
+        atomically; and checks the output directories before any work."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("parser_class", VitaArgumentParser)
+            super().__init__(*args, **kwargs)
 
         def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+            from vitavla.checkpoint_io import AtomicCheckpointIO
             from vitavla.strategies import resolve_strategy
 
             config = dict(config)
             config["strategy"] = resolve_strategy(config.get("strategy", "auto"),
                                                   config.get("accelerator", "auto"))
+            # A save interrupted by a kill or a full disk must keep the previous checkpoint readable.
+            plugins = config.get("plugins") or []
+            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            if not any(isinstance(p, CheckpointIO) for p in plugins):
+                config["plugins"] = [*plugins, AtomicCheckpointIO()]
             return super()._instantiate_trainer(config, callbacks)
 
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI reads --ckpt_path here first (for hyperparameters), before the trainer does.
+            from vitavla.checkpoint_io import LIGHTNING_CKPT_HINT, UNREADABLE, read_error
+
+            try:
+                super()._parse_ckpt_path()
+            except FileNotFoundError:
+                raise
+            except UNREADABLE as err:
+                path = self.config[self.config.subcommand].get("ckpt_path")
+                raise read_error(path, err, LIGHTNING_CKPT_HINT, True) from err
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            _check_output_dirs(self.trainer)
+            super()._run_subcommand(subcommand)
+
     return VitaCLI
+
+
+def _check_output_dirs(trainer) -> None:
+    """Fail before any work, naming the key, when a directory the run writes into cannot be written."""
+    from vitavla.errors import writable_dir
+
+    dirs = {"trainer.default_root_dir": trainer.default_root_dir}
+    if trainer.logger is not None and getattr(trainer.logger, "save_dir", None):
+        dirs["trainer.logger.init_args.save_dir"] = trainer.logger.save_dir
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "dirpath", None):
+            dirs["ModelCheckpoint.dirpath"] = cb.dirpath
+    for key, path in dirs.items():
+        if "://" not in str(path):  # remote storage: nothing to probe locally
+            writable_dir(path, key)
+
+
+def _short_parse_error(message: str) -> str:
+    """jsonargparse's message on one line: a union-validation report (``Parser key "model": Does not
+    validate against any of the Union subtypes ...``) is cut to the problem with the given class_path."""
+    lines = [line.strip() for line in message.strip().splitlines()]
+    noise = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
+             "- Expected a <class 'NoneType'>", "Given value")
+    kept = [line.removeprefix("- ") for line in lines[1:] if line and not line.startswith(noise)]
+    return " ".join([lines[0], *kept]) if lines else message
 
 
 def build_cli(args: list[str] | None = None, run: bool = True):
@@ -92,12 +158,34 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         build_cli(argv)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        root = _root_cause(e)
-        if root is e and not isinstance(e, FileNotFoundError):
+    except Exception as e:
+        message = _user_message(e)
+        if message is None:
             raise
-        # jsonargparse wraps construction errors in a union-validation report; show the cause we raised.
-        sys.exit(f"vitavla: error: {type(root).__name__}: {root}")
+        sys.exit(f"vitavla: error: {message}")
+
+
+def _user_message(e: BaseException) -> str | None:
+    """The one line ``vitavla`` prints for ``e``, or None to show the traceback (a bug, not bad input).
+
+    Our checks raise :class:`~vitavla.errors.UserFacingError`, whose message names the file or key; it may
+    arrive wrapped (jsonargparse's union-validation report) or wrap a library error (torch.load's), so the
+    outermost one in the chain wins. Other errors that jsonargparse wrapped during construction show their
+    root cause; a missing file shows its message.
+    """
+    from vitavla.errors import UserFacingError
+
+    cause = e
+    while cause is not None:
+        if isinstance(cause, UserFacingError):
+            return f"{type(cause).__name__}: {cause}"
+        cause = cause.__cause__
+    if not isinstance(e, (ValueError, TypeError, FileNotFoundError)):
+        return None
+    root = _root_cause(e)
+    if root is e and not isinstance(e, FileNotFoundError):
+        return None
+    return f"{type(root).__name__}: {root}"
 
 
 def _root_cause(e: BaseException) -> BaseException:

@@ -355,6 +355,7 @@ class AlohaDataModule(WindowDataModule):
                          num_workers=num_workers, normalization=normalization,
                          stats_cache_dir=stats_cache_dir, pad_tail=pad_tail, val_fraction=val_fraction,
                          seed=seed, normalize_state=normalize_state)
+        self.root = root
         self.reader_options = dict(root=root, arms=arms, static_camera=static_camera,
                                    wrist_camera=wrist_camera, instruction=instruction,
                                    gripper_range=gripper_range, jpeg_bgr=jpeg_bgr,

@@ -22,10 +22,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.normalization import Normalizer, cached_normalizer, dataset_fingerprint
 from vitavla.batch import RobotSpec, collate_windows
+from vitavla.errors import UserFacingError
 from vitavla.images import resize_uint8  # the one resize, shared with rollouts; tests import it from here
 
 
-class DataError(ValueError):
+class DataError(UserFacingError, ValueError):
     """Bad data on disk: the message names the file, the key and what was expected."""
 
     def __init__(self, file: str | Path, key: str, problem: str):
@@ -209,9 +210,21 @@ class WindowDataModule(L.LightningDataModule):
             return norm.with_state_stats(reader.all_states(episodes), raw_dims=raw)
         return cached_normalizer(self.stats_cache_dir, fp, fit)
 
+    def check_root(self) -> None:
+        """Fail first, naming the key and the path, when the configured dataset ``root`` does not exist
+        (the format's reader would fail later, deeper, and name a file inside it)."""
+        root = getattr(self, "root", None)
+        for path in [root] if isinstance(root, (str, Path)) else list(root or []):
+            if not Path(path).expanduser().exists():
+                raise DataError(path, "data.init_args.root", "does not exist")
+
+    def prepare_data(self) -> None:
+        self.check_root()
+
     def setup(self, stage: str | None = None) -> None:
         if self._train is not None:
             return
+        self.check_root()
         train_reader = self.reader("train")
         if self.normalizer is None:  # a normalizer restored from a checkpoint wins over a re-fit
             self.normalizer = self.fit_normalizer(train_reader)

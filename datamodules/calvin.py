@@ -381,6 +381,7 @@ class CalvinDataModule(WindowDataModule):
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node before setup(): packs are built once, not per rank.
+        super().prepare_data()
         if self.build_pack:
             for split in SPLIT_DIRS:
                 ensure_pack(self.root / SPLIT_DIRS[split], self._pack_dir(split))

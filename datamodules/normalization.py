@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vitavla.errors import writable_dir
+
 Mode = Literal["minmax", "quantile", "identity"]
 
 
@@ -184,6 +186,9 @@ def cached_normalizer(cache_dir: str | Path, fingerprint: str, compute) -> Norma
     path = Path(cache_dir).expanduser() / f"stats-{fingerprint}.json"
     if path.is_file():
         return Normalizer.load(path)
+    # A read-only cache is fine while it holds the statistics; one that cannot take them fails before the
+    # pass over every action of the dataset, not after it.
+    writable_dir(path.parent, "data.init_args.stats_cache_dir")
     norm = compute()
     norm.save(path)
     return norm

@@ -13,6 +13,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
+from vitavla.errors import writable_dir
 from vitavla.rollout.env import RolloutEnv
 from vitavla.rollout.executors import ActionExecutor, build_executor
 from vitavla.rollout.lightning import RolloutTestCallback
@@ -109,6 +110,8 @@ class RolloutDataModule(LightningDataModule):
         if n < trainer.world_size:
             # A process without episodes skips the test loop and would never join the metrics' all-reduce.
             raise ValueError(f"{n} episodes for {trainer.world_size} processes: every process needs one")
+        # Before the checkpoint is loaded and any episode runs, not at the first record.
+        writable_dir(self.out_dir, "data.init_args.out_dir")
         if not any(isinstance(cb, RolloutTestCallback) for cb in trainer.callbacks):
             trainer.callbacks.append(RolloutTestCallback())
 

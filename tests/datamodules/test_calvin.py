@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from datamodules.base import DataError, resize_uint8
-from datamodules.calvin import CalvinDataModule, CalvinReader, pack_calvin
+from datamodules.calvin import CalvinDataModule, CalvinReader, CalvinSplit, pack_calvin
 from datamodules.calvin_pack import MANIFEST
 
 STATIC, WRIST = (200, 200, 3), (84, 84, 3)  # the real native sizes
@@ -309,8 +309,11 @@ def test_missing_split_dir(calvin, tmp_path):
     shutil.copytree(root / "training", partial / "training")
     with pytest.raises(DataError, match=r"validation: split directory: missing"):
         datamodule(partial, tmp_path)
-    with pytest.raises(DataError, match=r"training: split directory: missing.*missing too"):
+    # A missing root is named as the config key, before the reader looks for its splits.
+    with pytest.raises(DataError, match=r"nowhere: data.init_args.root: does not exist"):
         datamodule(tmp_path / "nowhere", tmp_path)
+    with pytest.raises(DataError, match=r"training: split directory: missing.*missing too"):
+        CalvinSplit(tmp_path / "nowhere" / "training")
 
 
 # -- a `vitavla fit`-style run ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vitavla.batch import Window
+from vitavla.checkpoint_io import check_fit
 
 
 @dataclass
@@ -130,8 +131,16 @@ class WindowModule(L.LightningModule):
     normalizer_state: dict | None = None
     """The data's action normalization (plain lists), kept with the weights so inference can un-normalize."""
 
+    def checkpoint_shapes(self) -> dict[str, torch.Size]:
+        """What a checkpoint of this module holds (see :meth:`on_save_checkpoint`): the trainable parameters."""
+        return {n: p.shape for n, p in self.named_parameters() if p.requires_grad}
+
+    def optional_checkpoint_keys(self, stage: str) -> set[str]:
+        """Keys of :meth:`checkpoint_shapes` that a checkpoint loaded for ``stage`` may lack: none here."""
+        return set()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        trainable = self.checkpoint_shapes()
         sd = checkpoint.get("state_dict")
         if sd is not None:
             checkpoint["state_dict"] = {k: v for k, v in sd.items() if k in trainable}
@@ -143,4 +152,22 @@ class WindowModule(L.LightningModule):
             checkpoint["normalizer"] = self.normalizer_state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another module before its weights are loaded.
+
+        Loading is not strict (frozen weights are not in the file), so without this a stage-1 checkpoint
+        given to a stage-2 ``test`` would load nothing and evaluate an untrained policy. The file must hold
+        exactly what this module saves, with the same shapes.
+        """
+        state = checkpoint.get("state_dict")
+        if state is not None:  # None: DeepSpeed keeps the weights beside this client state
+            trainer = getattr(self, "_trainer", None)
+            fn = getattr(getattr(trainer, "state", None), "fn", None)
+            stage = getattr(fn, "value", "predict")
+            expected = {k: v for k, v in self.checkpoint_shapes().items()
+                        if k in state or k not in self.optional_checkpoint_keys(stage)}
+            source = getattr(trainer, "ckpt_path", None) or "the checkpoint"
+            check_fit(state, expected, source, f"{type(self).__name__} (its trainable parameters, which its "
+                      "checkpoints hold)", max_listed=4,
+                      notes=["a stage-1 (DistillationModule) checkpoint goes to PolicyModule's init_from, not "
+                             "to --ckpt_path; a checkpoint must come from the same model configuration"])
         self.normalizer_state = checkpoint.get("normalizer", self.normalizer_state)

@@ -94,6 +94,15 @@ class PolicyModule(WindowModule):
     def student_module(self) -> VLAStudent:
         return self.policy.student
 
+    def optional_checkpoint_keys(self, stage: str) -> set[str]:
+        """For evaluation, the LLM: a ``freeze_vlm`` run saves the same module without it (its LLM is the
+        config's, as here), and eval configs build ``only_finetune`` whatever the training mode was. A
+        resumed fit needs exactly what this mode saves."""
+        if stage == "fit":
+            return set()
+        llm = {id(p) for p in self.policy.student.backbone.language_model().parameters()}
+        return {n for n, p in self.named_parameters() if id(p) in llm}
+
     def parameter_groups(self):
         student = self.policy.student
         return {
