@@ -90,3 +90,108 @@ def test_eval_configs_parse():
         with pytest.raises(SystemExit) as e:
             build_cli(["test", "--config", str(CONFIGS / f"{name}.yaml"), "--print_config"], run=True)
         assert e.value.code in (0, None), name
+
+
+# -- issue 16: nothing silent, nothing lost ------------------------------------------------------------------
+ONLY_FINETUNE = ["--model.init_args.init_mode=only_finetune", "--model.init_args.init_from=null"]
+EVAL_TINY = ["--data.init_args.episodes_per_task=1", "--data.init_args.env.init_args.steps=2",
+             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def dirs(root: Path) -> list[str]:
+    return [f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}"]
+
+
+def test_a_checkpoint_of_another_module_is_refused_by_every_loader(tmp_path):
+    stage1 = fit("tiny_align.yaml", tmp_path / "align")
+    refusal = (rf"(?s)vitavla: error: CheckpointMismatchError: {stage1} does not fit PolicyModule.*"
+               r"missing keys \(\d+\): policy\..*unexpected keys \(13\): mapper\.net\..*and 9 more")
+    out = tmp_path / "eval" / "rollout"
+    with pytest.raises(SystemExit, match=refusal):  # today: exit 0, an untrained policy evaluated
+        main(["test", "--config", str(CONFIGS / "eval_tiny.yaml"), "--ckpt_path", str(stage1),
+              *dirs(tmp_path / "eval"), f"--data.init_args.out_dir={out}", *EVAL_TINY])
+    assert not (out / "results.json").exists() and not list(out.glob("episodes*.jsonl"))
+    finetune = ["--config", str(CONFIGS / "tiny_finetune.yaml"), "--ckpt_path", str(stage1), *FAST, *ONLY_FINETUNE]
+    with pytest.raises(SystemExit, match=refusal):
+        main(["validate", *finetune, *dirs(tmp_path / "validate")])
+    with pytest.raises(SystemExit, match=refusal):  # before the optimizer's "parameter group" error
+        main(["fit", *finetune, *dirs(tmp_path / "fit")])
+    assert not list((tmp_path / "fit").rglob("*.ckpt"))
+    # The teacher's export at the end of fit would write whatever weights were restored.
+    with pytest.raises(SystemExit, match=rf"{stage1} does not fit TeacherModule"):
+        main(["fit", "--config", str(CONFIGS / "tiny_teacher.yaml"), "--ckpt_path", str(stage1), *FAST,
+              *dirs(tmp_path / "teacher")])
+    assert not list((tmp_path / "teacher").rglob("teacher.safetensors"))
+
+
+def test_failed_checkpoint_save_keeps_last_ckpt_and_bad_files_fail_in_one_line(tmp_path, monkeypatch):
+    import errno
+
+    root = tmp_path / "run"
+    same_dir = [*dirs(root), "--trainer.logger.init_args.version=0"]  # resumes write into the same directory
+    last = fit("tiny_align.yaml", root, "--trainer.logger.init_args.version=0")
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    resume = ["fit", "--config", str(CONFIGS / "tiny_align.yaml"), *FAST, *same_dir, "--ckpt_path", str(last),
+              "--trainer.max_steps=4"]
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit, match=r"could not save checkpoint .*\.ckpt: No space left on device"):
+        main(resume)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(last, weights_only=True)["global_step"] == 2  # the previous last.ckpt, intact
+    assert not [p for p in last.parent.iterdir() if p.suffix != ".ckpt"]  # no temporary files left
+    main(resume)
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # a successful save replaces it
+    assert not [p for p in last.parent.iterdir() if p.suffix != ".ckpt"]
+
+    from cli import build_cli
+    from vitavla.checkpoint_io import AtomicCheckpointIO
+
+    cli = build_cli(["--config", str(CONFIGS / "tiny_align.yaml"), *same_dir], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # the CLI's default
+
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(last.read_bytes()[:50_000])
+    with pytest.raises(SystemExit, match=r"^vitavla: error: CheckpointReadError: .*cut.ckpt cannot be read"):
+        main(["test", "--config", str(CONFIGS / "eval_tiny.yaml"), "--ckpt_path", str(cut),
+              *dirs(tmp_path / "eval"), *EVAL_TINY])
+    with pytest.raises(SystemExit, match=r"^vitavla: error: CheckpointReadError: .*cut.ckpt cannot be read"):
+        main(["fit", "--config", str(CONFIGS / "tiny_finetune.yaml"), f"--model.init_args.init_from={cut}",
+              *FAST, *dirs(tmp_path / "finetune")])  # today: the project's message naming the file is dropped
+
+
+def test_missing_data_root_and_unwritable_output_dirs_fail_at_setup_naming_the_key(tmp_path):
+    libero = tmp_path / "libero.yaml"
+    libero.write_text("data:\n  class_path: datamodules.LiberoDataModule\n"
+                      f"  init_args: {{root: {tmp_path / 'nowhere'}, num_steps: 4, image_size: 224}}\n")
+    with pytest.raises(SystemExit, match=rf"^vitavla: error: DataError: {tmp_path / 'nowhere'}: "
+                                         r"data.init_args.root: does not exist$"):
+        main(["fit", "--config", str(CONFIGS / "tiny_align.yaml"), "--config", str(libero), *dirs(tmp_path / "r")])
+    blocker = tmp_path / "a_file"  # as root, chmod does not stop writes; a file in the path does
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=r"^vitavla: error: UserFacingError: trainer.default_root_dir: "
+                                         r".*a_file/run is not a writable directory"):
+        main(["fit", "--config", str(CONFIGS / "tiny_align.yaml"), *FAST, *dirs(blocker / "run")])
+    stage1 = fit("tiny_align.yaml", tmp_path / "align")
+    with pytest.raises(SystemExit, match=r"^vitavla: error: UserFacingError: data.init_args.out_dir: "
+                                         r".*a_file/rollout is not a writable directory"):
+        main(["test", "--config", str(CONFIGS / "eval_tiny.yaml"), "--ckpt_path", str(stage1),
+              *dirs(tmp_path / "eval"), f"--data.init_args.out_dir={blocker / 'rollout'}", *EVAL_TINY])
+
+
+@pytest.mark.parametrize("bad, named", [
+    (["--trainer.max_stepz=3"], "--trainer.max_stepz=3"),
+    (["--model.init_args.mapper_hiden_dim=3"], "Option 'mapper_hiden_dim' is not accepted"),
+])
+def test_misspelled_key_prints_the_line_naming_it_and_a_help_hint(bad, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(CONFIGS / "tiny_align.yaml"), *bad])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and named in err[0] and err[0].startswith("vitavla: error: "), err  # today: ~50 lines
+    assert "fit --help" in err[1]
