@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
     ap.add_argument("--tasks", type=int, nargs="+", default=[0],
                     help="task indices in the suite (pick-and-place tasks); demos and rollouts cover each")
     ap.add_argument("--demos", type=int, default=10, help="successful demonstrations to record per task")
+    ap.add_argument("--start-offset", type=float, default=0.04,
+                    help="half-width (m) of the random gripper displacement before each demo starts, so demos "
+                         "cover states around the one path LIBERO's fixed start pose gives")
+    ap.add_argument("--noise", type=float, default=0.3,
+                    help="std of the DART noise on the demos' executed actions (labels stay clean)")
     ap.add_argument("--render-size", type=int, default=56,
                     help="camera size of demos and rollouts (px); the CPU configs' models read 56 px")
     ap.add_argument("--workers", type=int, default=2, help="simulator processes (demos and rollouts)")
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
     demos = out / "demos"
     start = time.perf_counter()
     gen = generate(GenConfig(suite=args.suite, tasks=tuple(args.tasks), episodes=args.demos, out=str(demos),
-                             image_size=args.render_size, workers=args.workers))
+                             image_size=args.render_size, workers=args.workers, start_offset=args.start_offset,
+                             noise=args.noise))
     demo_seconds = time.perf_counter() - start
     if any(r.kept < args.demos for r in gen):
         raise SystemExit(f"the scripted expert kept {[r.kept for r in gen]} demos of {args.demos}; "

@@ -100,11 +100,15 @@ def test_gripper_closes_only_when_aligned():
     assert all(a[6] < 0 for *_, a in log[:first_close])
 
 
-def test_actions_are_clipped_far_from_the_goal():
+def test_actions_far_from_the_goal_are_scaled_to_full_scale():
     scene = FakeScene()
     scene.eef = np.array([5.0, -5.0, 3.0])  # metres away: the raw P-term is ~100x full scale
-    a = PickPlaceExpert(ExpertConfig()).act(scene.poses())
-    assert a.shape == (7,) and np.all(np.abs(a) <= 1.0) and a[0] == -1.0 and a[1] == 1.0
+    p = scene.poses()
+    a = PickPlaceExpert(ExpertConfig()).act(p)
+    assert a.shape == (7,) and np.all(np.abs(a) <= 1.0 + 1e-12)
+    # Scaled as a whole, so the command still points straight at the approach waypoint.
+    goal = p.object_grasp + [0.0, 0.0, ExpertConfig().approach_height]
+    np.testing.assert_allclose(a[:3], (goal - p.eef_pos) / np.abs(goal - p.eef_pos).max())
 
 
 def test_stuck_arm_times_out():
@@ -193,3 +197,41 @@ def test_generate_one_libero_demo(libero_demo):
     assert frames.state.shape == (ep.length, 8)
     assert np.all(np.abs(frames.action) <= 1.0)
     assert frames.action[0, 6] == -1.0 and frames.action[-1, 6] == -1.0 and (frames.action[:, 6] == 1.0).any()
+
+
+@pytest.mark.sim
+def test_start_offset_spreads_the_first_frames_and_demos_still_succeed(libero_demo, tmp_path):
+    import h5py
+
+    from vitavla.demos.libero_scripted import GenConfig, generate
+
+    home_cfg, home_res = libero_demo  # same task and settling, no offset
+    with h5py.File(home_res.path) as h:
+        home = h["data/demo_0/obs/ee_pos"][0]
+    r = 0.04
+    cfg = GenConfig(suite=home_cfg.suite, tasks=home_cfg.tasks, episodes=2, max_attempts=4, out=str(tmp_path),
+                    image_size=home_cfg.image_size, settle_steps=home_cfg.settle_steps, start_offset=r,
+                    progress=False)
+    (res,) = generate(cfg, log=lambda m: None)
+    assert res.kept == 2
+    with h5py.File(res.path) as h:
+        first = np.stack([h[f"data/demo_{i}/obs/ee_pos"][0] for i in range(2)])
+        actions = [h[f"data/demo_{i}/actions"][()] for i in range(2)]
+    # Each demo starts away from home (within the box, plus what the OSC overshoots), not at the same pose.
+    off = np.abs(first - home)
+    assert np.all(off.max(axis=1) > 0.005) and np.all(off < r + 0.01)
+    assert np.linalg.norm(first[0] - first[1]) > 0.005
+    # The recorded part is still a whole pick and place: open, a grasp, open again.
+    for a in actions:
+        assert a[0, 6] == -1.0 and (a[:, 6] == 1.0).any() and a[-1, 6] == -1.0
+
+
+def test_reach_action_points_at_the_goal_in_a_straight_line():
+    from vitavla.demos.pick_place_expert import reach_action
+
+    eef = np.array([0.0, 0.0, 0.2])
+    near = reach_action(eef, eef + [0.01, -0.02, 0.0], DOWN, DOWN)
+    np.testing.assert_allclose(near, [0.01 / OSC_POS_LIMIT, -0.02 / OSC_POS_LIMIT, 0, 0, 0, 0], atol=1e-12)
+    # Beyond ``speed`` the command is scaled as a whole: the direction (a straight line) is kept.
+    far = reach_action(eef, eef + [0.5, -0.25, 0.05], DOWN, DOWN, speed=0.5)
+    np.testing.assert_allclose(far[:3], [0.5, -0.25, 0.05])

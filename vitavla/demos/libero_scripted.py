@@ -35,7 +35,15 @@ from pathlib import Path
 import numpy as np
 
 from vitavla.demos.libero_hdf5 import _existing, _Writer, demo_path
-from vitavla.demos.pick_place_expert import TALL_OBJECT, ExpertConfig, Phase, PickPlaceExpert, ScenePoses
+from vitavla.demos.pick_place_expert import (
+    OPEN,
+    TALL_OBJECT,
+    ExpertConfig,
+    Phase,
+    PickPlaceExpert,
+    ScenePoses,
+    reach_action,
+)
 
 
 # -- the simulator side -------------------------------------------------------------------------------
@@ -145,6 +153,12 @@ class GenConfig:
     settle_action: str = "noop"
     """Command while settling (``LiberoEnv.settle_action``): ``noop`` keeps the gripper open, so every demo
     starts open; ``zeros`` is Seer's protocol (the gripper drifts half shut before the first frame)."""
+    start_offset: float = 0.0
+    """Half-width (metres) of a uniform random displacement of the gripper from its home pose, reached
+    before the first recorded frame. LIBERO starts every episode of a task at nearly the same pose, so without
+    it all demos follow one path and a policy never sees how to come back to it from a few centimetres off."""
+    start_offset_steps: int = 30
+    """Most unrecorded steps spent reaching the displaced start pose."""
     fast_render: bool = True
     progress: bool = True
 
@@ -186,6 +200,8 @@ class _Worker:
         poses = LiberoPoses(sim_env, env.task_name(task))
         rng = np.random.default_rng([cfg.seed, task, attempt])
         expert = PickPlaceExpert(ExpertConfig(noise=cfg.noise, waypoint_noise=cfg.waypoint_noise), rng=rng)
+        if cfg.start_offset > 0:
+            obs = self._displace(poses, rng, obs)
         robot = sim_env.robots[0]
         rec: dict[str, list] = {k: [] for k in ("agentview_rgb", "eye_in_hand_rgb", "ee_states",
                                                 "gripper_states", "joint_states", "actions", "states",
@@ -214,6 +230,20 @@ class _Worker:
         if success:
             arrays = {k: np.stack(v) for k, v in rec.items()}
         return Demo(task, attempt, init_state, success, steps, time.perf_counter() - start, arrays)
+
+    def _displace(self, poses: LiberoPoses, rng: np.random.Generator, obs):
+        """Move the gripper (open, orientation held) to home + U(-r, r)^3 without recording; returns the
+        observation there. The expert then starts from that pose as from any other."""
+        cfg = self.cfg
+        home = poses.read()
+        goal = home.eef_pos + rng.uniform(-cfg.start_offset, cfg.start_offset, 3)
+        for _ in range(cfg.start_offset_steps):
+            p = poses.read()
+            if np.linalg.norm(goal - p.eef_pos) < 0.005:
+                break
+            action = np.append(reach_action(p.eef_pos, goal, home.eef_quat, p.eef_quat), OPEN)
+            obs, _, _, _ = self.env.step(np.clip(action, -1.0, 1.0))
+        return obs
 
     def close(self) -> None:
         self.env.close()
@@ -429,6 +459,9 @@ def main(argv: list[str] | None = None) -> list[TaskResult]:
     lib.add_argument("--settle-action", default="noop", choices=("noop", "zeros"),
                      help="command while settling: noop (arm still, gripper open) or zeros (Seer's protocol; "
                           "the gripper starts half shut) (default: %(default)s)")
+    lib.add_argument("--start-offset", type=float, default=0.0,
+                     help="half-width in metres of a random gripper displacement from home before recording "
+                          "(default: %(default)s)")
     lib.add_argument("--full-render", action="store_true",
                      help="keep MSAA, shadows and reflections (about 3x slower on CPU)")
     lib.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -442,7 +475,7 @@ def main(argv: list[str] | None = None) -> list[TaskResult]:
                     workers=args.workers, seed=args.seed, noise=args.noise, clean_labels=not args.noisy_labels,
                     waypoint_noise=args.waypoint_noise,
                     settle_steps=args.settle_steps, settle_action=args.settle_action,
-                    fast_render=not args.full_render,
+                    start_offset=args.start_offset, fast_render=not args.full_render,
                     progress=not args.no_progress)
     try:
         results = generate(cfg)

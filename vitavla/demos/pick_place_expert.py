@@ -130,8 +130,7 @@ class PickPlaceExpert:
             self.failed = True
         action = np.zeros(7)
         if self.phase != Phase.DONE:
-            action[:3] = np.clip(c.gain * (goal - eef) / OSC_POS_LIMIT, -speed, speed)
-            action[3:6] = c.rot_gain * _rotation_error(self._ref_quat, p.eef_quat) / OSC_ROT_LIMIT
+            action[:6] = reach_action(eef, goal, self._ref_quat, p.eef_quat, speed, c.gain, c.rot_gain)
         action[6] = grip
         # The expert's own command for this state: the label a DART-style recorder stores while it executes
         # the noisy one, so demos visit states off the clean path and teach the way back from them.
@@ -186,6 +185,23 @@ class PickPlaceExpert:
             self._release_z = p.target_top + c.release_clearance + hang
         self.phase, self._t_phase = nxt, 0
         return True
+
+
+def reach_action(eef: np.ndarray, goal: np.ndarray, ref_quat: np.ndarray, quat: np.ndarray,
+                 speed: float = 1.0, gain: float = 1.0, rot_gain: float = 1.0) -> np.ndarray:
+    """The 6 arm values of an OSC_POSE action moving ``eef`` toward ``goal`` while holding ``ref_quat``:
+    proportional in position and in rotation.
+
+    A position command larger than ``speed`` on some axis is scaled down as a whole, not clipped per axis, so
+    the gripper moves in a straight line to the goal: every axis's error shrinks over the whole approach.
+    (Per-axis clipping fixes the small axes in the first few steps and then moves only the large ones; a
+    policy trained on that never sees a late error on a small axis corrected.)"""
+    out = np.empty(6)
+    pos = gain * (np.asarray(goal, dtype=np.float64) - eef) / OSC_POS_LIMIT
+    largest = np.abs(pos).max()
+    out[:3] = pos * (speed / largest) if largest > speed else pos
+    out[3:] = rot_gain * _rotation_error(ref_quat, quat) / OSC_ROT_LIMIT
+    return out
 
 
 def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
