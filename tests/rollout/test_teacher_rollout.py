@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 
 from cli import build_cli, main
 from datamodules.normalization import Normalizer
@@ -24,8 +25,13 @@ def test_teacher_rollouts_equal_the_plain_runner_with_the_checkpoint_weights(tmp
           "--trainer.num_sanity_val_steps=0", *QUIET])
     ckpt = next(train.glob("version_*/checkpoints/last.ckpt"))
 
+    # eval_tiny.yaml's data and trainer sections over the teacher's config. Its model section (a PolicyModule)
+    # is left out: layered as it is, it would replace the teacher, which the checkpoint check now refuses.
+    evalcfg = yaml.safe_load((CONFIGS / "eval_tiny.yaml").read_text())
+    del evalcfg["model"]
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(evalcfg))
     out = tmp_path / "rollout"
-    main(["test", "--config", str(CONFIGS / "tiny_teacher.yaml"), "--config", str(CONFIGS / "eval_tiny.yaml"),
+    main(["test", "--config", str(CONFIGS / "tiny_teacher.yaml"), "--config", str(tmp_path / "eval.yaml"),
           "--ckpt_path", str(ckpt), f"--trainer.default_root_dir={tmp_path}",
           f"--trainer.logger.init_args.save_dir={tmp_path}", f"--data.init_args.out_dir={out}",
           "--data.init_args.episodes_per_task=2", "--data.init_args.env.init_args.steps=4",
