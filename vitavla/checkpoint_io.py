@@ -42,14 +42,15 @@ class CheckpointSaveError(UserFacingError, OSError):
 UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, OSError)
 
 
-def torch_load(path: str | Path, hint: str, **kwargs):
-    """``torch.load(path, **kwargs)``; a file it cannot read raises :class:`CheckpointReadError` naming it."""
+def torch_load(path: str | Path, hint: str, map_location=None):
+    """``torch.load(path, weights_only=True)``; a file it cannot read raises :class:`CheckpointReadError`
+    naming it. Always weights-only: a checkpoint never runs code, whatever a caller (or Lightning) asks."""
     try:
-        return torch.load(path, **kwargs)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
     except UNREADABLE as err:
-        raise read_error(path, err, hint, kwargs.get("weights_only")) from err
+        raise read_error(path, err, hint, True) from err
 
 
 def read_error(path: str | Path, err: BaseException, hint: str, weights_only: bool | None = None
@@ -75,7 +76,7 @@ def read_state_dict(path: str | Path, containers: tuple[str, ...] = CONTAINER_KE
         return load_file(str(path), device="cpu")
     obj = torch_load(path, "TorchScript archives (such as OpenAI's ViT-B-32.pt), truncated files and "
                      "checkpoints that pickle Python objects are refused; convert the weights to a plain state "
-                     "dict or a .safetensors file.", map_location="cpu", weights_only=True)
+                     "dict or a .safetensors file.", map_location="cpu")
     if isinstance(obj, dict):
         for key in containers:
             if isinstance(obj.get(key), dict):
@@ -196,7 +197,8 @@ def _atomic_checkpoint_io() -> type:
                 return super().load_checkpoint(path, map_location, weights_only)
             if not Path(path).exists():
                 raise FileNotFoundError(f"Checkpoint file not found: {path}")
-            return torch_load(path, LIGHTNING_CKPT_HINT, map_location=map_location, weights_only=weights_only)
+            # weights_only is ignored on purpose: our checkpoints hold tensors and plain containers only.
+            return torch_load(path, LIGHTNING_CKPT_HINT, map_location=map_location)
 
     AtomicCheckpointIO.__module__ = __name__
     return AtomicCheckpointIO
