@@ -3,7 +3,8 @@
     vitavla fit --config configs/align_calvin.yaml
     vitavla fit --config configs/finetune_calvin.yaml --model.init_from runs/align/.../last.ckpt
     vitavla quickstart            # both stages on tiny models, CPU, a few minutes
-    vitavla data check PATH --format calvin|libero|aloha
+    vitavla data check PATH --format calvin|libero|aloha|lerobot
+    vitavla data convert PATH --format libero --to lerobot --out DIR
     vitavla demos libero --suite libero_object --tasks 0 --episodes 20 --out data/demos --image-size 64
 
 Every part (teacher, student backbone, datamodule, strategy) is chosen by ``class_path`` in YAML.

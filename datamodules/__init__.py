@@ -7,6 +7,7 @@ _EXPORTS = {
     "AlohaDataModule": "datamodules.aloha", "AlohaReader": "datamodules.aloha",
     "LiberoDataModule": "datamodules.libero", "LiberoReader": "datamodules.libero",
     "CalvinDataModule": "datamodules.calvin",
+    "LeRobotDataModule": "datamodules.lerobot", "LeRobotReader": "datamodules.lerobot",
     "RolloutDataModule": "datamodules.rollout",
 }
 __all__ = sorted(_EXPORTS)

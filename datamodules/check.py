@@ -1,4 +1,5 @@
-"""``vitavla data check PATH --format calvin|libero|aloha``: read a whole dataset once and summarize it.
+"""``vitavla data check PATH --format calvin|libero|aloha|lerobot``: read a whole dataset once and summarize it;
+``vitavla data convert PATH --format libero|aloha|calvin --to lerobot --out DIR``: rewrite one as LeRobot v3.
 
 Every frame of every episode goes through the format's reader, so anything the training loader would trip
 over (missing keys, wrong shapes, NaN, truncated files, length mismatches) is reported up front with the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from dataclasses import dataclass, field
 
@@ -21,7 +23,9 @@ READERS = {
     "calvin": "datamodules.calvin:CalvinReader",
     "libero": "datamodules.libero:LiberoReader",
     "aloha": "datamodules.aloha:AlohaReader",
+    "lerobot": "datamodules.lerobot:LeRobotReader",
 }
+TARGETS = ("lerobot",)
 
 
 @dataclass
@@ -90,16 +94,35 @@ def build_reader(fmt: str, path: str, options: list[str]) -> EpisodeReader:
     return cls(path, **kwargs)
 
 
-def main(argv: list[str]) -> Summary:
+def main(argv: list[str]) -> Summary | None:
     ap = argparse.ArgumentParser(prog="vitavla data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate a dataset and print a summary")
-    check.add_argument("path")
-    check.add_argument("--format", required=True, help="one of: " + ", ".join(sorted(READERS)))
-    check.add_argument("--option", action="append", default=[],
+    conv = sub.add_parser("convert", help="rewrite a dataset in another format (LeRobot v3)")
+    for p in (check, conv):
+        p.add_argument("path")
+        p.add_argument("--format", required=True, help="one of: " + ", ".join(sorted(READERS)))
+        p.add_argument("--option", action="append", default=[],
                        help="reader option key=value, e.g. --option arms=left (repeatable)")
+    conv.add_argument("--to", required=True, choices=TARGETS, help="output format")
+    conv.add_argument("--out", required=True, help="new dataset directory (must not exist or be empty)")
+    conv.add_argument("--fps", type=int, default=None,
+                      help="recording rate; default by source format (libero 20, aloha 50, calvin 30)")
+    conv.add_argument("--cameras", nargs=2, default=None, metavar=("STATIC", "WRIST"),
+                      help="camera names of the two views (features observation.images.<name>); default: the "
+                           "source's camera names (aloha) or image/wrist_image")
+    conv.add_argument("--vcodec", default=None,
+                      help="video encoder: libsvtav1 (lerobot's default; used when available), libx264, or "
+                           "libx264rgb for lossless")
+    conv.add_argument("--crf", type=int, default=None, help="encoder quality (lower = better; 0 = lossless)")
+    conv.add_argument("--pix-fmt", default=None, help="pixel format (yuv420p; rgb24 with libx264rgb)")
+    conv.add_argument("--gop", type=int, default=2, help="keyframe interval in frames")
+    conv.add_argument("--episodes-per-file", type=int, default=1000,
+                      help="episodes per data parquet / mp4 file")
     args = ap.parse_args(argv)
+    if args.command == "convert":
+        return _convert(args)
     try:
         reader = build_reader(args.format, args.path, args.option)
         summary = summarize(reader)
@@ -108,3 +131,35 @@ def main(argv: list[str]) -> Summary:
     print(f"{args.format} dataset at {args.path}: OK")
     print(summary.format())
     return summary
+
+
+def _convert(args) -> None:
+    from datamodules.lerobot_write import FPS, convert, default_video_options, reader_options
+
+    if args.format == "lerobot":
+        raise SystemExit("vitavla data convert: the source is already LeRobot v3")
+    try:
+        reader = build_reader(args.format, args.path, args.option)
+        video = default_video_options()
+        for name, value in (("vcodec", args.vcodec), ("crf", args.crf), ("pix_fmt", args.pix_fmt),
+                            ("gop", args.gop)):
+            if value is not None:
+                setattr(video, name, value)
+        if args.cameras:
+            cameras = tuple(args.cameras)
+        elif args.format == "aloha":
+            cameras = (reader.static_camera, reader.wrist_camera)
+        else:
+            cameras = ("image", "wrist_image")  # the names of the published LIBERO LeRobot datasets
+        print(f"vitavla data convert: {args.format} {args.path} -> lerobot v3 {args.out} "
+              f"({video.vcodec}, {video.pix_fmt}, crf {video.crf}, gop {video.gop})")
+        out = convert(reader, args.out, args.fps or FPS[args.format], cameras=cameras, video=video,
+                      episodes_per_file=args.episodes_per_file, robot_type=args.format)
+    except DataError as e:
+        sys.exit(f"vitavla data convert: FAILED: {e}")
+    opts = reader_options(reader, cameras)
+    print(f"wrote {len(reader.episodes)} episodes to {out}; read it back with")
+    print("  data:\n    class_path: datamodules.LeRobotDataModule\n    init_args:")
+    print(f"      root: {out}")
+    for k, v in opts.items():
+        print(f"      {k}: {json.dumps(v)}")

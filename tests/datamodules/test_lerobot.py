@@ -1,0 +1,276 @@
+"""LeRobotDataset v3: the reader on datasets written here in the published layout, the converter, and
+`vitavla data check --format lerobot` on broken copies."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+av = pytest.importorskip("av")
+
+from datamodules.base import DataError, resize_uint8  # noqa: E402
+from datamodules.lerobot import LeRobotDataModule, LeRobotReader  # noqa: E402
+from datamodules.lerobot_write import LeRobotWriter, VideoOptions  # noqa: E402
+from datamodules.normalization import Normalizer  # noqa: E402
+
+LOSSLESS = VideoOptions(vcodec="libx264rgb", pix_fmt="rgb24", crf=0)
+H264 = VideoOptions(vcodec="libx264", pix_fmt="yuv420p", crf=10)
+AV1 = VideoOptions(vcodec="libsvtav1", pix_fmt="yuv420p", crf=10)
+CAMS = ("top", "wrist")
+ALOHA_COLUMNS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 6, 13]  # left 6, right 6, left gripper, right gripper
+FPS = 10
+
+
+def frames(t: int, hw=(32, 48), seed: int = 0, cam: int = 0) -> np.ndarray:
+    """Smooth colour ramps that move with the frame and differ per camera (so swaps and shifts show)."""
+    yy, xx = np.mgrid[: hw[0], : hw[1]]
+    out = np.empty((t, *hw, 3), np.uint8)
+    for i in range(t):
+        out[i, ..., 0] = (xx * 150 // hw[1] + 9 * i + 7 * seed) % 256
+        out[i, ..., 1] = yy * 150 // hw[0] + 40 * cam
+        out[i, ..., 2] = 60 + 30 * cam + 5 * seed
+    return out
+
+
+def write(root, lengths=(7, 9, 8), width=7, video=LOSSLESS, per_file=2, tasks=None, hw=(32, 48)) -> list[dict]:
+    """Episodes with smooth state/action vectors; ``per_file`` episodes share a parquet file and an mp4."""
+    w = LeRobotWriter(root, FPS, width, width, list(CAMS), robot_type="piper", video=video,
+                      episodes_per_file=per_file)
+    out = []
+    for e, t in enumerate(lengths):
+        rng = np.random.default_rng(e)
+        state = (np.sin(0.3 * np.arange(t)[:, None] + np.arange(width)) + rng.normal(0, 0.01, (t, width)))
+        action = state + rng.normal(0, 0.05, state.shape)
+        ep = {"state": state.astype(np.float32), "action": action.astype(np.float32),
+              "images": {c: frames(t, hw, e, i) for i, c in enumerate(CAMS)},
+              "task": (tasks or ["pick up the cup", "open the drawer", "pick up the cup"])[e]}
+        w.add_episode(ep["state"], ep["action"], ep["images"], ep["task"])
+        out.append(ep)
+    w.finish()
+    return out
+
+
+def reader(root, **kw) -> LeRobotReader:
+    return LeRobotReader(root, static_camera="top", wrist_camera="wrist", **kw)
+
+
+def test_layout_is_lerobot_v3(tmp_path):
+    root = tmp_path / "ds"
+    write(root)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files == ["data/chunk-000/file-000.parquet", "data/chunk-000/file-001.parquet",
+                     "meta/episodes/chunk-000/file-000.parquet", "meta/info.json", "meta/stats.json",
+                     "meta/tasks.parquet",
+                     "videos/observation.images.top/chunk-000/file-000.mp4",
+                     "videos/observation.images.top/chunk-000/file-001.mp4",
+                     "videos/observation.images.wrist/chunk-000/file-000.mp4",
+                     "videos/observation.images.wrist/chunk-000/file-001.mp4"]
+    info = json.loads((root / "meta/info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["fps"] == FPS and info["total_episodes"] == 3
+    assert info["total_frames"] == 24 and info["total_tasks"] == 2 and info["chunks_size"] == 1000
+    assert info["data_path"] == "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+    assert info["video_path"] == "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+    assert info["features"]["observation.images.top"]["dtype"] == "video"
+    assert info["features"]["observation.images.top"]["shape"] == [32, 48, 3]
+    assert info["features"]["action"] == {"dtype": "float32", "shape": [7], "names": [f"action_{i}" for i in range(7)]}
+    data = pq.read_table(root / "data/chunk-000/file-001.parquet")
+    assert set(data.column_names) == {"observation.state", "action", "timestamp", "frame_index", "episode_index",
+                                      "index", "task_index"}
+    assert data.column("episode_index").to_pylist() == [2] * 8
+    assert data.column("index").to_pylist() == list(range(16, 24))  # global rows continue across files
+    assert data.column("timestamp").to_pylist() == pytest.approx([i / FPS for i in range(8)])
+    eps = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    assert [e["length"] for e in eps] == [7, 9, 8] and [e["tasks"] for e in eps][1] == ["open the drawer"]
+    assert [(e["dataset_from_index"], e["dataset_to_index"]) for e in eps] == [(0, 7), (7, 16), (16, 24)]
+    assert [e["data/file_index"] for e in eps] == [0, 0, 1]
+    # Two episodes share the first mp4: the second starts where the first ends.
+    assert [e["videos/observation.images.top/from_timestamp"] for e in eps] == pytest.approx([0.0, 0.7, 0.0])
+    assert [e["videos/observation.images.top/to_timestamp"] for e in eps] == pytest.approx([0.7, 1.6, 0.8])
+    assert eps[0]["stats/action/min"] == pytest.approx(np.min(pq.read_table(
+        root / "data/chunk-000/file-000.parquet").column("action").to_pylist()[:7], 0).tolist())
+    tasks = pq.read_table(root / "meta/tasks.parquet").to_pylist()
+    assert tasks == [{"task_index": 0, "task": "pick up the cup"}, {"task_index": 1, "task": "open the drawer"}]
+
+
+def _codec_params():
+    out = [pytest.param(LOSSLESS, 0, id="h264-lossless"), pytest.param(H264, 12, id="h264-yuv420p")]
+    missing = "libsvtav1" not in av.codecs_available or "libdav1d" not in av.codecs_available and \
+        "libaom-av1" not in av.codecs_available
+    out.append(pytest.param(AV1, 12, id="av1", marks=pytest.mark.skipif(missing, reason="no AV1 codec in PyAV")))
+    return out
+
+
+@pytest.mark.parametrize("video,tol", _codec_params())
+def test_decoded_frames_equal_frames_written(tmp_path, video, tol):
+    src = write(tmp_path / "ds", video=video, hw=(64, 64))
+    r = reader(tmp_path / "ds")
+    assert [e.instruction for e in r.episodes] == ["pick up the cup", "open the drawer", "pick up the cup"]
+    for e, ep in enumerate(src):
+        t = len(ep["state"])
+        # Whole episodes, and ranges that start between keyframes and late in a shared file (seek + decode on).
+        for start, stop in ((0, t), (3, 6), (t - 1, t), (1, 2)):
+            fr = r.read(e, start, stop)
+            for got, want in ((fr.static, ep["images"]["top"]), (fr.wrist, ep["images"]["wrist"])):
+                diff = np.abs(got.astype(int) - want[start:stop].astype(int))
+                assert got.dtype == np.uint8 and got.shape == want[start:stop].shape
+                assert diff.max() <= tol, (e, start, stop, diff.max())
+                if tol:
+                    assert diff.mean() < 2.0
+            np.testing.assert_array_equal(fr.state, ep["state"][start:stop])
+            np.testing.assert_array_equal(fr.action, ep["action"][start:stop])
+    # A reader travels to spawned workers pickled, without its open containers.
+    clone = pickle.loads(pickle.dumps(r))
+    np.testing.assert_array_equal(clone.read(1, 2, 4).static, r.read(1, 2, 4).static)
+
+
+def test_windows_columns_and_normalizer_from_the_training_split(tmp_path):
+    src = write(tmp_path / "ds", lengths=(6, 8, 7, 9), width=14,
+                tasks=["fold", "fold", "stack", "fold"])
+    dm = LeRobotDataModule(str(tmp_path / "ds"), static_camera="top", wrist_camera="wrist", arm_dim=12,
+                           action_columns=ALOHA_COLUMNS, num_steps=4, image_size=24, batch_size=2, num_workers=0,
+                           val_fraction=0.25, stats_cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "ds/meta/stats.json").write_text("not read unless asked")  # stats.json is opt-in
+    dm.setup("fit")
+    assert dm.robot.arm_dim == 12 and dm.robot.gripper_dim == 2 and dm.robot.state_dim == 14
+    train = dm.split_episodes(dm.reader("train"), "train")
+    assert len(train) == 3 and dm._val.index[0][0] not in train
+    fitted = Normalizer.fit(np.concatenate([src[e]["action"][:, ALOHA_COLUMNS] for e in train]), 12)
+    assert dm.normalizer.arm_low == pytest.approx(fitted.arm_low) and dm.normalizer.gripper_high == pytest.approx(
+        fitted.gripper_high)
+    ds = dm._train
+    for i in (0, len(ds) - 1):
+        w, (e, start) = ds[i], ds.index[i]
+        ep, n = src[e], min(len(src[e]["state"]) - start, 4)
+        assert w["instruction"] == ep["task"]
+        np.testing.assert_array_equal(w["state"][:n].numpy(), ep["state"][start:start + n][:, ALOHA_COLUMNS])
+        raw = torch.from_numpy(ep["action"][start:start + n][:, ALOHA_COLUMNS])
+        torch.testing.assert_close(w["actions"][:n, 0], dm.normalizer.normalize_actions(raw))
+        want = resize_uint8(ep["images"]["top"][start:start + n], 24)
+        assert w["images"].dtype == torch.uint8 and torch.equal(w["images"][:n, 0], want)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.images.shape == (2, 4, 2, 3, 24, 24)
+
+
+def test_stats_json_when_asked(tmp_path):
+    src = write(tmp_path / "ds")
+    dm = LeRobotDataModule(str(tmp_path / "ds"), static_camera="top", wrist_camera="wrist", use_stats_json=True,
+                           num_steps=3, image_size=16, num_workers=0, normalize_state=True,
+                           stats_cache_dir=str(tmp_path / "cache"))
+    dm.setup("fit")
+    every = np.concatenate([ep["action"] for ep in src])  # stats.json covers every episode
+    assert dm.normalizer.arm_low == pytest.approx(every[:, :6].min(0).tolist())
+    assert dm.normalizer.gripper_high == pytest.approx(every[:, 6:].max(0).tolist())
+    assert dm.normalizer.state_mean == pytest.approx(np.concatenate([ep["state"] for ep in src]).mean(0).tolist(),
+                                                     abs=1e-6)
+    assert not (tmp_path / "cache").exists()  # nothing fitted, nothing cached
+
+
+# -- vitavla data check --format lerobot: each broken copy fails with one line naming file and key ----------------
+
+def _rewrite_parquet(path, column, fn):
+    table = pq.read_table(path)
+    values = fn(table.column(column).to_pylist())
+    i = table.column_names.index(column)
+    pq.write_table(table.set_column(i, column, pa.array(values, table.schema.field(column).type)), path)
+
+
+def _reencode(path, keep: int | None = None, fps: int = FPS):
+    with av.open(str(path)) as c:
+        imgs = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    imgs = imgs[:keep] if keep is not None else imgs
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("libx264rgb", rate=fps, options={"crf": "0", "g": "2"})
+        s.width, s.height, s.pix_fmt = imgs[0].shape[1], imgs[0].shape[0], "rgb24"
+        for i, img in enumerate(imgs):
+            fr = av.VideoFrame.from_ndarray(img, format="rgb24")
+            fr.pts = i
+            c.mux(s.encode(fr))
+        c.mux(s.encode())
+
+
+def _nan(values):
+    values[3][2] = float("nan")
+    return values
+
+
+def _swap(values):
+    values[2], values[3] = values[3], values[2]
+    return values
+
+
+DATA0 = "data/chunk-000/file-000.parquet"
+TOP0 = "videos/observation.images.top/chunk-000/file-000.mp4"
+BREAKS = {
+    "missing meta file": (lambda r: (r / "meta/tasks.parquet").unlink(),
+                          "meta/tasks.parquet: meta/tasks.parquet: missing meta file"),
+    "feature absent from parquet": (
+        lambda r: pq.write_table(pq.read_table(r / DATA0).drop_columns(["task_index"]), r / DATA0),
+        f"{DATA0}: task_index: feature named in meta/info.json is not a column of this file"),
+    "video shorter than episode": (lambda r: _reencode(r / TOP0, keep=12),
+                                   f"{TOP0}: observation.images.top: video shorter than its episode: episode 1"),
+    "timestamps out of order": (lambda r: _rewrite_parquet(r / DATA0, "timestamp", _swap),
+                                f"{DATA0}: timestamp: episode 0: timestamps out of order at frame 3"),
+    "fps mismatch (info.json)": (
+        lambda r: (r / "meta/info.json").write_text((r / "meta/info.json").read_text().replace('"fps": 10',
+                                                                                                 '"fps": 15')),
+        f"{DATA0}: timestamp: episode 0: frame 1 at 0.100000 s but frame_index / fps = 0.066667 s (fps 15"),
+    "fps mismatch (video)": (lambda r: _reencode(r / TOP0, fps=20),
+                             f"{TOP0}: observation.images.top: fps mismatch: the video plays at 20 fps"),
+    "NaN": (lambda r: _rewrite_parquet(r / DATA0, "action", _nan),
+            f"{DATA0}: action: NaN/inf at episode 0 frame 3 column 2"),
+    "corrupt mp4": (lambda r: (r / TOP0).write_bytes((r / TOP0).read_bytes()[: (r / TOP0).stat().st_size // 2]),
+                    f"{TOP0}: observation.images.top: cannot"),
+    "episode indices disagree": (
+        lambda r: _rewrite_parquet(r / DATA0, "episode_index", lambda v: [5 if x == 1 else x for x in v]),
+        f"{DATA0}: episode_index: rows with index 7..16 belong to episodes [5]"),
+}
+
+
+def _snapshot(root):
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def clean_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lerobot") / "clean"
+    write(root)
+    return root
+
+
+def test_check_clean_dataset(clean_dataset, capsys):
+    from cli import main
+
+    before = _snapshot(clean_dataset)
+    main(["data", "check", str(clean_dataset), "--format", "lerobot", "--option", "static_camera=top",
+          "--option", "wrist_camera=wrist"])
+    out = capsys.readouterr().out
+    assert "OK" in out and "episodes:      3" in out and "frames:        24" in out
+    assert "'pick up the cup' x2" in out and "static 32x48" in out
+    assert _snapshot(clean_dataset) == before
+
+
+@pytest.mark.parametrize("case", list(BREAKS))
+def test_check_names_file_and_key(clean_dataset, tmp_path, case):
+    from cli import main
+
+    root = tmp_path / "ds"
+    shutil.copytree(clean_dataset, root)
+    breaker, message = BREAKS[case]
+    breaker(root)
+    before = _snapshot(root)
+    with pytest.raises(SystemExit) as e:
+        main(["data", "check", str(root), "--format", "lerobot", "--option", "static_camera=top",
+              "--option", "wrist_camera=wrist"])
+    text = str(e.value.code)
+    assert text.startswith(f"vitavla data check: FAILED: {root}/") and "\n" not in text
+    assert message in text, text
+    assert _snapshot(root) == before
+    with pytest.raises(DataError):  # the reader itself raises the project's DataError
+        LeRobotReader(root, static_camera="top", wrist_camera="wrist").read(0, 0, 7)
