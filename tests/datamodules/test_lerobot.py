@@ -274,3 +274,80 @@ def test_check_names_file_and_key(clean_dataset, tmp_path, case):
     assert _snapshot(root) == before
     with pytest.raises(DataError):  # the reader itself raises the project's DataError
         LeRobotReader(root, static_camera="top", wrist_camera="wrist").read(0, 0, 7)
+
+
+# -- vitavla data convert --to lerobot: the converted dataset gives the source's windows ------------------------
+
+def _same_windows(src_dm, dst_dm, image_tol: int) -> None:
+    src_dm.setup("fit")
+    dst_dm.setup("fit")
+    assert dst_dm.robot == src_dm.robot
+    src_r, dst_r = src_dm.reader("train"), dst_dm.reader("train")
+    for e, ep in enumerate(src_r.episodes):  # raw vectors: exact (the sources' float32 values, stored as float32)
+        a, b = src_r.read(e, 0, ep.length), dst_r.read(e, 0, ep.length)
+        np.testing.assert_array_equal(a.state, b.state)
+        np.testing.assert_array_equal(a.action, b.action)
+    # The source fitted its statistics on float64 actions (HDF5), the copy on float32 ones.
+    na, nb = src_dm.normalizer.state_dict(), dst_dm.normalizer.state_dict()
+    for key in ("arm_low", "arm_high", "gripper_low", "gripper_high"):
+        assert nb[key] == pytest.approx(na[key], rel=1e-6, abs=1e-7), key
+    assert nb["gripper_convention"] == na["gripper_convention"] and nb["mode"] == na["mode"]
+    for split in ("_train", "_val"):
+        a, b = getattr(src_dm, split), getattr(dst_dm, split)
+        assert a.index == b.index and len(a) > 0
+        for i in range(len(a)):
+            wa, wb = a[i], b[i]
+            assert wa["instruction"] == wb["instruction"]
+            for key in ("state", "valid", "action_valid", "frame_index", "episode_id"):
+                assert torch.equal(wa[key], wb[key]), (split, i, key)
+            torch.testing.assert_close(wa["actions"], wb["actions"], rtol=0, atol=1e-6)
+            diff = (wa["images"].int() - wb["images"].int()).abs()
+            assert diff.max() <= image_tol, (split, i, diff.max())
+
+
+def test_convert_libero_round_trip(tmp_path, capsys):
+    from cli import main
+    from datamodules.libero import LiberoDataModule
+    from tests.datamodules.test_libero import make_demo, write_libero
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "KITCHEN_SCENE1_open_the_drawer_demo.hdf5"
+    write_libero(path, {f"demo_{i}": make_demo(n, 32, rng) for i, n in enumerate((6, 8, 5))})
+    out = tmp_path / "libero_lerobot"
+    # Noise images (make_demo) leave a lossy codec nothing to work with: lossless H.264 shows exactness.
+    main(["data", "convert", str(path), "--format", "libero", "--to", "lerobot", "--out", str(out),
+          "--vcodec", "libx264rgb", "--pix-fmt", "rgb24", "--crf", "0", "--episodes-per-file", "2"])
+    printed = capsys.readouterr().out
+    assert "wrote 3 episodes" in printed and "gripper_range: [-1.0, 1.0]" in printed
+    assert not (tmp_path / "libero_lerobot.partial").exists()
+    common = dict(num_steps=4, image_size=32, batch_size=2, num_workers=0, val_fraction=0.34)
+    src = LiberoDataModule(str(path), stats_cache_dir=str(tmp_path / "c1"), **common)
+    dst = LeRobotDataModule(str(out), static_camera="image", wrist_camera="wrist_image", arm_dim=6,
+                            gripper_range=[-1.0, 1.0], gripper_convention=src.make_reader("train").gripper_convention,
+                            stats_cache_dir=str(tmp_path / "c2"), **common)
+    _same_windows(src, dst, image_tol=0)
+    with pytest.raises(SystemExit, match="already exists and is not empty"):
+        main(["data", "convert", str(path), "--format", "libero", "--to", "lerobot", "--out", str(out)])
+
+
+def test_convert_aloha_bimanual_round_trip(tmp_path):
+    from cli import main
+    from datamodules.aloha import AlohaDataModule
+    from tests.datamodules.test_aloha import write_dataset
+
+    write_dataset(tmp_path / "aloha", lengths=(6, 7, 5), ids=(0, 1, 2), hw=(32, 48))
+    out = tmp_path / "aloha_lerobot"
+    opts = ["--option", "arms=both", "--option", "wrist_camera=cam_left_wrist", "--option", "instruction=fold"]
+    main(["data", "convert", str(tmp_path / "aloha"), "--format", "aloha", "--to", "lerobot", "--out", str(out),
+          "--crf", "10", *opts])  # the default codec (AV1 where PyAV has it, else H.264), yuv420p
+    common = dict(num_steps=4, image_size=32, batch_size=2, num_workers=0, val_fraction=0.34)
+    src = AlohaDataModule(str(tmp_path / "aloha"), arms="both", wrist_camera="cam_left_wrist", instruction="fold",
+                          stats_cache_dir=str(tmp_path / "c1"), **common)
+    dst = LeRobotDataModule(str(out), static_camera="cam_high", wrist_camera="cam_left_wrist", arm_dim=12,
+                            gripper_convention=src.make_reader("train").gripper_convention,
+                            stats_cache_dir=str(tmp_path / "c2"), **common)
+    _same_windows(src, dst, image_tol=16)
+    info = json.loads((out / "meta/info.json").read_text())
+    assert info["fps"] == 50 and info["robot_type"] == "aloha"
+    assert sorted(k for k, v in info["features"].items() if v["dtype"] == "video") == [
+        "observation.images.cam_high", "observation.images.cam_left_wrist"]
