@@ -2,9 +2,11 @@
 
     python benchmarks/loader_throughput.py                   # writes small datasets in the real layouts
     python benchmarks/loader_throughput.py --workers 0 2 --windows 96
+    python benchmarks/loader_throughput.py --workers 2 --formats lerobot   # rows whose name contains "lerobot"
 
 Datasets are written by the test suite's writers (real on-disk layouts and native image sizes: CALVIN
-200x200 / 84x84 npz frames, LIBERO 128x128 HDF5, ALOHA 480x640 HDF5 raw and JPEG). Every window is 10 steps
+200x200 / 84x84 npz frames, LIBERO 128x128 HDF5, ALOHA 480x640 HDF5 raw and JPEG, LeRobot v3 mp4 at 224x224
+and 480x640, AV1 as lerobot writes it by default (H.264 where PyAV has no AV1 encoder), GOP 2). Every window is 10 steps
 x 2 views resized to 224, uint8. "tiny step" is measured here: one training step of configs/tiny_align.yaml's
 model at batch 8. "paper step" cannot be measured on a CPU: ``--paper-step-seconds`` (default 1.0 s for one
 7B ZeRO-2 step of 8 windows on one GPU, an estimate) sets it, and the ratio is labelled as such.
@@ -68,6 +70,24 @@ def aloha_dm(tmp: Path, compress: bool, workers: int) -> WindowDataModule:
                            num_workers=workers, stats_cache_dir=str(tmp / "stats"), val_fraction=0.0)
 
 
+def lerobot_dm(tmp: Path, hw: tuple[int, int], workers: int) -> WindowDataModule:
+    from datamodules.lerobot import LeRobotDataModule
+    from datamodules.lerobot_write import LeRobotWriter
+    from tests.datamodules.test_aloha import episode_arrays
+
+    root = tmp / f"lerobot_{hw[0]}x{hw[1]}"
+    if not root.exists():
+        w = LeRobotWriter(root, 50, 14, 14, ["cam_high", "cam_left_wrist"], robot_type="aloha")
+        for seed in range(2):
+            a = episode_arrays(60, hw=hw, cams=("cam_high", "cam_left_wrist"), seed=seed)
+            w.add_episode(a["qpos"].astype(np.float32), a["action"].astype(np.float32), a["images"], "transfer")
+        w.finish()
+    return LeRobotDataModule(str(root), static_camera="cam_high", wrist_camera="cam_left_wrist", arm_dim=12,
+                             action_columns=[0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 6, 13], num_steps=NUM_STEPS,
+                             batch_size=BATCH, num_workers=workers, stats_cache_dir=str(tmp / "stats"),
+                             val_fraction=0.0)
+
+
 def windows_per_second(dm: WindowDataModule, windows: int) -> float:
     dm.setup("fit")
     loader = dm.train_dataloader()
@@ -115,6 +135,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--windows", type=int, default=64, help="windows timed per measurement")
     ap.add_argument("--paper-step-seconds", type=float, default=1.0)
+    ap.add_argument("--formats", nargs="+", default=[""], help="only rows whose name contains one of these")
     args = ap.parse_args()
     tiny = tiny_step_seconds()
     consume_tiny, consume_paper = BATCH / tiny, BATCH / args.paper_step_seconds
@@ -129,14 +150,17 @@ def main() -> None:
             "libero hdf5 128px": lambda w: libero_dm(tmp, w),
             "aloha raw 480x640": lambda w: aloha_dm(tmp, False, w),
             "aloha jpeg 480x640": lambda w: aloha_dm(tmp, True, w),
+            "lerobot mp4 224px": lambda w: lerobot_dm(tmp, (224, 224), w),
+            "lerobot mp4 480x640": lambda w: lerobot_dm(tmp, (480, 640), w),
         }
+        makers = {k: v for k, v in makers.items() if any(f in k for f in args.formats)}
         print(f"\n{'format':<20}{'workers':>8}{'windows/s':>11}{'x tiny':>9}{'x paper':>9}")
         for name, make in makers.items():
             for w in args.workers:
                 rate = windows_per_second(make(w), args.windows)
                 rows[(name, w)] = rate
                 print(f"{name:<20}{w:>8}{rate:>11.1f}{rate / consume_tiny:>9.2f}{rate / consume_paper:>9.2f}")
-    for w in args.workers:
+    for w in args.workers if ("calvin packed", args.workers[0]) in rows else []:
         print(f"packed / raw CALVIN at {w} workers: {rows[('calvin packed', w)] / rows[('calvin raw npz', w)]:.2f}x "
               f"(goal >= 5x)")
 

@@ -271,7 +271,9 @@ class LeRobotReader(EpisodeReader):
             if hi - lo != length or length < 1:
                 _fail(meta_file, "length", f"episode {e}: length {length} but dataset_from_index..to_index is "
                                            f"{lo}..{hi}")
-            rows_of = np.flatnonzero((d["index"] >= lo) & (d["index"] < hi))
+            # Rows by global index, found by binary search (a file can hold thousands of episodes).
+            order, sorted_index = d["order"], d["sorted_index"]
+            rows_of = order[np.searchsorted(sorted_index, lo):np.searchsorted(sorted_index, hi)]
             ep_col = d["episode_index"][rows_of]
             if len(rows_of) != length or (ep_col != e).any():
                 found = sorted(set(ep_col.tolist()))
@@ -279,7 +281,6 @@ class LeRobotReader(EpisodeReader):
                                                   f"{len(rows_of)} rows; {meta_file.relative_to(self.root)} "
                                                   f"says episode {e} with {length} frames")
             seen_data_episodes[data_file].add(e)
-            rows_of = rows_of[np.argsort(d["index"][rows_of])]
             self._check_frames(data_file, e, d, rows_of)
             task = tasks.get(int(d["task_index"][rows_of[0]]))
             if task is None:
@@ -316,6 +317,8 @@ class LeRobotReader(EpisodeReader):
         table = read_parquet(path, [*INDEX_COLUMNS, *dict.fromkeys((self.state_key, self.action_key))])
         out = {k: _scalar_column(table, k) for k in INDEX_COLUMNS}
         out["timestamp"] = out["timestamp"].astype(np.float64)
+        out["order"] = np.argsort(out["index"], kind="stable")
+        out["sorted_index"] = out["index"][out["order"]]
         for key in (self.state_key, self.action_key):
             m = column_matrix(table, path, key, features[key]["shape"][0])
             bad = ~np.isfinite(m)

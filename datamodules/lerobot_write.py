@@ -137,7 +137,7 @@ class LeRobotWriter:
         }
         self.tasks: dict[str, int] = {}
         self.episodes: list[dict] = []
-        self._rows: list[dict] = []  # frames of the data file being filled
+        self._rows: list[dict] = []  # per episode, the columns of the data file being filled
         self._videos: dict[str, _VideoFile] = {}
         self._file = (0, 0)  # (chunk_index, file_index) being filled
         self._in_file = 0
@@ -184,10 +184,10 @@ class LeRobotWriter:
         for name, arr in (("observation.state", state), ("action", action)):
             ep.update({f"stats/{name}/{k}": v for k, v in _vector_stats(arr).items()})
         ep["meta/episodes/chunk_index"], ep["meta/episodes/file_index"] = 0, 0
-        for i in range(t):
-            self._rows.append({"observation.state": state[i].tolist(), "action": action[i].tolist(),
-                               "timestamp": np.float32(i / self.fps), "frame_index": i, "episode_index": e,
-                               "index": self._frames + i, "task_index": task_index})
+        self._rows.append({"observation.state": state, "action": action,
+                           "timestamp": (np.arange(t) / self.fps).astype(np.float32),
+                           "frame_index": np.arange(t), "episode_index": np.full(t, e),
+                           "index": self._frames + np.arange(t), "task_index": np.full(t, task_index)})
         self._state.append(state)
         self._action.append(action)
         self.episodes.append(ep)
@@ -212,12 +212,12 @@ class LeRobotWriter:
         if not self._rows:
             return
         sd, ad = (self.features[k]["shape"][0] for k in ("observation.state", "action"))
-        cols = {
-            "observation.state": pa.array([r["observation.state"] for r in self._rows], pa.list_(pa.float32(), sd)),
-            "action": pa.array([r["action"] for r in self._rows], pa.list_(pa.float32(), ad)),
-            "timestamp": pa.array([r["timestamp"] for r in self._rows], pa.float32()),
-            **{k: pa.array([r[k] for r in self._rows], pa.int64())
-               for k in ("frame_index", "episode_index", "index", "task_index")},
+        col = {k: np.concatenate([r[k] for r in self._rows]) for k in self._rows[0]}
+        cols = {  # vectors as fixed-size lists, as lerobot's datasets.Sequence(length=d) features store them
+            "observation.state": pa.FixedSizeListArray.from_arrays(col["observation.state"].reshape(-1), sd),
+            "action": pa.FixedSizeListArray.from_arrays(col["action"].reshape(-1), ad),
+            "timestamp": pa.array(col["timestamp"], pa.float32()),
+            **{k: pa.array(col[k], pa.int64()) for k in ("frame_index", "episode_index", "index", "task_index")},
         }
         path = self.tmp / DATA_PATH.format(chunk_index=self._file[0], file_index=self._file[1])
         path.parent.mkdir(parents=True, exist_ok=True)
