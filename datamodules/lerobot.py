@@ -138,7 +138,10 @@ class LeRobotReader(EpisodeReader):
             ALOHA stores ``[left 6 joints, left gripper, right 6 joints, right gripper]``, which is
             ``[0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 6, 13]``. The values after ``arm_dim`` are the grippers.
         state_columns: the same for the state vector (default: ``action_columns`` when the widths agree,
-            else as stored). Gripper state values are fed to the model as recorded (``gripper_state="width"``).
+            else as stored).
+        gripper_state: ``"width"``: the gripper state values are fed to the model as recorded (any number);
+            ``"binary"``: one open (1) / closed (0) flag per gripper, one-hot encoded by the models (CALVIN,
+            LIBERO ``gripper_state="binary"`` conversions).
         state_key, action_key: feature names of the state and action vectors.
         gripper_range: raw (target 0, target 1) gripper action values; default the data's min/max per gripper.
         gripper_convention: what gripper target 1 means, kept in checkpoints (e.g. ``"1 = open"``).
@@ -152,7 +155,7 @@ class LeRobotReader(EpisodeReader):
                  action_columns: Sequence[int] | None = None, state_columns: Sequence[int] | None = None,
                  state_key: str = "observation.state", action_key: str = "action",
                  gripper_range: Sequence[float] | None = None, gripper_convention: str = "",
-                 tolerance_s: float = 1e-4, action_chunk: int = 3):
+                 gripper_state: str = "width", tolerance_s: float = 1e-4, action_chunk: int = 3):
         self.root = Path(root).expanduser()
         self.static_camera, self.wrist_camera = _camera_key(static_camera), _camera_key(wrist_camera)
         self.state_key, self.action_key, self.tolerance_s = state_key, action_key, float(tolerance_s)
@@ -173,8 +176,14 @@ class LeRobotReader(EpisodeReader):
             _fail(self.root / INFO, "arm_dim", f"arm_dim={arm_dim} must leave at least one gripper value in the "
                                                f"action ({len(self.action_columns)} columns) and the state "
                                                f"({len(self.state_columns)} columns)")
-        self.robot = RobotSpec(arm_dim=arm_dim, gripper_dim=n_grip, gripper_state="width",
-                               gripper_state_dim=n_grip_state, action_chunk=action_chunk)
+        if gripper_state not in ("width", "binary"):
+            _fail(self.root, "gripper_state", f"expected 'width' or 'binary', got {gripper_state!r}")
+        if gripper_state == "binary" and n_grip_state != n_grip:
+            _fail(self.root / INFO, "gripper_state", f"'binary' needs one state value per gripper ({n_grip}); "
+                                                     f"the state has {n_grip_state} after arm_dim={arm_dim}")
+        self.robot = RobotSpec(arm_dim=arm_dim, gripper_dim=n_grip, gripper_state=gripper_state,
+                               gripper_state_dim=n_grip_state if gripper_state == "width" else None,
+                               action_chunk=action_chunk)
         low, high = self.gripper_range or ("data min", "data max")
         self.gripper_convention = gripper_convention or GRIPPER_CONVENTION.format(low=low, high=high)
         for cam in (self.static_camera, self.wrist_camera):
@@ -461,7 +470,8 @@ class LeRobotReader(EpisodeReader):
     @property
     def cache_key(self) -> str:
         return (f"state={self.state_key}{self.state_columns}|action={self.action_key}{self.action_columns}|"
-                f"arm={self.robot.arm_dim}|gripper_range={self.gripper_range}")
+                f"arm={self.robot.arm_dim}|gripper_range={self.gripper_range}|"
+                f"gripper_state={self.robot.gripper_state}")
 
     def stats_normalizer(self, mode: str, normalize_state: bool) -> Normalizer:
         """A normalizer from ``meta/stats.json`` (all episodes, as lerobot computed them) instead of a fit."""
@@ -496,6 +506,8 @@ class LeRobotReader(EpisodeReader):
         if normalize_state:
             mean = get(self.state_key, "mean", self.state_columns)
             std = np.maximum(get(self.state_key, "std", self.state_columns), 1e-3)
+            if self.robot.gripper_state == "binary":  # flags stay 0/1: the models threshold them at 0.5
+                mean[arm:], std[arm:] = 0.0, 1.0
             norm = Normalizer(**{**norm.state_dict(), "state_mean": mean.tolist(), "state_std": std.tolist()})
         return norm
 
@@ -522,6 +534,7 @@ class LeRobotDataModule(WindowDataModule):
         action_key: the action feature.
         gripper_range: raw gripper actions mapped to targets 0 and 1; default the training data's min/max.
         gripper_convention: what gripper target 1 means (stored in checkpoints).
+        gripper_state: ``width`` (gripper state as recorded) or ``binary`` (one open/closed flag per gripper).
         use_stats_json: normalize with ``meta/stats.json`` (min/max, or q01/q99 for ``quantile``) instead of
             statistics fitted on the training split.
         tolerance_s: allowed timestamp deviation in seconds.
@@ -532,7 +545,7 @@ class LeRobotDataModule(WindowDataModule):
                  action_columns: list[int] | None = None, state_columns: list[int] | None = None,
                  state_key: str = "observation.state", action_key: str = "action",
                  gripper_range: list[float] | None = None, gripper_convention: str = "",
-                 use_stats_json: bool = False, tolerance_s: float = 1e-4, num_steps: int = 7,
+                 gripper_state: str = "width", use_stats_json: bool = False, tolerance_s: float = 1e-4, num_steps: int = 7,
                  image_size: int = 224, batch_size: int = 8, num_workers: int = 4,
                  normalization: str = "minmax", stats_cache_dir: str = "~/.cache/vitavla", pad_tail: bool = True,
                  val_fraction: float = 0.1, seed: int = 0, normalize_state: bool = False):
@@ -546,7 +559,8 @@ class LeRobotDataModule(WindowDataModule):
         self.reader_options = dict(root=root, static_camera=static_camera, wrist_camera=wrist_camera,
                                    arm_dim=arm_dim, action_columns=action_columns, state_columns=state_columns,
                                    state_key=state_key, action_key=action_key, gripper_range=gripper_range,
-                                   gripper_convention=gripper_convention, tolerance_s=tolerance_s)
+                                   gripper_convention=gripper_convention, gripper_state=gripper_state,
+                                   tolerance_s=tolerance_s, action_chunk=RobotSpec().action_chunk)
         self._shared: LeRobotReader | None = None
 
     def make_reader(self, split: str) -> LeRobotReader:

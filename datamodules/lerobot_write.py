@@ -307,6 +307,8 @@ def convert(reader: EpisodeReader, out: str | Path, fps: int, cameras: tuple[str
 def reader_options(reader: EpisodeReader, cameras: tuple[str, str]) -> dict:
     """The LeRobotDataModule options that read a converted dataset back as ``reader`` gave it."""
     opts = {"static_camera": cameras[0], "wrist_camera": cameras[1], "arm_dim": reader.robot.arm_dim}
+    if reader.robot.gripper_state == "binary":
+        opts["gripper_state"] = "binary"
     if getattr(reader, "gripper_range", None) is not None:
         opts["gripper_range"] = list(reader.gripper_range)
     if getattr(reader, "gripper_convention", ""):

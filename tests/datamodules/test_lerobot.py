@@ -420,3 +420,25 @@ model:
         ckpts[stage] = sorted(root.glob("version_*/checkpoints/last.ckpt"))[-1]
     ckpt = torch.load(ckpts["finetune"], map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2 and len(ckpt["normalizer"]["arm_low"]) == 6
+
+
+def test_convert_calvin_binary_gripper_state(tmp_path, capsys):
+    from cli import main
+    from datamodules.calvin import CalvinReader
+    from tests.datamodules.test_calvin import write_split
+
+    split = tmp_path / "task_D_D" / "training"
+    write_split(split, [(0, 19)], [(0, 9, "open the drawer"), (10, 19, "push the block")])
+    out = tmp_path / "calvin_lerobot"
+    main(["data", "convert", str(split), "--format", "calvin", "--option", "num_steps=4", "--to", "lerobot",
+          "--out", str(out), "--vcodec", "libx264rgb", "--pix-fmt", "rgb24", "--crf", "0"])
+    assert "gripper_state: \"binary\"" in capsys.readouterr().out
+    src = CalvinReader(split, num_steps=4)
+    dst = LeRobotReader(out, static_camera="image", wrist_camera="wrist_image", gripper_state="binary",
+                        gripper_range=[-1.0, 1.0])
+    assert dst.robot == src.robot
+    for e, ep in enumerate(src.episodes):
+        a, b = src.read(e, 0, ep.length), dst.read(e, 0, ep.length)
+        assert dst.episodes[e].instruction == ep.instruction
+        for key in ("state", "action", "static", "wrist"):  # CALVIN's 200 and 84 px views, lossless
+            np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
