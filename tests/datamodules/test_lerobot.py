@@ -227,10 +227,21 @@ BREAKS = {
             f"{DATA0}: action: NaN/inf at episode 0 frame 3 column 2"),
     "corrupt mp4": (lambda r: (r / TOP0).write_bytes((r / TOP0).read_bytes()[: (r / TOP0).stat().st_size // 2]),
                     f"{TOP0}: observation.images.top: cannot"),
+    "corrupt mp4 (frame data)": (lambda r: _zero_bytes(r / TOP0, (0.3, 0.5, 0.7)),
+                                 f"{TOP0}: observation.images.top: cannot decode frames at"),
     "episode indices disagree": (
         lambda r: _rewrite_parquet(r / DATA0, "episode_index", lambda v: [5 if x == 1 else x for x in v]),
         f"{DATA0}: episode_index: rows with index 7..16 belong to episodes [5]"),
 }
+
+
+def _zero_bytes(path, fractions):
+    """Damage the compressed frames (the header stays readable, so this shows only when decoding)."""
+    data = bytearray(path.read_bytes())
+    for f in fractions:
+        i = int(len(data) * f)
+        data[i:i + 200] = bytes(200)
+    path.write_bytes(bytes(data))
 
 
 def _snapshot(root):
@@ -273,7 +284,9 @@ def test_check_names_file_and_key(clean_dataset, tmp_path, case):
     assert message in text, text
     assert _snapshot(root) == before
     with pytest.raises(DataError):  # the reader itself raises the project's DataError
-        LeRobotReader(root, static_camera="top", wrist_camera="wrist").read(0, 0, 7)
+        r = LeRobotReader(root, static_camera="top", wrist_camera="wrist")
+        for e, ep in enumerate(r.episodes):
+            r.read(e, 0, ep.length)
 
 
 # -- vitavla data convert --to lerobot: the converted dataset gives the source's windows ------------------------
