@@ -84,6 +84,20 @@ class _VideoFile:
         self.container.close()
 
 
+# lerobot reads tasks.parquet with pandas and looks tasks up by the frame's index label, so the task text
+# must come back as the index: the metadata pandas itself writes for a frame indexed by "task".
+_TASKS_PANDAS = {b"pandas": json.dumps({
+    "index_columns": ["task"],
+    "column_indexes": [{"name": None, "field_name": None, "pandas_type": "unicode", "numpy_type": "object",
+                        "metadata": {"encoding": "UTF-8"}}],
+    "columns": [{"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64",
+                 "metadata": None},
+                {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object",
+                 "metadata": None}],
+    "attributes": {}, "creator": {"library": "pyarrow", "version": "14.0.0"}, "pandas_version": "2.2.0",
+}).encode()}
+
+
 def _vector_stats(x: np.ndarray) -> dict:
     x = np.asarray(x, dtype=np.float64)
     q = {f"q{int(p * 100):02d}": np.quantile(x, p, axis=0).tolist() for p in (0.01, 0.10, 0.50, 0.90, 0.99)}
@@ -234,8 +248,9 @@ class LeRobotWriter:
         self._flush()
         (self.tmp / "meta").mkdir(parents=True, exist_ok=True)
         tasks = sorted(self.tasks.items(), key=lambda kv: kv[1])
-        pq.write_table(pa.table({"task_index": pa.array([i for _, i in tasks], pa.int64()),
-                                 "task": pa.array([t for t, _ in tasks], pa.string())}), self.tmp / TASKS)
+        table = pa.table({"task_index": pa.array([i for _, i in tasks], pa.int64()),
+                          "task": pa.array([t for t, _ in tasks], pa.string())})
+        pq.write_table(table.replace_schema_metadata(_TASKS_PANDAS), self.tmp / TASKS)
         episodes = self.tmp / EPISODES_PATH.format(chunk_index=0, file_index=0)
         episodes.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(self.episodes), episodes)

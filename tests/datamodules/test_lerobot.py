@@ -95,6 +95,8 @@ def test_layout_is_lerobot_v3(tmp_path):
     assert [e["videos/observation.images.top/to_timestamp"] for e in eps] == pytest.approx([0.7, 1.6, 0.8])
     assert eps[0]["stats/action/min"] == pytest.approx(np.min(pq.read_table(
         root / "data/chunk-000/file-000.parquet").column("action").to_pylist()[:7], 0).tolist())
+    # lerobot reads tasks.parquet with pandas and needs the task text back as the frame's index.
+    assert json.loads(pq.read_schema(root / "meta/tasks.parquet").metadata[b"pandas"])["index_columns"] == ["task"]
     tasks = pq.read_table(root / "meta/tasks.parquet").to_pylist()
     assert tasks == [{"task_index": 0, "task": "pick up the cup"}, {"task_index": 1, "task": "open the drawer"}]
 
