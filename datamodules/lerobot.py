@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,7 +197,8 @@ class LeRobotReader(EpisodeReader):
         self._sources: list[_Source] = []
         self.episodes: list[Episode] = []
         self._index(tasks)
-        self._containers: dict[int, dict[Path, object]] = {}
+        self._containers: dict[int, OrderedDict] = {}
+        self.max_open_videos = 64
 
     # -- metadata ---------------------------------------------------------------------------------
     def _info(self) -> dict:
@@ -392,14 +394,19 @@ class LeRobotReader(EpisodeReader):
 
     # -- reading ----------------------------------------------------------------------------------
     def _container(self, path: Path):
-        # Decoder state must not cross a fork: each worker process opens its own containers, once.
+        # Decoder state must not cross a fork: each worker process opens its own containers, and keeps the
+        # most recently used ones open (a large dataset has more mp4s than a process may hold files).
         _, av = _deps()
-        mine = self._containers.setdefault(os.getpid(), {})
-        if path not in mine:
-            try:
-                mine[path] = av.open(str(path))
-            except av.error.FFmpegError as e:
-                _fail(path, "<file>", f"cannot open the video (corrupt mp4?): {e}")
+        mine = self._containers.setdefault(os.getpid(), OrderedDict())
+        if path in mine:
+            mine.move_to_end(path)
+            return mine[path]
+        try:
+            mine[path] = av.open(str(path))
+        except av.error.FFmpegError as e:
+            _fail(path, "<file>", f"cannot open the video (corrupt mp4?): {e}")
+        while len(mine) > self.max_open_videos:
+            mine.popitem(last=False)[1].close()
         return mine[path]
 
     def __getstate__(self) -> dict:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 
@@ -457,3 +458,14 @@ def test_convert_calvin_binary_gripper_state(tmp_path, capsys):
         assert dst.episodes[e].instruction == ep.instruction
         for key in ("state", "action", "static", "wrist"):  # CALVIN's 200 and 84 px views, lossless
             np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
+
+
+def test_open_videos_are_bounded_and_reopened(tmp_path):
+    src = write(tmp_path / "ds", per_file=1)  # 3 files per camera
+    r = reader(tmp_path / "ds")
+    r.max_open_videos = 2
+    for e in (0, 1, 2, 0):
+        np.testing.assert_array_equal(r.read(e, 1, 3).wrist, src[e]["images"]["wrist"][1:3])
+        assert len(r._containers[os.getpid()]) <= 2
+    r.close()
+    assert not r._containers
