@@ -2,14 +2,15 @@
 
     python benchmarks/loader_throughput.py                   # writes small datasets in the real layouts
     python benchmarks/loader_throughput.py --workers 0 2 --windows 96
-    python benchmarks/loader_throughput.py --workers 2 --formats lerobot   # rows whose name contains "lerobot"
+    python benchmarks/loader_throughput.py --workers 2 --formats lerobot   # rows named "...lerobot..."
 
 Datasets are written by the test suite's writers (real on-disk layouts and native image sizes: CALVIN
 200x200 / 84x84 npz frames, LIBERO 128x128 HDF5, ALOHA 480x640 HDF5 raw and JPEG, LeRobot v3 mp4 at 224x224
-and 480x640, AV1 as lerobot writes it by default (H.264 where PyAV has no AV1 encoder), GOP 2). Every window is 10 steps
-x 2 views resized to 224, uint8. "tiny step" is measured here: one training step of configs/tiny_align.yaml's
-model at batch 8. "paper step" cannot be measured on a CPU: ``--paper-step-seconds`` (default 1.0 s for one
-7B ZeRO-2 step of 8 windows on one GPU, an estimate) sets it, and the ratio is labelled as such.
+and 480x640, AV1 as lerobot writes it by default (H.264 where PyAV has no AV1 encoder), GOP 2). Every window
+is 10 steps x 2 views resized to 224, uint8. "tiny step" is measured here: one training step of
+configs/tiny_align.yaml's model at batch 8. "paper step" cannot be measured on a CPU:
+``--paper-step-seconds`` (default 1.0 s for one 7B ZeRO-2 step of 8 windows on one GPU, an estimate) sets it,
+and the ratio is labelled as such.
 """
 
 from __future__ import annotations
@@ -80,10 +81,12 @@ def lerobot_dm(tmp: Path, hw: tuple[int, int], workers: int) -> WindowDataModule
         w = LeRobotWriter(root, 50, 14, 14, ["cam_high", "cam_left_wrist"], robot_type="aloha")
         for seed in range(2):
             a = episode_arrays(60, hw=hw, cams=("cam_high", "cam_left_wrist"), seed=seed)
-            w.add_episode(a["qpos"].astype(np.float32), a["action"].astype(np.float32), a["images"], "transfer")
+            w.add_episode(a["qpos"].astype(np.float32), a["action"].astype(np.float32), a["images"],
+                          "transfer")
         w.finish()
     return LeRobotDataModule(str(root), static_camera="cam_high", wrist_camera="cam_left_wrist", arm_dim=12,
-                             action_columns=[0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 6, 13], num_steps=NUM_STEPS,
+                             action_columns=[0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 6, 13],
+                             num_steps=NUM_STEPS,
                              batch_size=BATCH, num_workers=workers, stats_cache_dir=str(tmp / "stats"),
                              val_fraction=0.0)
 

@@ -1,4 +1,4 @@
-"""``vitavla data check PATH --format calvin|libero|aloha|lerobot``: read a whole dataset once and summarize it;
+"""``vitavla data check PATH --format calvin|libero|aloha|lerobot``: read a whole dataset once, summarize it;
 ``vitavla data convert PATH --format libero|aloha|calvin --to lerobot --out DIR``: rewrite one as LeRobot v3.
 
 Every frame of every episode goes through the format's reader, so anything the training loader would trip

@@ -1,4 +1,4 @@
-"""LeRobotDataset v3 (``codebase_version: "v3.0"``), read with pyarrow and PyAV (the lerobot package is not needed).
+"""LeRobotDataset v3 (``codebase_version: "v3.0"``), read with pyarrow and PyAV (no lerobot package needed).
 
 Layout (what :class:`LeRobotReader` reads and :mod:`datamodules.lerobot_write` writes):
 
@@ -57,8 +57,8 @@ def _deps():
         import av
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise ImportError(f"reading LeRobot datasets needs pyarrow and PyAV: pip install -e '.[lerobot]' ({e})"
-                          ) from e
+        raise ImportError(f"reading LeRobot datasets needs pyarrow and PyAV: pip install -e '.[lerobot]' "
+                          f"({e})") from e
     return pq, av
 
 
@@ -81,12 +81,14 @@ def read_parquet(path: Path, columns: Sequence[str] | None = None):
 
 
 def column_matrix(table, path: Path, key: str, dim: int | None = None) -> np.ndarray:
-    """A vector feature column (list or fixed-size list of numbers, or a scalar) as an (N, d) float64 array."""
+    """A vector feature column (list or fixed-size list of numbers, or a scalar) as an (N, d) float64
+    array."""
     import pyarrow as pa
 
     col = table.column(key).combine_chunks()
     n = len(col)
-    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
+    t = pa.types
+    if t.is_list(col.type) or t.is_large_list(col.type) or t.is_fixed_size_list(col.type):
         if col.null_count:
             _fail(path, key, "has null rows; expected one vector per frame")
         lengths = np.asarray(pa.compute.list_value_length(col))
@@ -161,7 +163,8 @@ class LeRobotReader(EpisodeReader):
         self.static_camera, self.wrist_camera = _camera_key(static_camera), _camera_key(wrist_camera)
         self.state_key, self.action_key, self.tolerance_s = state_key, action_key, float(tolerance_s)
         if gripper_range is not None and len(gripper_range) != 2:
-            _fail(self.root, "gripper_range", f"expected [target-0 value, target-1 value], got {gripper_range!r}")
+            _fail(self.root, "gripper_range", f"expected [target-0 value, target-1 value], "
+                                              f"got {gripper_range!r}")
         self.gripper_range = tuple(float(v) for v in gripper_range) if gripper_range is not None else None
         info = self._info()
         self.info, self.fps = info, float(info["fps"])
@@ -174,14 +177,15 @@ class LeRobotReader(EpisodeReader):
         self.state_columns = self._columns(state_columns, state_width, "state_columns")
         n_grip, n_grip_state = len(self.action_columns) - arm_dim, len(self.state_columns) - arm_dim
         if arm_dim < 1 or n_grip < 1 or n_grip_state < 1:
-            _fail(self.root / INFO, "arm_dim", f"arm_dim={arm_dim} must leave at least one gripper value in the "
-                                               f"action ({len(self.action_columns)} columns) and the state "
-                                               f"({len(self.state_columns)} columns)")
+            _fail(self.root / INFO, "arm_dim",
+                  f"arm_dim={arm_dim} must leave at least one gripper value in the action "
+                  f"({len(self.action_columns)} columns) and the state ({len(self.state_columns)} columns)")
         if gripper_state not in ("width", "binary"):
             _fail(self.root, "gripper_state", f"expected 'width' or 'binary', got {gripper_state!r}")
         if gripper_state == "binary" and n_grip_state != n_grip:
-            _fail(self.root / INFO, "gripper_state", f"'binary' needs one state value per gripper ({n_grip}); "
-                                                     f"the state has {n_grip_state} after arm_dim={arm_dim}")
+            _fail(self.root / INFO, "gripper_state", f"'binary' needs one state value per gripper "
+                                                     f"({n_grip}); the state has {n_grip_state} after "
+                                                     f"arm_dim={arm_dim}")
         self.robot = RobotSpec(arm_dim=arm_dim, gripper_dim=n_grip, gripper_state=gripper_state,
                                gripper_state_dim=n_grip_state if gripper_state == "width" else None,
                                action_chunk=action_chunk)
@@ -190,7 +194,8 @@ class LeRobotReader(EpisodeReader):
         for cam in (self.static_camera, self.wrist_camera):
             ft = features.get(cam)
             if not isinstance(ft, dict) or ft.get("dtype") != "video":
-                cams = sorted(k for k, v in features.items() if isinstance(v, dict) and v.get("dtype") == "video")
+                cams = sorted(k for k, v in features.items()
+                              if isinstance(v, dict) and v.get("dtype") == "video")
                 _fail(self.root / INFO, f"features.{cam}", f"not a video feature; video features: {cams} "
                                                            f"(set static_camera/wrist_camera)")
         tasks = self._tasks()
@@ -206,8 +211,8 @@ class LeRobotReader(EpisodeReader):
             _fail(self.root, "root", "not a directory (expected a LeRobot v3 dataset with meta/info.json)")
         path = self.root / INFO
         if not path.is_file():
-            _fail(path, INFO, "missing meta file; a LeRobot v3 dataset has meta/info.json, meta/tasks.parquet "
-                              "and meta/episodes/")
+            _fail(path, INFO, "missing meta file; a LeRobot v3 dataset has meta/info.json, "
+                              "meta/tasks.parquet and meta/episodes/")
         try:
             info = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -226,8 +231,8 @@ class LeRobotReader(EpisodeReader):
         ft = features.get(key)
         shape = ft.get("shape") if isinstance(ft, dict) else None
         if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int)):
-            _fail(self.root / INFO, f"features.{key}", f"missing or not a vector feature (shape [d]); features: "
-                                                       f"{sorted(features)}")
+            _fail(self.root / INFO, f"features.{key}", f"missing or not a vector feature (shape [d]); "
+                                                       f"features: {sorted(features)}")
         return shape[0]
 
     def _columns(self, columns, width: int, name: str) -> list[int]:
@@ -253,7 +258,8 @@ class LeRobotReader(EpisodeReader):
         folder = self.root / EPISODES_DIR
         files = sorted(folder.glob("chunk-*/file-*.parquet"))
         if not files:
-            _fail(folder, EPISODES_DIR, "missing meta files (expected meta/episodes/chunk-000/file-000.parquet)")
+            _fail(folder, EPISODES_DIR, "missing meta files (expected "
+                                        "meta/episodes/chunk-000/file-000.parquet)")
         cams = dict.fromkeys((self.static_camera, self.wrist_camera))
         need = [*EPISODE_COLUMNS, *(f"videos/{c}/{k}" for c in cams for k in VIDEO_COLUMNS)]
         rows = []
@@ -280,8 +286,8 @@ class LeRobotReader(EpisodeReader):
             d = data[data_file]
             lo, hi, length = int(ep["dataset_from_index"]), int(ep["dataset_to_index"]), int(ep["length"])
             if hi - lo != length or length < 1:
-                _fail(meta_file, "length", f"episode {e}: length {length} but dataset_from_index..to_index is "
-                                           f"{lo}..{hi}")
+                _fail(meta_file, "length", f"episode {e}: length {length} but dataset_from_index.."
+                                           f"dataset_to_index is {lo}..{hi}")
             # Rows by global index, found by binary search (a file can hold thousands of episodes).
             order, sorted_index = d["order"], d["sorted_index"]
             rows_of = order[np.searchsorted(sorted_index, lo):np.searchsorted(sorted_index, hi)]
@@ -344,12 +350,13 @@ class LeRobotReader(EpisodeReader):
         frame, ts = d["frame_index"][rows], d["timestamp"][rows]
         if not np.array_equal(frame, np.arange(len(rows))):
             at = int(np.flatnonzero(frame != np.arange(len(rows)))[0])
-            _fail(path, "frame_index", f"episode {e}: row {at} has frame_index {int(frame[at])}; expected 0, 1, "
-                                       f"2, ... in index order")
+            _fail(path, "frame_index", f"episode {e}: row {at} has frame_index {int(frame[at])}; "
+                                       f"expected 0, 1, 2, ... in index order")
         if len(ts) > 1 and (np.diff(ts) <= 0).any():
             at = int(np.flatnonzero(np.diff(ts) <= 0)[0]) + 1
-            _fail(path, "timestamp", f"episode {e}: timestamps out of order at frame {at} ({ts[at - 1]:.6f} s "
-                                     f"then {ts[at]:.6f} s); expected strictly increasing")
+            _fail(path, "timestamp", f"episode {e}: timestamps out of order at frame {at} "
+                                     f"({ts[at - 1]:.6f} s then {ts[at]:.6f} s); expected strictly "
+                                     f"increasing")
         off = np.abs(ts - frame / self.fps)
         if (off > self.tolerance_s).any():
             at = int(np.flatnonzero(off > self.tolerance_s)[0])
@@ -358,8 +365,9 @@ class LeRobotReader(EpisodeReader):
                                      f"mismatch between {INFO} and the recorded timestamps")
 
     def _video(self, meta_file: Path, ep: dict, e: int, cam: str, length: int, probed: dict) -> _Video:
-        path = self.root / self.info["video_path"].format(video_key=cam, chunk_index=ep[f"videos/{cam}/chunk_index"],
-                                                          file_index=ep[f"videos/{cam}/file_index"])
+        path = self.root / self.info["video_path"].format(
+            video_key=cam, chunk_index=ep[f"videos/{cam}/chunk_index"],
+            file_index=ep[f"videos/{cam}/file_index"])
         start, stop = float(ep[f"videos/{cam}/from_timestamp"]), float(ep[f"videos/{cam}/to_timestamp"])
         if path not in probed:
             probed[path] = self._probe(path, cam)
@@ -367,9 +375,10 @@ class LeRobotReader(EpisodeReader):
         # The last frame of the episode is shown at start + (length - 1) / fps and lasts one frame period.
         need = start + length / self.fps
         if end + self.tolerance_s < need or stop + self.tolerance_s < need:
-            _fail(path, cam, f"video shorter than its episode: episode {e} ({length} frames at {self.info['fps']} "
-                             f"fps from {start:.4f} s) needs {need:.4f} s, the video ends at {end:.4f} s "
-                             f"(to_timestamp {stop:.4f} s in {meta_file.relative_to(self.root)})")
+            _fail(path, cam, f"video shorter than its episode: episode {e} ({length} frames at "
+                             f"{self.info['fps']} fps from {start:.4f} s) needs {need:.4f} s, the video ends "
+                             f"at {end:.4f} s (to_timestamp {stop:.4f} s in "
+                             f"{meta_file.relative_to(self.root)})")
         return _Video(path, start, stop)
 
     def _probe(self, path: Path, cam: str) -> float:
@@ -446,7 +455,8 @@ class LeRobotReader(EpisodeReader):
                 if i == len(want):
                     break
         except av.error.FFmpegError as e:
-            _fail(video.path, cam, f"cannot decode frames at {want[0]:.4f}..{want[-1]:.4f} s (corrupt mp4?): {e}")
+            _fail(video.path, cam, f"cannot decode frames at {want[0]:.4f}..{want[-1]:.4f} s "
+                                   f"(corrupt mp4?): {e}")
         if i < len(want):
             _fail(video.path, cam, f"video shorter than its episode: no frame at {want[i]:.6f} s")
         return np.stack(out)
@@ -454,7 +464,8 @@ class LeRobotReader(EpisodeReader):
     def read(self, index: int, start: int, stop: int) -> Frames:
         src = self._sources[index]
         if not 0 <= start < stop <= len(src.state):
-            _fail(src.data_file, "frame_index", f"a frame range inside [0, {len(src.state)}), got [{start}, {stop})")
+            _fail(src.data_file, "frame_index", f"a frame range inside [0, {len(src.state)}), "
+                                                f"got [{start}, {stop})")
         times = src.timestamp[start:stop]
         static = self.decode(src.videos[0], self.static_camera, times)
         wrist = (static if self.wrist_camera == self.static_camera
@@ -501,7 +512,8 @@ class LeRobotReader(EpisodeReader):
             return arr[cols]
 
         arm = self.robot.arm_dim
-        lo, hi = get(self.action_key, lo_key, self.action_columns), get(self.action_key, hi_key, self.action_columns)
+        lo = get(self.action_key, lo_key, self.action_columns)
+        hi = get(self.action_key, hi_key, self.action_columns)
         if self.gripper_range is None:
             g_lo = get(self.action_key, "min", self.action_columns)[arm:]
             g_hi = get(self.action_key, "max", self.action_columns)[arm:]
@@ -536,7 +548,8 @@ class LeRobotDataModule(WindowDataModule):
         wrist_camera: feature key (or bare camera name) of the wrist view.
         arm_dim: arm values in state and action (6 PiPer single arm, 12 ALOHA bimanual).
         action_columns: action columns in (arm..., grippers...) order; default as stored.
-        state_columns: state columns in (arm..., grippers...) order; default ``action_columns`` when widths agree.
+        state_columns: state columns in (arm..., grippers...) order; default ``action_columns`` when the
+            widths agree.
         state_key: the state feature.
         action_key: the action feature.
         gripper_range: raw gripper actions mapped to targets 0 and 1; default the training data's min/max.
@@ -552,19 +565,22 @@ class LeRobotDataModule(WindowDataModule):
                  action_columns: list[int] | None = None, state_columns: list[int] | None = None,
                  state_key: str = "observation.state", action_key: str = "action",
                  gripper_range: list[float] | None = None, gripper_convention: str = "",
-                 gripper_state: str = "width", use_stats_json: bool = False, tolerance_s: float = 1e-4, num_steps: int = 7,
-                 image_size: int = 224, batch_size: int = 8, num_workers: int = 4,
-                 normalization: str = "minmax", stats_cache_dir: str = "~/.cache/vitavla", pad_tail: bool = True,
-                 val_fraction: float = 0.1, seed: int = 0, normalize_state: bool = False):
+                 gripper_state: str = "width", use_stats_json: bool = False, tolerance_s: float = 1e-4,
+                 num_steps: int = 7, image_size: int = 224, batch_size: int = 8, num_workers: int = 4,
+                 normalization: str = "minmax", stats_cache_dir: str = "~/.cache/vitavla",
+                 pad_tail: bool = True, val_fraction: float = 0.1, seed: int = 0,
+                 normalize_state: bool = False):
         if normalization not in ("minmax", "quantile"):
             raise ValueError(f"LeRobotDataModule.normalization must be 'minmax' or 'quantile', "
                              f"got {normalization!r}")
         super().__init__(num_steps=num_steps, image_size=image_size, batch_size=batch_size,
-                         num_workers=num_workers, normalization=normalization, stats_cache_dir=stats_cache_dir,
-                         pad_tail=pad_tail, val_fraction=val_fraction, seed=seed, normalize_state=normalize_state)
+                         num_workers=num_workers, normalization=normalization,
+                         stats_cache_dir=stats_cache_dir, pad_tail=pad_tail, val_fraction=val_fraction,
+                         seed=seed, normalize_state=normalize_state)
         self.root, self.use_stats_json = root, use_stats_json
         self.reader_options = dict(root=root, static_camera=static_camera, wrist_camera=wrist_camera,
-                                   arm_dim=arm_dim, action_columns=action_columns, state_columns=state_columns,
+                                   arm_dim=arm_dim, action_columns=action_columns,
+                                   state_columns=state_columns,
                                    state_key=state_key, action_key=action_key, gripper_range=gripper_range,
                                    gripper_convention=gripper_convention, gripper_state=gripper_state,
                                    tolerance_s=tolerance_s, action_chunk=RobotSpec().action_chunk)

@@ -69,8 +69,8 @@ class _VideoFile:
         """Append (T, H, W, 3) uint8 frames; their (from_timestamp, to_timestamp) in this file."""
         _, av = _deps()
         if frames.shape[1:3] != self.shape:
-            raise DataError(self.path, "frames", f"episode frames are {frames.shape[1:3]}, earlier episodes of "
-                                                 f"this file {self.shape}; one video file holds one size")
+            raise DataError(self.path, "frames", f"episode frames are {frames.shape[1:3]}, earlier episodes "
+                                                 f"of this file {self.shape}; one video file holds one size")
         start = self.frames
         for img in frames:
             fr = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
@@ -90,8 +90,8 @@ _TASKS_PANDAS = {b"pandas": json.dumps({
     "index_columns": ["task"],
     "column_indexes": [{"name": None, "field_name": None, "pandas_type": "unicode", "numpy_type": "object",
                         "metadata": {"encoding": "UTF-8"}}],
-    "columns": [{"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64",
-                 "metadata": None},
+    "columns": [{"name": "task_index", "field_name": "task_index", "pandas_type": "int64",
+                 "numpy_type": "int64", "metadata": None},
                 {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object",
                  "metadata": None}],
     "attributes": {}, "creator": {"library": "pyarrow", "version": "14.0.0"}, "pandas_version": "2.2.0",
@@ -129,8 +129,8 @@ class LeRobotWriter:
     """
 
     def __init__(self, out: str | Path, fps: int, state_dim: int, action_dim: int, cameras: list[str],
-                 robot_type: str | None = None, video: VideoOptions | None = None, episodes_per_file: int = 1000,
-                 chunks_size: int = 1000, state_names: list[str] | None = None,
+                 robot_type: str | None = None, video: VideoOptions | None = None,
+                 episodes_per_file: int = 1000, chunks_size: int = 1000, state_names: list[str] | None = None,
                  action_names: list[str] | None = None):
         self.out = Path(out).expanduser()
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
@@ -159,15 +159,17 @@ class LeRobotWriter:
         self._state, self._action = [], []
         self._image_stats: dict[str, list[dict]] = {c: [] for c in self.cameras}
 
-    def add_episode(self, state: np.ndarray, action: np.ndarray, images: dict[str, np.ndarray], task: str) -> None:
+    def add_episode(self, state: np.ndarray, action: np.ndarray, images: dict[str, np.ndarray],
+                    task: str) -> None:
         """One episode: state (T, state_dim), action (T, action_dim), images camera -> (T, H, W, 3) uint8."""
         t = len(state)
         if t == 0 or len(action) != t or any(len(v) != t for v in images.values()):
-            raise DataError(self.tmp, "episode", f"state, action and every camera need the same number (> 0) of "
-                                                 f"frames; got {t}, {len(action)}, "
+            raise DataError(self.tmp, "episode", f"state, action and every camera need the same number "
+                                                 f"(> 0) of frames; got {t}, {len(action)}, "
                                                  f"{ {k: len(v) for k, v in images.items()} }")
         if sorted(images) != sorted(self.cameras):
-            raise DataError(self.tmp, "images", f"cameras {sorted(images)}; the writer was made for {self.cameras}")
+            raise DataError(self.tmp, "images", f"cameras {sorted(images)}; the writer was made for "
+                                                f"{self.cameras}")
         if self._in_file == self.episodes_per_file:
             self._flush()
             chunk, file = self._file
@@ -176,8 +178,9 @@ class LeRobotWriter:
         e = len(self.episodes)
         task_index = self.tasks.setdefault(task, len(self.tasks))
         chunk, file = self._file
-        ep = {"episode_index": e, "tasks": [task], "length": t, "data/chunk_index": chunk, "data/file_index": file,
-              "dataset_from_index": self._frames, "dataset_to_index": self._frames + t}
+        ep = {"episode_index": e, "tasks": [task], "length": t, "data/chunk_index": chunk,
+              "data/file_index": file, "dataset_from_index": self._frames,
+              "dataset_to_index": self._frames + t}
         for cam in self.cameras:
             key = f"observation.images.{cam}"
             frames = np.asarray(images[cam])
@@ -209,9 +212,11 @@ class LeRobotWriter:
         self._in_file += 1
 
     def _video_feature(self, hw) -> dict:
-        return {"dtype": "video", "shape": [int(hw[0]), int(hw[1]), 3], "names": ["height", "width", "channels"],
-                "info": {"video.height": int(hw[0]), "video.width": int(hw[1]), "video.codec": self.video.vcodec,
-                         "video.pix_fmt": self.video.pix_fmt, "video.fps": self.fps,
+        return {"dtype": "video", "shape": [int(hw[0]), int(hw[1]), 3],
+                "names": ["height", "width", "channels"],
+                "info": {"video.height": int(hw[0]), "video.width": int(hw[1]),
+                         "video.codec": self.video.vcodec, "video.pix_fmt": self.video.pix_fmt,
+                         "video.fps": self.fps,
                          "video.channels": 3, "video.g": self.video.gop, "video.crf": self.video.crf,
                          "has_audio": False, "is_depth_map": False}}
 
@@ -231,7 +236,8 @@ class LeRobotWriter:
             "observation.state": pa.FixedSizeListArray.from_arrays(col["observation.state"].reshape(-1), sd),
             "action": pa.FixedSizeListArray.from_arrays(col["action"].reshape(-1), ad),
             "timestamp": pa.array(col["timestamp"], pa.float32()),
-            **{k: pa.array(col[k], pa.int64()) for k in ("frame_index", "episode_index", "index", "task_index")},
+            **{k: pa.array(col[k], pa.int64())
+               for k in ("frame_index", "episode_index", "index", "task_index")},
         }
         path = self.tmp / DATA_PATH.format(chunk_index=self._file[0], file_index=self._file[1])
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,7 +264,8 @@ class LeRobotWriter:
             self.features[name] = {"dtype": "float32" if name == "timestamp" else "int64", "shape": [1],
                                    "names": None}
         info = {"codebase_version": CODEBASE_VERSION, "robot_type": self.robot_type,
-                "total_episodes": len(self.episodes), "total_frames": self._frames, "total_tasks": len(self.tasks),
+                "total_episodes": len(self.episodes), "total_frames": self._frames,
+                "total_tasks": len(self.tasks),
                 "chunks_size": self.chunks_size, "data_files_size_in_mb": 100, "video_files_size_in_mb": 200,
                 "fps": self.fps, "splits": {"train": f"0:{len(self.episodes)}"}, "data_path": DATA_PATH,
                 "video_path": VIDEO_PATH, "features": self.features}
@@ -266,11 +273,14 @@ class LeRobotWriter:
         stats = {"observation.state": _vector_stats(np.concatenate(self._state)),
                  "action": _vector_stats(np.concatenate(self._action))}
         for cam, per in self._image_stats.items():
+            # Pool the per-episode statistics (weights: frames) into the dataset's.
             w = np.array([s["count"][0] for s in per], np.float64)
-            mean = sum(np.array(s["mean"]) * n for s, n in zip(per, w)) / w.sum()
-            var = sum((np.array(s["std"]) ** 2 + (np.array(s["mean"]) - mean) ** 2) * n for s, n in zip(per, w)) / w.sum()
+            means, stds = np.array([s["mean"] for s in per]), np.array([s["std"] for s in per])
+            mean = np.tensordot(w, means, 1) / w.sum()
+            var = np.tensordot(w, stds ** 2 + (means - mean) ** 2, 1) / w.sum()
             stats[f"observation.images.{cam}"] = {
-                "min": np.min([s["min"] for s in per], 0).tolist(), "max": np.max([s["max"] for s in per], 0).tolist(),
+                "min": np.min([s["min"] for s in per], 0).tolist(),
+                "max": np.max([s["max"] for s in per], 0).tolist(),
                 "mean": mean.tolist(), "std": np.sqrt(var).tolist(), "count": [int(w.sum())]}
         (self.tmp / STATS).write_text(json.dumps(stats, indent=4))
         if self.out.exists():
@@ -306,8 +316,8 @@ def convert(reader: EpisodeReader, out: str | Path, fps: int, cameras: tuple[str
         for i, ep in enumerate(reader.episodes):
             fr = reader.read(i, 0, ep.length)
             if one_camera and not np.array_equal(fr.static, fr.wrist):
-                raise DataError(ep.key, "cameras", f"both views are named {cameras[0]!r} but differ; name them "
-                                                   f"apart")
+                raise DataError(ep.key, "cameras", f"both views are named {cameras[0]!r} but differ; name "
+                                                   f"them apart")
             images = {cameras[0]: fr.static} if one_camera else {cameras[0]: fr.static, cameras[1]: fr.wrist}
             writer.add_episode(fr.state, fr.action, images, ep.instruction)
             log(f"  episode {i}: {ep.key} ({ep.length} frames) {ep.instruction!r}")

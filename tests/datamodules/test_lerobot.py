@@ -40,7 +40,8 @@ def frames(t: int, hw=(32, 48), seed: int = 0, cam: int = 0) -> np.ndarray:
     return out
 
 
-def write(root, lengths=(7, 9, 8), width=7, video=LOSSLESS, per_file=2, tasks=None, hw=(32, 48)) -> list[dict]:
+def write(root, lengths=(7, 9, 8), width=7, video=LOSSLESS, per_file=2, tasks=None,
+          hw=(32, 48)) -> list[dict]:
     """Episodes with smooth state/action vectors; ``per_file`` episodes share a parquet file and an mp4."""
     w = LeRobotWriter(root, FPS, width, width, list(CAMS), robot_type="piper", video=video,
                       episodes_per_file=per_file)
@@ -80,10 +81,11 @@ def test_layout_is_lerobot_v3(tmp_path):
     assert info["video_path"] == "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
     assert info["features"]["observation.images.top"]["dtype"] == "video"
     assert info["features"]["observation.images.top"]["shape"] == [32, 48, 3]
-    assert info["features"]["action"] == {"dtype": "float32", "shape": [7], "names": [f"action_{i}" for i in range(7)]}
+    assert info["features"]["action"] == {"dtype": "float32", "shape": [7],
+                                          "names": [f"action_{i}" for i in range(7)]}
     data = pq.read_table(root / "data/chunk-000/file-001.parquet")
-    assert set(data.column_names) == {"observation.state", "action", "timestamp", "frame_index", "episode_index",
-                                      "index", "task_index"}
+    assert set(data.column_names) == {"observation.state", "action", "timestamp", "frame_index",
+                                      "episode_index", "index", "task_index"}
     assert data.column("episode_index").to_pylist() == [2] * 8
     assert data.column("index").to_pylist() == list(range(16, 24))  # global rows continue across files
     assert data.column("timestamp").to_pylist() == pytest.approx([i / FPS for i in range(8)])
@@ -97,16 +99,19 @@ def test_layout_is_lerobot_v3(tmp_path):
     assert eps[0]["stats/action/min"] == pytest.approx(np.min(pq.read_table(
         root / "data/chunk-000/file-000.parquet").column("action").to_pylist()[:7], 0).tolist())
     # lerobot reads tasks.parquet with pandas and needs the task text back as the frame's index.
-    assert json.loads(pq.read_schema(root / "meta/tasks.parquet").metadata[b"pandas"])["index_columns"] == ["task"]
+    pandas_meta = json.loads(pq.read_schema(root / "meta/tasks.parquet").metadata[b"pandas"])
+    assert pandas_meta["index_columns"] == ["task"]
     tasks = pq.read_table(root / "meta/tasks.parquet").to_pylist()
-    assert tasks == [{"task_index": 0, "task": "pick up the cup"}, {"task_index": 1, "task": "open the drawer"}]
+    assert tasks == [{"task_index": 0, "task": "pick up the cup"},
+                     {"task_index": 1, "task": "open the drawer"}]
 
 
 def _codec_params():
     out = [pytest.param(LOSSLESS, 0, id="h264-lossless"), pytest.param(H264, 12, id="h264-yuv420p")]
     missing = "libsvtav1" not in av.codecs_available or "libdav1d" not in av.codecs_available and \
         "libaom-av1" not in av.codecs_available
-    out.append(pytest.param(AV1, 12, id="av1", marks=pytest.mark.skipif(missing, reason="no AV1 codec in PyAV")))
+    skip = pytest.mark.skipif(missing, reason="no AV1 codec in PyAV")
+    out.append(pytest.param(AV1, 12, id="av1", marks=skip))
     return out
 
 
@@ -117,7 +122,7 @@ def test_decoded_frames_equal_frames_written(tmp_path, video, tol):
     assert [e.instruction for e in r.episodes] == ["pick up the cup", "open the drawer", "pick up the cup"]
     for e, ep in enumerate(src):
         t = len(ep["state"])
-        # Whole episodes, and ranges that start between keyframes and late in a shared file (seek + decode on).
+        # Whole episodes, and ranges starting between keyframes and late in a shared file (seek + decode on).
         for start, stop in ((0, t), (3, 6), (t - 1, t), (1, 2)):
             fr = r.read(e, start, stop)
             for got, want in ((fr.static, ep["images"]["top"]), (fr.wrist, ep["images"]["wrist"])):
@@ -137,16 +142,16 @@ def test_windows_columns_and_normalizer_from_the_training_split(tmp_path):
     src = write(tmp_path / "ds", lengths=(6, 8, 7, 9), width=14,
                 tasks=["fold", "fold", "stack", "fold"])
     dm = LeRobotDataModule(str(tmp_path / "ds"), static_camera="top", wrist_camera="wrist", arm_dim=12,
-                           action_columns=ALOHA_COLUMNS, num_steps=4, image_size=24, batch_size=2, num_workers=0,
-                           val_fraction=0.25, stats_cache_dir=str(tmp_path / "cache"))
+                           action_columns=ALOHA_COLUMNS, num_steps=4, image_size=24, batch_size=2,
+                           num_workers=0, val_fraction=0.25, stats_cache_dir=str(tmp_path / "cache"))
     (tmp_path / "ds/meta/stats.json").write_text("not read unless asked")  # stats.json is opt-in
     dm.setup("fit")
     assert dm.robot.arm_dim == 12 and dm.robot.gripper_dim == 2 and dm.robot.state_dim == 14
     train = dm.split_episodes(dm.reader("train"), "train")
     assert len(train) == 3 and dm._val.index[0][0] not in train
     fitted = Normalizer.fit(np.concatenate([src[e]["action"][:, ALOHA_COLUMNS] for e in train]), 12)
-    assert dm.normalizer.arm_low == pytest.approx(fitted.arm_low) and dm.normalizer.gripper_high == pytest.approx(
-        fitted.gripper_high)
+    assert dm.normalizer.arm_low == pytest.approx(fitted.arm_low)
+    assert dm.normalizer.gripper_high == pytest.approx(fitted.gripper_high)
     ds = dm._train
     for i in (0, len(ds) - 1):
         w, (e, start) = ds[i], ds.index[i]
@@ -163,19 +168,20 @@ def test_windows_columns_and_normalizer_from_the_training_split(tmp_path):
 
 def test_stats_json_when_asked(tmp_path):
     src = write(tmp_path / "ds")
-    dm = LeRobotDataModule(str(tmp_path / "ds"), static_camera="top", wrist_camera="wrist", use_stats_json=True,
-                           num_steps=3, image_size=16, num_workers=0, normalize_state=True,
+    dm = LeRobotDataModule(str(tmp_path / "ds"), static_camera="top", wrist_camera="wrist",
+                           use_stats_json=True, num_steps=3, image_size=16, num_workers=0,
+                           normalize_state=True,
                            stats_cache_dir=str(tmp_path / "cache"))
     dm.setup("fit")
     every = np.concatenate([ep["action"] for ep in src])  # stats.json covers every episode
     assert dm.normalizer.arm_low == pytest.approx(every[:, :6].min(0).tolist())
     assert dm.normalizer.gripper_high == pytest.approx(every[:, 6:].max(0).tolist())
-    assert dm.normalizer.state_mean == pytest.approx(np.concatenate([ep["state"] for ep in src]).mean(0).tolist(),
-                                                     abs=1e-6)
+    states = np.concatenate([ep["state"] for ep in src])
+    assert dm.normalizer.state_mean == pytest.approx(states.mean(0).tolist(), abs=1e-6)
     assert not (tmp_path / "cache").exists()  # nothing fitted, nothing cached
 
 
-# -- vitavla data check --format lerobot: each broken copy fails with one line naming file and key ----------------
+# -- vitavla data check --format lerobot: each broken copy fails with one line naming file and key --------
 
 def _rewrite_parquet(path, column, fn):
     table = pq.read_table(path)
@@ -217,18 +223,20 @@ BREAKS = {
         lambda r: pq.write_table(pq.read_table(r / DATA0).drop_columns(["task_index"]), r / DATA0),
         f"{DATA0}: task_index: feature named in meta/info.json is not a column of this file"),
     "video shorter than episode": (lambda r: _reencode(r / TOP0, keep=12),
-                                   f"{TOP0}: observation.images.top: video shorter than its episode: episode 1"),
+                                   f"{TOP0}: observation.images.top: video shorter than its episode: "
+                                   f"episode 1"),
     "timestamps out of order": (lambda r: _rewrite_parquet(r / DATA0, "timestamp", _swap),
                                 f"{DATA0}: timestamp: episode 0: timestamps out of order at frame 3"),
     "fps mismatch (info.json)": (
-        lambda r: (r / "meta/info.json").write_text((r / "meta/info.json").read_text().replace('"fps": 10',
-                                                                                                 '"fps": 15')),
+        lambda r: (r / "meta/info.json").write_text(
+            (r / "meta/info.json").read_text().replace('"fps": 10', '"fps": 15')),
         f"{DATA0}: timestamp: episode 0: frame 1 at 0.100000 s but frame_index / fps = 0.066667 s (fps 15"),
     "fps mismatch (video)": (lambda r: _reencode(r / TOP0, fps=20),
                              f"{TOP0}: observation.images.top: fps mismatch: the video plays at 20 fps"),
     "NaN": (lambda r: _rewrite_parquet(r / DATA0, "action", _nan),
             f"{DATA0}: action: NaN/inf at episode 0 frame 3 column 2"),
-    "corrupt mp4": (lambda r: (r / TOP0).write_bytes((r / TOP0).read_bytes()[: (r / TOP0).stat().st_size // 2]),
+    "corrupt mp4": (lambda r: (r / TOP0).write_bytes((r / TOP0).read_bytes()[: (r / TOP0).stat().st_size // 2]
+                                                     ),
                     f"{TOP0}: observation.images.top: cannot"),
     "corrupt mp4 (frame data)": (lambda r: _zero_bytes(r / TOP0, (0.3, 0.5, 0.7)),
                                  f"{TOP0}: observation.images.top: cannot decode frames at"),
@@ -292,14 +300,14 @@ def test_check_names_file_and_key(clean_dataset, tmp_path, case):
             r.read(e, 0, ep.length)
 
 
-# -- vitavla data convert --to lerobot: the converted dataset gives the source's windows ------------------------
+# -- vitavla data convert --to lerobot: the converted dataset gives the source's windows --------------------
 
 def _same_windows(src_dm, dst_dm, image_tol: int) -> None:
     src_dm.setup("fit")
     dst_dm.setup("fit")
     assert dst_dm.robot == src_dm.robot
     src_r, dst_r = src_dm.reader("train"), dst_dm.reader("train")
-    for e, ep in enumerate(src_r.episodes):  # raw vectors: exact (the sources' float32 values, stored as float32)
+    for e, ep in enumerate(src_r.episodes):  # raw vectors: exact (the source's float32 values, kept float32)
         a, b = src_r.read(e, 0, ep.length), dst_r.read(e, 0, ep.length)
         np.testing.assert_array_equal(a.state, b.state)
         np.testing.assert_array_equal(a.action, b.action)
@@ -339,7 +347,8 @@ def test_convert_libero_round_trip(tmp_path, capsys):
     common = dict(num_steps=4, image_size=32, batch_size=2, num_workers=0, val_fraction=0.34)
     src = LiberoDataModule(str(path), stats_cache_dir=str(tmp_path / "c1"), **common)
     dst = LeRobotDataModule(str(out), static_camera="image", wrist_camera="wrist_image", arm_dim=6,
-                            gripper_range=[-1.0, 1.0], gripper_convention=src.make_reader("train").gripper_convention,
+                            gripper_range=[-1.0, 1.0],
+                            gripper_convention=src.make_reader("train").gripper_convention,
                             stats_cache_dir=str(tmp_path / "c2"), **common)
     _same_windows(src, dst, image_tol=0)
     with pytest.raises(SystemExit, match="already exists and is not empty"):
@@ -353,12 +362,14 @@ def test_convert_aloha_bimanual_round_trip(tmp_path):
 
     write_dataset(tmp_path / "aloha", lengths=(6, 7, 5), ids=(0, 1, 2), hw=(32, 48))
     out = tmp_path / "aloha_lerobot"
-    opts = ["--option", "arms=both", "--option", "wrist_camera=cam_left_wrist", "--option", "instruction=fold"]
-    main(["data", "convert", str(tmp_path / "aloha"), "--format", "aloha", "--to", "lerobot", "--out", str(out),
+    opts = ["--option", "arms=both", "--option", "wrist_camera=cam_left_wrist", "--option",
+            "instruction=fold"]
+    main(["data", "convert", str(tmp_path / "aloha"), "--format", "aloha", "--to", "lerobot", "--out",
+          str(out),
           "--crf", "10", *opts])  # the default codec (AV1 where PyAV has it, else H.264), yuv420p
     common = dict(num_steps=4, image_size=32, batch_size=2, num_workers=0, val_fraction=0.34)
-    src = AlohaDataModule(str(tmp_path / "aloha"), arms="both", wrist_camera="cam_left_wrist", instruction="fold",
-                          stats_cache_dir=str(tmp_path / "c1"), **common)
+    src = AlohaDataModule(str(tmp_path / "aloha"), arms="both", wrist_camera="cam_left_wrist",
+                          instruction="fold", stats_cache_dir=str(tmp_path / "c1"), **common)
     dst = LeRobotDataModule(str(out), static_camera="cam_high", wrist_camera="cam_left_wrist", arm_dim=12,
                             gripper_convention=src.make_reader("train").gripper_convention,
                             stats_cache_dir=str(tmp_path / "c2"), **common)
@@ -369,7 +380,7 @@ def test_convert_aloha_bimanual_round_trip(tmp_path):
         "observation.images.cam_high", "observation.images.cam_left_wrist"]
 
 
-# -- configs/*_lerobot.yaml and `vitavla fit` on a LeRobot dataset --------------------------------------------------
+# -- configs/*_lerobot.yaml and `vitavla fit` on a LeRobot dataset ------------------------------------------
 
 LEROBOT_CONFIGS = [f"{stage}_{robot}_lerobot" for robot in ("piper", "aloha")
                    for stage in ("teacher", "align", "finetune")]
@@ -396,7 +407,8 @@ def test_lerobot_configs_name_the_robot_of_their_data(name, tmp_path):
     model = cfg["model"]["init_args"]
     over = model["teacher"]["init_args"]["overrides"]
     assert (over["arm_dim"], over["gripper_dim"], over["gripper_state_dim"]) == (
-        robot.arm_dim, robot.gripper_dim, robot.gripper_state_values) == ((12, 2, 2) if width == 14 else (6, 1, 1))
+        robot.arm_dim, robot.gripper_dim, robot.gripper_state_values) == (
+        (12, 2, 2) if width == 14 else (6, 1, 1))
     from teachers import SeerConfig
     from teachers.seer.teacher import robot_spec
 
@@ -411,8 +423,8 @@ def test_lerobot_configs_name_the_robot_of_their_data(name, tmp_path):
 
 
 def test_fit_both_stages_on_lerobot(tmp_path):
-    from tests.datamodules.test_fit_formats import CONFIGS, FAST
     from cli import main
+    from tests.datamodules.test_fit_formats import CONFIGS, FAST
 
     write(tmp_path / "ds", lengths=(9, 10, 11))  # PiPer-style 6 joints + 1 gripper
     data_yaml = tmp_path / "data.yaml"
@@ -432,7 +444,8 @@ model:
         root = tmp_path / stage
         extra = [f"--model.init_args.init_from={ckpts['align']}"] if stage == "finetune" else []
         main(["fit", "--config", str(CONFIGS / config), "--config", str(data_yaml),
-              f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}", *FAST, *extra])
+              f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}", *FAST,
+              *extra])
         ckpts[stage] = sorted(root.glob("version_*/checkpoints/last.ckpt"))[-1]
     ckpt = torch.load(ckpts["finetune"], map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2 and len(ckpt["normalizer"]["arm_low"]) == 6
