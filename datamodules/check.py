@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 
 from datamodules.base import DataError, EpisodeReader
+from vitavla.errors import UserFacingError
 
 READERS = {
     "calvin": "datamodules.calvin:CalvinReader",
@@ -128,6 +129,8 @@ def main(argv: list[str]) -> Summary | None:
         summary = summarize(reader)
     except DataError as e:
         sys.exit(f"vitavla data check: FAILED: {e}")
+    except UserFacingError as e:  # e.g. the format's optional dependencies are not installed
+        sys.exit(f"vitavla data check: {e}")
     print(f"{args.format} dataset at {args.path}: OK")
     print(summary.format())
     return summary
@@ -157,6 +160,8 @@ def _convert(args) -> None:
                       episodes_per_file=args.episodes_per_file, robot_type=args.format)
     except DataError as e:
         sys.exit(f"vitavla data convert: FAILED: {e}")
+    except UserFacingError as e:
+        sys.exit(f"vitavla data convert: {e}")
     opts = reader_options(reader, cameras)
     print(f"wrote {len(reader.episodes)} episodes to {out}; read it back with")
     print("  data:\n    class_path: datamodules.LeRobotDataModule\n    init_args:")

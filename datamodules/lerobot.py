@@ -38,6 +38,7 @@ import numpy as np
 from datamodules.base import DataError, Episode, EpisodeReader, Frames, WindowDataModule
 from datamodules.normalization import Normalizer
 from vitavla.batch import RobotSpec
+from vitavla.errors import UserFacingError
 
 INFO, TASKS, STATS, EPISODES_DIR = "meta/info.json", "meta/tasks.parquet", "meta/stats.json", "meta/episodes"
 INDEX_COLUMNS = ("index", "episode_index", "frame_index", "timestamp", "task_index")
@@ -51,14 +52,18 @@ def _fail(path, key: str, problem: str) -> NoReturn:
     raise DataError(path, key, problem)
 
 
+class MissingExtra(UserFacingError, ImportError):
+    """pyarrow or PyAV is not installed: the message names the extra that brings them."""
+
+
 def _deps():
     """pyarrow and PyAV, imported on first use (the ``lerobot`` extra), with one error naming the extra."""
     try:
         import av
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise ImportError(f"reading LeRobot datasets needs pyarrow and PyAV: pip install -e '.[lerobot]' "
-                          f"({e})") from e
+        raise MissingExtra(f"LeRobot datasets need pyarrow and PyAV: pip install -e '.[lerobot]' "
+                           f"({e})") from e
     return pq, av
 
 
