@@ -422,6 +422,28 @@ def test_lerobot_configs_name_the_robot_of_their_data(name, tmp_path):
             robot.arm_dim, robot.gripper_dim, "width", robot.gripper_state_values)
 
 
+@pytest.mark.parametrize("robot", ["piper", "aloha"])
+def test_lerobot_configs_chain_their_checkpoints_and_data(robot):
+    import yaml
+
+    from tests.datamodules.test_fit_formats import CONFIGS
+
+    teacher, align, finetune = (yaml.safe_load((CONFIGS / f"{s}_{robot}_lerobot.yaml").read_text())
+                                for s in ("teacher", "align", "finetune"))
+    export = (f"{teacher['trainer']['default_root_dir']}/version_0/"
+              f"{teacher['model']['init_args']['export_path']}")
+    for cfg in (align, finetune):
+        assert cfg["model"]["init_args"]["teacher"]["init_args"]["checkpoint"] == export
+    assert finetune["model"]["init_args"]["init_from"] == (
+        f"{align['trainer']['default_root_dir']}/version_0/checkpoints/last.ckpt")
+    assert align["model"]["init_args"]["student"] == finetune["model"]["init_args"]["student"]
+    # Same episodes, layout and normalization for all three stages (the teacher's windows are S + 3 long).
+    layout = [{k: v for k, v in c["data"]["init_args"].items() if k not in ("num_steps", "batch_size")}
+              for c in (teacher, align, finetune)]
+    assert layout[0] == layout[1] == layout[2]
+    assert teacher["data"]["init_args"]["num_steps"] == align["data"]["init_args"]["num_steps"] + 3
+
+
 def test_fit_both_stages_on_lerobot(tmp_path):
     from cli import main
     from tests.datamodules.test_fit_formats import CONFIGS, FAST
