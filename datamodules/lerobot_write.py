@@ -135,12 +135,19 @@ class LeRobotWriter:
         self.out = Path(out).expanduser()
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
             raise DataError(self.out, "--out", "already exists and is not empty; choose a new directory")
+        self.video = video or default_video_options()
+        _, av = _deps()
+        try:
+            if av.codec.Codec(self.video.vcodec, "w").type != "video":
+                raise ValueError("not a video codec")
+        except (ValueError, av.error.FFmpegError) as e:
+            raise DataError(self.out, "--vcodec", f"{self.video.vcodec!r} is not a video encoder of this "
+                                                  f"PyAV ({e}); e.g. libsvtav1, libx264, libx264rgb") from e
         self.tmp = self.out.with_name(self.out.name + ".partial")
         if self.tmp.exists():
             shutil.rmtree(self.tmp)  # leftover of an interrupted conversion
         self.tmp.mkdir(parents=True)
         self.fps, self.cameras = int(fps), list(cameras)
-        self.video = video or default_video_options()
         self.episodes_per_file, self.chunks_size = int(episodes_per_file), int(chunks_size)
         self.robot_type = robot_type
         self.features = {

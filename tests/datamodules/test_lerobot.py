@@ -504,3 +504,22 @@ def test_open_videos_are_bounded_and_reopened(tmp_path):
         assert len(r._containers[os.getpid()]) <= 2
     r.close()
     assert not r._containers
+
+
+def test_convert_one_camera_and_bad_codec(tmp_path):
+    from datamodules.aloha import AlohaReader
+    from datamodules.lerobot_write import convert
+    from tests.datamodules.test_aloha import write_dataset
+
+    src = write_dataset(tmp_path / "aloha", lengths=(5, 6), ids=(0, 1), hw=(32, 48))
+    aloha = AlohaReader(tmp_path / "aloha", static_camera="cam_high", wrist_camera="cam_high",
+                        instruction="x")
+    with pytest.raises(DataError, match=r"--vcodec: 'h265x' is not a video encoder"):
+        convert(aloha, tmp_path / "bad", 50, ("top", "top"), video=VideoOptions(vcodec="h265x"))
+    assert not list(tmp_path.glob("bad*"))  # nothing left behind
+    convert(aloha, tmp_path / "sim", 50, ("top", "top"), video=LOSSLESS, log=lambda m: None)
+    assert sorted(p.name for p in (tmp_path / "sim/videos").iterdir()) == ["observation.images.top"]
+    r = LeRobotReader(tmp_path / "sim", static_camera="top", wrist_camera="top")  # one camera, both views
+    fr = r.read(1, 0, 6)
+    np.testing.assert_array_equal(fr.static, src[1]["images"]["cam_high"])
+    np.testing.assert_array_equal(fr.wrist, src[1]["images"]["cam_high"])
