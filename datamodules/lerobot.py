@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
+from torch.utils.data import DataLoader
 
 from datamodules.base import DataError, Episode, EpisodeReader, Frames, WindowDataModule
 from datamodules.normalization import Normalizer
@@ -536,6 +537,20 @@ class LeRobotReader(EpisodeReader):
         return norm
 
 
+class _ForkSafeLoader(DataLoader):
+    """A DataLoader whose workers never inherit an open video container.
+
+    A worker forked while the parent process held open FFmpeg containers (the parent had decoded windows
+    itself, e.g. with num_workers=0 or in a check) died of SIGSEGV on its first decode; the parent closes its
+    containers just before the workers start and reopens them on its next read.
+    """
+
+    def _get_iterator(self):
+        if self.num_workers > 0:
+            self.dataset.reader.close()
+        return super()._get_iterator()
+
+
 def _camera_key(name: str) -> str:
     return name if "." in name else f"observation.images.{name}"
 
@@ -595,6 +610,13 @@ class LeRobotDataModule(WindowDataModule):
         if self._shared is None:  # one directory serves both splits; index it once
             self._shared = LeRobotReader(**self.reader_options)
         return self._shared
+
+    def _loader(self, ds, shuffle: bool):
+        loader = super()._loader(ds, shuffle)
+        # The base's loader as built (same arguments), plus closing this process's containers before the
+        # workers fork (see _ForkSafeLoader); _ForkSafeLoader adds no state, only that one override.
+        loader.__class__ = _ForkSafeLoader
+        return loader
 
     def fit_normalizer(self, reader: LeRobotReader) -> Normalizer:
         if self.use_stats_json:

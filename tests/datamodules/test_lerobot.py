@@ -523,3 +523,18 @@ def test_convert_one_camera_and_bad_codec(tmp_path):
     fr = r.read(1, 0, 6)
     np.testing.assert_array_equal(fr.static, src[1]["images"]["cam_high"])
     np.testing.assert_array_equal(fr.wrist, src[1]["images"]["cam_high"])
+
+
+def test_worker_processes_decode_the_same_windows(tmp_path):
+    write(tmp_path / "ds")
+    batches = []
+    for workers in (0, 2):  # forked workers open their own containers (the parent's already has some)
+        dm = LeRobotDataModule(str(tmp_path / "ds"), static_camera="top", wrist_camera="wrist", num_steps=3,
+                               image_size=16, batch_size=4, num_workers=workers, val_fraction=0.34,
+                               stats_cache_dir=str(tmp_path / "cache"))
+        dm.setup("fit")
+        dm._val[0]  # the parent process decodes first
+        batches.append(list(dm.val_dataloader()))
+    assert len(batches[0]) == len(batches[1]) > 1
+    for a, b in zip(*batches):
+        assert torch.equal(a.images, b.images) and torch.equal(a.actions, b.actions)
