@@ -538,3 +538,11 @@ def test_worker_processes_decode_the_same_windows(tmp_path):
     assert len(batches[0]) == len(batches[1]) > 1
     for a, b in zip(*batches):
         assert torch.equal(a.images, b.images) and torch.equal(a.actions, b.actions)
+
+
+def test_missing_root_names_the_config_key(tmp_path):
+    dm = LeRobotDataModule(str(tmp_path / "nowhere"), num_workers=0, stats_cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match=r"nowhere: data.init_args.root: does not exist$"):
+        dm.setup("fit")
+    with pytest.raises(DataError, match=r"meta/info.json: meta/info.json: missing meta file"):
+        LeRobotReader(tmp_path)  # a directory, but not a dataset
