@@ -132,8 +132,12 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch import LightningDataModule, LightningModule
 
     _enable_attribute_docstrings()
-    # Explicit args replace the command line; LightningCLI warns when it sees both.
-    saved, sys.argv = sys.argv, (sys.argv[:1] if args is not None else sys.argv)
+    # Explicit args become the command line for the duration of the run, rather than a parameter next to an
+    # emptied sys.argv: with trainer.devices=N outside torchrun/SLURM, Lightning's subprocess launcher starts
+    # ranks 1..N-1 as `python <sys.argv[0]> <sys.argv[1:]>`, so sys.argv must hold the whole command.
+    saved = sys.argv
+    if args is not None:
+        sys.argv = [sys.argv[0] if sys.argv else "vitavla", *map(str, args)]
     try:
         return vita_cli_class()(
             LightningModule,
@@ -141,7 +145,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            args=args,
+            args=None,  # read from sys.argv above
             run=run,
         )
     finally:
