@@ -21,6 +21,9 @@ import torch
 
 from datamodules.calvin import to_state
 from teachers.base import ActionOutput
+from datamodules.calvin_rollout import CalvinRolloutDataModule
+from vitavla.errors import ConfigError, MissingDependencyError
+from vitavla.rollout import pyhash_compat
 from vitavla.rollout.calvin_env import (CalvinSimEnv, env_state, load_calvin_chains, load_instructions,
                                         load_task_oracle, main, write_chains)
 from vitavla.rollout.calvin_protocol import evaluate_calvin, run_chain
@@ -39,7 +42,7 @@ INSTANCES = []   # every env built, in order (tests read resets / actions from t
 class FakePlayTableEnv:
     def __init__(self, cfg, index):
         self.cfg, self.index = cfg, index
-        self.resets, self.actions, self.closed, self.t = [], [], False, 0
+        self.resets, self.actions, self.closed, self.t, self.close_calls = [], [], False, 0, 0
         self.robot_obs, self.scene_obs, self.progress = None, None, 0.0
 
     def _obs(self):
@@ -74,7 +77,13 @@ class FakePlayTableEnv:
         return self._obs(), 0, False, self.get_info()
 
     def close(self):
+        self.close_calls += 1
+        if self.closed:  # pybullet.error: Not connected -- a second disconnect of the same client
+            raise RuntimeError("Not connected to physics server")
         self.closed = True
+
+    def __del__(self):  # as PlayTableSimEnv
+        self.close()
 
 
 def get_env(dataset_path, obs_space=None, show_gui=True, **kwargs):
@@ -101,7 +110,11 @@ class Tasks:
 '''
 
 UTILS_SRC = '''
+{extra_import}
 import numpy as np
+import pyhash  # as calvin_agent.evaluation.utils: at module level, though pyhash does not build on Python 3.11
+
+hasher = pyhash.fnv1_32()
 
 
 def get_env_state_for_initial_condition(initial_condition):
@@ -110,6 +123,7 @@ def get_env_state_for_initial_condition(initial_condition):
     robot_obs[0] = 0.1 * initial_condition["led"]
     scene_obs = np.zeros(24)
     scene_obs[5] = initial_condition["led"]
+    scene_obs[6] = hasher(str(initial_condition.values())) % 1000  # where calvin_agent seeds its block shuffle
     return robot_obs, scene_obs
 '''
 
@@ -118,20 +132,23 @@ TASKS = {tasks!r}
 
 
 def get_sequences(num_sequences=1000, num_workers=None):
+    # Like the real one, fewer sequences are not the first ones of the 1000: here they are shifted by n.
+    shift = num_sequences % 1000
     out = []
     for i in range(num_sequences):
         state = {{"led": i % 2, "lightbulb": 0, "slider": "right", "drawer": "closed", "red_block": "table",
                  "blue_block": "table", "pink_block": "slider_right", "grasped": 0}}
-        out.append((state, tuple(TASKS[(i + j) % len(TASKS)] for j in range(5))))
+        out.append((state, tuple(TASKS[(i + shift + j) % len(TASKS)] for j in range(5))))
     return out
 '''
 
 
 def build_fake(root: Path, static: int = 200, gripper: int = 84, crash_instances=(), crash_at: int = 0,
-          progress: dict | None = None) -> dict:
+          progress: dict | None = None, utils_needs: str | None = None) -> dict:
     """Write the packages, a dataset folder and the calvin_models conf under ``root``; returns their paths.
 
-    ``progress``: subtask -> progress needed (default 2.0 each)."""
+    ``progress``: subtask -> progress needed (default 2.0 each). ``utils_needs``: a module that
+    ``calvin_agent.evaluation.utils`` imports first (a missing one makes a broken calvin_models install)."""
     pkg = root / "site"
     files = {
         "calvin_env/__init__.py": "",
@@ -140,7 +157,8 @@ def build_fake(root: Path, static: int = 200, gripper: int = 84, crash_instances
         "calvin_env/envs/tasks.py": TASKS_SRC,
         "calvin_models/calvin_agent/__init__.py": "",
         "calvin_models/calvin_agent/evaluation/__init__.py": "",
-        "calvin_models/calvin_agent/evaluation/utils.py": UTILS_SRC,
+        "calvin_models/calvin_agent/evaluation/utils.py": UTILS_SRC.format(
+            extra_import=f"import {utils_needs}" if utils_needs else ""),
         "calvin_models/calvin_agent/evaluation/multistep_sequences.py": SEQ_SRC.format(tasks=TASKS),
     }
     for rel, src in files.items():
@@ -340,3 +358,83 @@ def test_evaluate_calvin_rebuilds_a_crashed_simulator(tmp_path, monkeypatch):
         assert instances()[0].closed and len(instances()) == 2
     finally:
         forget()
+
+
+# -- issue 12: installs without pyhash, chain subsets, errors that are not simulator crashes ------------------
+def test_pyhash_stand_in_gives_pyhash_fnv1_32_values():
+    # The values pyhash's own test suite asserts for fnv1_32: seed 0 (not FNV's offset basis), str as UTF-16-LE.
+    h = pyhash_compat.fnv1_32()
+    assert h(b"test") == 3698262380 and h("test") == 3910690890
+    assert h(b"test", b"test") == 660137056 == h(b"test", seed=3698262380)
+    assert h(bytes(range(256))) == 4117514240
+    assert pyhash_compat.fnv1_32(seed=7)(b"") == 7
+    with pytest.raises(TypeError, match="bytes or str, got int"):
+        h(3)
+
+
+def test_symbolic_states_resolve_through_calvin_agent_without_pyhash_installed(fake):
+    state = {"led": 1, "lightbulb": 0, "slider": "right", "drawer": "closed", "red_block": "table",
+             "blue_block": "table", "pink_block": "slider_right", "grasped": 0}
+    robot, scene = env_state(state)  # the fake utils does `import pyhash` at module level, as the real one
+    assert sys.modules["pyhash"].fnv1_32 is pyhash_compat.fnv1_32
+    assert scene[6] == pyhash_compat.fnv1_32()(str(state.values())) % 1000 and scene[5] == 1.0
+
+
+def test_a_chain_subset_is_a_prefix_of_the_official_1000(fake, tmp_path):
+    official = [c.subtasks for c in load_calvin_chains(None, 1000)]
+    first3 = [c.subtasks for c in load_calvin_chains(None, 3)]
+    assert first3 == official[:3] == [TASKS[0:5], TASKS[1:6], [*TASKS[2:6], TASKS[0]]]
+    seqs = importlib.import_module("calvin_agent.evaluation.multistep_sequences")
+    assert first3 != [list(t) for _, t in seqs.get_sequences(3)]  # what num_chains: 3 used to evaluate
+    out = tmp_path / "first3.json"
+    main(["export-chains", str(out), "--num-chains", "3"])
+    assert [tasks for _, tasks in json.loads(out.read_text())] == official[:3]
+    with pytest.raises(ConfigError, match="num_chains=1001: CALVIN's official evaluation set has 1000 chains"):
+        load_calvin_chains(None, 1001)
+
+
+def test_a_broken_calvin_models_install_fails_when_the_datamodule_is_built(tmp_path, monkeypatch):
+    paths = build_fake(tmp_path, utils_needs="hydra_absent_here")  # e.g. --no-deps without hydra-core
+    install_fake(monkeypatch, paths)
+    try:
+        env = CalvinSimEnv(str(paths["dataset"]))
+        hint = (r"the symbolic initial states of the official chains needs calvin_agent.evaluation.utils "
+                r"\(ModuleNotFoundError: No module named 'hydra_absent_here'\)\. calvin_env and calvin_models are "
+                r"not on PyPI.*pip install --no-deps -e calvin/calvin_env -e calvin/calvin_models")
+        with pytest.raises(MissingDependencyError, match=hint):
+            CalvinRolloutDataModule(env, chains=None, num_chains=2)
+        pinned = write_chains(tmp_path / "pinned.json", [load_calvin_chains(None, 1)[0]] * 2)  # still symbolic
+        with pytest.raises(MissingDependencyError, match=f"symbolic initial states of {pinned}"):
+            CalvinRolloutDataModule(env, chains=str(pinned), num_chains=None)
+        resolved = tmp_path / "resolved.json"
+        resolved.write_text(json.dumps([[{"robot_obs": [0.0] * 15, "scene_obs": [0.0] * 24}, TASKS[:5]]]))
+        assert len(CalvinRolloutDataModule(env, chains=str(resolved), num_chains=1).chains) == 1  # no calvin_agent
+    finally:
+        forget()
+
+
+def test_missing_packages_and_bad_settings_stop_the_evaluation_instead_of_counting_as_crashes(tmp_path, monkeypatch):
+    paths = build_fake(tmp_path, static=128, utils_needs="hydra_absent_here")
+    install_fake(monkeypatch, paths)
+    try:
+        resolved = [load_calvin_chains(None, 2)[1]]
+        resolved = [type(c)({"robot_obs": [0.0] * 15, "scene_obs": [0.0] * 24}, c.subtasks) for c in resolved]
+        results = tmp_path / "r.jsonl"
+        factory = lambda: CalvinSimEnv(str(paths["dataset"]))  # noqa: E731
+        with pytest.raises(ConfigError, match=r"rgb_static \(128, 128, 3\)"):  # a camera setting, every time
+            evaluate_calvin(factory, PushPolicy(), resolved, results, ep_len=2, progress=False)
+        symbolic = load_calvin_chains(None, 1)  # generated before utils is imported: get_sequences needs none
+        with pytest.raises(MissingDependencyError, match="No module named 'hydra_absent_here'"):
+            evaluate_calvin(factory, PushPolicy(), symbolic, results, ep_len=2, progress=False)
+        assert not results.exists() or results.read_text() == ""  # nothing recorded, nothing to skip on rerun
+    finally:
+        forget()
+
+
+def test_close_is_final_so_the_simulators_destructor_does_not_disconnect_again(fake):
+    env = CalvinSimEnv(str(fake["dataset"]))
+    env.reset({"robot_obs": np.zeros(15), "scene_obs": np.zeros(24)})
+    (sim,) = instances()
+    env.close()
+    sim.__del__()  # what garbage collection runs on PlayTableSimEnv
+    assert sim.closed and sim.close_calls == 1

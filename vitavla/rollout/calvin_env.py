@@ -2,10 +2,16 @@
 ``calvin_env`` (the PyBullet play-table simulator), plus the chain source of the long-horizon benchmark.
 
 ``calvin_env`` and ``calvin_models`` (package ``calvin_agent``) are not on PyPI; install them from GitHub
-(see docs/evaluation.md)::
+without their pinned dependencies (torch 1.13, Lightning 1.8 and ``pyhash``, which does not build on
+Python >= 3.10; see docs/evaluation.md)::
 
     git clone --recurse-submodules https://github.com/mees/calvin.git
-    pip install -e calvin/calvin_env/tacto -e calvin/calvin_env -e calvin/calvin_models
+    pip install pybullet hydra-core omegaconf gym numpy-quaternion gitpython opencv-python scipy
+    pip install --no-deps -e calvin/calvin_env -e calvin/calvin_models
+
+``pyhash`` is replaced by :mod:`vitavla.rollout.pyhash_compat` (registered before ``calvin_agent`` is
+imported, only when no real ``pyhash`` is installed). ``tacto`` is only needed for the tactile camera, which
+the benchmark does not use.
 
 What comes from where, as in ``calvin_agent/evaluation/evaluate_policy.py``:
 
@@ -46,12 +52,16 @@ import numpy as np
 import yaml
 
 from datamodules.calvin import to_state
+from vitavla.errors import ConfigError, MissingDependencyError
+from vitavla.rollout import pyhash_compat
 from vitavla.rollout.calvin_protocol import NUM_SUBTASKS, Chain, Oracle, calvin_oracle, load_chains
 from vitavla.rollout.env import Obs
 
-INSTALL_HINT = ("calvin_env is not on PyPI; install it from GitHub: git clone --recurse-submodules "
-                "https://github.com/mees/calvin.git && pip install -e calvin/calvin_env/tacto -e calvin/calvin_env "
-                "-e calvin/calvin_models (see docs/evaluation.md)")
+INSTALL_HINT = ("calvin_env and calvin_models are not on PyPI; install them from GitHub without their pinned "
+                "dependencies: git clone --recurse-submodules https://github.com/mees/calvin.git && pip install "
+                "pybullet hydra-core omegaconf gym numpy-quaternion gitpython opencv-python scipy && pip install "
+                "--no-deps -e calvin/calvin_env -e calvin/calvin_models (no pyhash needed; see docs/evaluation.md)")
+OFFICIAL_NUM_CHAINS = 1000
 TASKS_CONFIG = Path("callbacks/rollout/tasks/new_playtable_tasks.yaml")
 ANNOTATIONS_CONFIG = Path("annotations/new_playtable_validation.yaml")
 MERGED_CONFIG = Path(".hydra/merged_config.yaml")
@@ -61,10 +71,14 @@ TASK_NAME = "calvin_long_horizon"
 
 
 def _import(module: str, needed_for: str, hint: str = INSTALL_HINT):
+    """``module``, or a :class:`MissingDependencyError` naming what needs it and how to install it (the
+    underlying ImportError, e.g. a missing ``pybullet``, stays in the message)."""
+    if module.split(".")[0] == "calvin_agent":
+        pyhash_compat.install()  # calvin_agent.evaluation.utils imports pyhash at module level
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"{needed_for} needs {module} ({type(e).__name__}: {e}). {hint}") from e
+        raise MissingDependencyError(f"{needed_for} needs {module} ({type(e).__name__}: {e}). {hint}") from e
 
 
 def default_conf_dir() -> Path | None:
@@ -137,19 +151,38 @@ def env_state(initial_state: Any) -> tuple[np.ndarray, np.ndarray]:
         robot, scene = (np.asarray(a, dtype=np.float64)
                         for a in utils.get_env_state_for_initial_condition(dict(initial_state)))
     else:
-        raise ValueError(f"a CALVIN initial state is a dict (symbolic, or with robot_obs and scene_obs), got "
-                         f"{initial_state!r:.80}")
+        raise ConfigError(f"a CALVIN initial state is a dict (symbolic, or with robot_obs and scene_obs), got "
+                          f"{initial_state!r:.80}")
     if robot.shape != (ROBOT_OBS_DIM,) or scene.shape != (SCENE_OBS_DIM,):
-        raise ValueError(f"initial state: robot_obs must have shape ({ROBOT_OBS_DIM},) and scene_obs "
-                         f"({SCENE_OBS_DIM},), got {robot.shape} and {scene.shape}")
+        raise ConfigError(f"initial state: robot_obs must have shape ({ROBOT_OBS_DIM},) and scene_obs "
+                          f"({SCENE_OBS_DIM},), got {robot.shape} and {scene.shape}")
     return robot, scene
+
+
+def is_symbolic(initial_state: Any) -> bool:
+    """A symbolic initial state (``get_sequences``' dict), which needs calvin_models to become arrays."""
+    return isinstance(initial_state, Mapping) and not ("robot_obs" in initial_state and "scene_obs" in initial_state)
+
+
+def check_state_resolver(chains: list[Chain], source: str) -> None:
+    """Fail at configuration time, not in the first rollout, when ``chains`` hold symbolic initial states and
+    calvin_models cannot turn them into robot_obs / scene_obs."""
+    if any(is_symbolic(c.initial_state) for c in chains):
+        _import("calvin_agent.evaluation.utils", f"the symbolic initial states of {source}",
+                INSTALL_HINT + "; or evaluate a chain file written with `python -m vitavla.rollout.calvin_env "
+                "export-chains --resolve-states`, which holds robot_obs/scene_obs")
 
 
 def load_calvin_chains(source: str | Path | None = None, num_chains: int | None = 1000) -> list[Chain]:
     """The evaluation chains: from ``source`` (an ``eval_sequences.json``-style file, first ``num_chains``
-    of it; None takes all), or, with ``source=None``, generated by calvin_models' ``get_sequences``."""
+    of it; None takes all), or, with ``source=None``, the first ``num_chains`` of CALVIN's official 1000
+    (calvin_models' ``get_sequences(1000)``).
+
+    A subset is always a prefix of the official set: ``get_sequences(n)`` for n < 1000 spreads n chains over
+    the initial states differently and shuffles them differently, so its chains are not among the 1000 that
+    papers report on."""
     if num_chains is not None and num_chains < 1:
-        raise ValueError(f"num_chains must be >= 1, got {num_chains}")
+        raise ConfigError(f"num_chains must be >= 1, got {num_chains}")
     if source is not None:
         path = Path(source).expanduser()
         if not path.is_file():
@@ -163,10 +196,14 @@ def load_calvin_chains(source: str | Path | None = None, num_chains: int | None 
                 raise ValueError(f"{path} holds {len(chains)} chains, num_chains asks for {num_chains}")
             chains = chains[:num_chains]
         return chains
+    if num_chains is not None and num_chains > OFFICIAL_NUM_CHAINS:
+        raise ConfigError(f"num_chains={num_chains}: CALVIN's official evaluation set has {OFFICIAL_NUM_CHAINS} "
+                          "chains; evaluate more only from a chain file (data.init_args.chains)")
     seqs = _import("calvin_agent.evaluation.multistep_sequences", "generating the CALVIN chains",
                    INSTALL_HINT + "; or pass a chain file")
-    # get_sequences seeds numpy with 0 internally: the same chains every time for the same num_sequences.
-    return [Chain(dict(state), list(tasks)) for state, tasks in seqs.get_sequences(num_chains or 1000)]
+    # get_sequences seeds numpy with 0 internally (and is cached): always the same 1000 chains.
+    official = seqs.get_sequences(OFFICIAL_NUM_CHAINS)
+    return [Chain(dict(state), list(tasks)) for state, tasks in official[: num_chains or OFFICIAL_NUM_CHAINS]]
 
 
 def write_chains(path: str | Path, chains: list[Chain], resolve_states: bool = False) -> Path:
@@ -231,6 +268,9 @@ class CalvinSimEnv:
         self.instructions = load_instructions(self.annotations_config)
         self.known_subtasks = set(self.task_oracle.tasks)
         self.show_gui, self.check_cameras = show_gui, check_cameras
+        # The simulator starts lazily, but a missing install must fail here, when the config is built,
+        # rather than in every rollout as if the simulator had crashed.
+        _import("calvin_env.envs.play_table_env", "CalvinSimEnv")
         self._env = None
 
     def task_name(self, task_index: int) -> str:
@@ -261,7 +301,7 @@ class CalvinSimEnv:
         # A float64 copy: calvin_env scales the relative action in place.
         a = np.array(action, dtype=np.float64).reshape(-1)
         if a.shape != (self.action_dim,):
-            raise ValueError(f"CALVIN action must have 7 values (6 relative arm + gripper), got shape {a.shape}")
+            raise ConfigError(f"CALVIN action must have 7 values (6 relative arm + gripper), got shape {a.shape}")
         a[6] = 1.0 if a[6] > 0 else -1.0  # calvin_env asserts the gripper is exactly -1 (close) or +1 (open)
         raw, _, _, info = self._env.step(a)
         return self._obs(raw), info
@@ -275,23 +315,30 @@ class CalvinSimEnv:
         env, self._env = self._env, None
         if env is not None:
             env.close()
+            # PlayTableSimEnv.__del__ calls close() again, which disconnects an id pybullet has already
+            # released ("pybullet.error: Not connected") when the object is collected; it is closed for good.
+            env.close = _closed
 
     def _obs(self, raw: Mapping) -> Obs:
         try:
             static, wrist = raw["rgb_obs"]["rgb_static"], raw["rgb_obs"]["rgb_gripper"]
             robot_obs = np.asarray(raw["robot_obs"], dtype=np.float32)
         except (KeyError, TypeError) as e:
-            raise ValueError(f"calvin_env observation lacks {e}: {self.validation_dir / MERGED_CONFIG} must enable "
+            raise ConfigError(f"calvin_env observation lacks {e}: {self.validation_dir / MERGED_CONFIG} must enable "
                              "the static and gripper cameras (rgb_obs.rgb_static, rgb_obs.rgb_gripper)") from e
         static, wrist = np.asarray(static), np.asarray(wrist)
         if self.check_cameras and (static.shape != STATIC_SHAPE or wrist.shape != WRIST_SHAPE):
-            raise ValueError(f"camera sizes rgb_static {static.shape}, rgb_gripper {wrist.shape} differ from "
+            raise ConfigError(f"camera sizes rgb_static {static.shape}, rgb_gripper {wrist.shape} differ from "
                              f"CALVIN's {STATIC_SHAPE} / {WRIST_SHAPE} that the policy was trained on (cameras in "
                              f"{self.validation_dir / MERGED_CONFIG}); pass check_cameras=False to accept them")
         if robot_obs.shape != (ROBOT_OBS_DIM,):
-            raise ValueError(f"calvin_env robot_obs has shape {robot_obs.shape}, expected ({ROBOT_OBS_DIM},) "
+            raise ConfigError(f"calvin_env robot_obs has shape {robot_obs.shape}, expected ({ROBOT_OBS_DIM},) "
                              "(euler_obs: true, as in the CALVIN datasets)")
         return Obs(static, wrist, to_state(robot_obs[None])[0], "")
+
+
+def _closed() -> None:
+    """Stands in for a closed PlayTableSimEnv's close (see :meth:`CalvinSimEnv.close`)."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,7 +349,8 @@ def main(argv: list[str] | None = None) -> None:
     export = sub.add_parser("export-chains", help="write the official chains (calvin_models' get_sequences) "
                                                   "to a JSON file that pins the evaluation set")
     export.add_argument("out", help="output .json")
-    export.add_argument("--num-chains", type=int, default=1000)
+    export.add_argument("--num-chains", type=int, default=OFFICIAL_NUM_CHAINS,
+                        help="the first N of the official 1000 chains")
     export.add_argument("--resolve-states", action="store_true",
                         help="store robot_obs/scene_obs so evaluating the file needs no calvin_models")
     args = parser.parse_args(argv)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from datamodules.normalization import Normalizer
 from teachers.base import ActionOutput
+from vitavla.errors import UserFacingError
 from vitavla.images import resize_uint8
 from vitavla.rollout.env import Obs, RolloutEnv
 from vitavla.rollout.executors import ActionExecutor, to_env_action
@@ -127,6 +128,10 @@ class _EnvError(Exception):
 def _sim(fn, *args):
     try:
         return fn(*args)
+    except (ImportError, UserFacingError):
+        # A missing package or a setting that can never work fails every attempt the same way: it stops the
+        # run with its own message instead of being recorded (and retried) as a simulator crash.
+        raise
     except Exception as e:  # any simulator failure: physics blow-up, renderer error, adapter bug
         raise _EnvError(f"{type(e).__name__}: {e}") from e
 
@@ -237,7 +242,8 @@ def evaluate(env_factory: Callable[[], RolloutEnv], policy, specs: list[EpisodeS
              env_timeout: float | None = None) -> dict:
     """Run every spec not yet finished in ``results_path`` and summarize all of ``specs``.
 
-    A spec is finished when it has an error-free record or ``1 + retries`` error records. After a
+    A spec is finished when it has an error-free record or ``1 + retries`` error records from this run (a
+    rerun retries specs that only crashed before). After a
     simulator crash the env is closed and rebuilt with ``env_factory`` (its state is not trusted).
     Returns ``{"success_rate", "success_ci95", "successes", "episodes", "errors", "per_task": {task: ...}}``;
     ``episodes`` counts error-free episodes only, so crashes never enter a success rate.
@@ -257,9 +263,12 @@ def evaluate(env_factory: Callable[[], RolloutEnv], policy, specs: list[EpisodeS
     for r in load_results(path):
         by_key.setdefault(_key(r), []).append(r)
 
+    earlier = {k: len(recs) for k, recs in by_key.items()}
+
     def finished(spec: EpisodeSpec) -> bool:
+        # Errors recorded by earlier runs are retried: they were the simulator's, never the policy's.
         recs = by_key.get(spec.key, [])
-        return any(r["error"] is None for r in recs) or len(recs) > retries
+        return any(r["error"] is None for r in recs) or len(recs) - earlier.get(spec.key, 0) > retries
 
     policy = as_step_policy(policy)
     env = env_factory()
