@@ -121,3 +121,52 @@ def test_vitavla_test_runs_calvin_chains_resumes_and_survives_a_crash(stage2_ckp
     finally:
         forget()
 
+
+
+def test_a_broken_install_stops_vitavla_test_with_the_hint_and_a_rerun_retries_earlier_errors(
+        stage2_ckpt, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "rollout"
+    broken = build_fake(tmp_path / "broken", utils_needs="hydra_absent_here")  # calvin_models without hydra
+    install_fake(monkeypatch, broken)
+    try:
+        with pytest.raises(SystemExit) as e:
+            calvin_test(stage2_ckpt, tmp_path, broken, out)
+        # The project's message (what needs what, and how to install), not only "No module named ...".
+        assert str(e.value.code).startswith(
+            "vitavla: error: MissingDependencyError: the symbolic initial states of the official chains needs "
+            "calvin_agent.evaluation.utils (ModuleNotFoundError: No module named 'hydra_absent_here'). "
+            "calvin_env and calvin_models are not on PyPI")
+        assert "pip install --no-deps -e calvin/calvin_env -e calvin/calvin_models" in str(e.value.code)
+        assert not list(out.glob("episodes*.jsonl"))  # no chain was recorded as a simulator crash
+    finally:
+        forget()
+    # What the earlier version recorded in that situation: every chain "crashed" twice.
+    chains = [[*json.loads(json.dumps(c.subtasks))] for c in _official_prefix(broken, monkeypatch, 3)]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "episodes.rank0.jsonl", "w") as f:
+        for i, subtasks in enumerate(chains):
+            for attempt in (0, 1):
+                f.write(json.dumps({"chain": i, "task": 0, "episode": i, "seed": 0, "subtasks": subtasks,
+                                    "completed": 0, "steps": [], "success": False, "attempt": attempt,
+                                    "error": "ImportError: a symbolic CALVIN initial state needs ...",
+                                    "task_name": "calvin_long_horizon"}) + "\n")
+    fixed = build_fake(tmp_path / "fixed")
+    install_fake(monkeypatch, fixed)
+    try:
+        res = calvin_test(stage2_ckpt, tmp_path, fixed, out)  # the install is fixed: those chains run now
+        assert res["chains"] == 3 and res["errors"] == 0 and res["error_details"] == []
+        recs = [json.loads(x) for x in (out / "episodes.rank0.jsonl").read_text().splitlines()]
+        assert [(r["chain"], r["error"] is None) for r in recs[6:]] == [(0, True), (1, True), (2, True)]
+    finally:
+        forget()
+
+
+def _official_prefix(paths, monkeypatch, n):
+    """The first ``n`` chains of the (fake) official set, read with the package tree of ``paths``."""
+    from vitavla.rollout.calvin_env import load_calvin_chains
+
+    install_fake(monkeypatch, paths)
+    try:
+        return load_calvin_chains(None, n)
+    finally:
+        forget()
