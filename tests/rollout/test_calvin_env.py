@@ -438,3 +438,65 @@ def test_close_is_final_so_the_simulators_destructor_does_not_disconnect_again(f
     env.close()
     sim.__del__()  # what garbage collection runs on PlayTableSimEnv
     assert sim.closed and sim.close_calls == 1
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "calvin"
+
+
+def test_official_chains_are_checked_and_only_a_verified_set_is_cached(fake, tmp_path, monkeypatch, caplog):
+    from vitavla.rollout import calvin_env
+
+    monkeypatch.setattr(calvin_env, "CACHE_DIR", tmp_path / "cache")
+    cache = tmp_path / "cache" / calvin_env.CACHE_FILE
+    with caplog.at_level("WARNING", logger="vitavla.rollout.calvin_env"):
+        fake_chains = load_calvin_chains(None, 2)  # the fake's get_sequences: not the official set
+    assert "not CALVIN's official 1000" in caplog.text and not cache.exists()
+    # Once generated chains match the official digest they are cached, and later runs need no calvin_models.
+    monkeypatch.setattr(calvin_env, "OFFICIAL_CHAINS_SHA256",
+                        calvin_env.chains_digest(load_calvin_chains(None, 1000)))
+    generated = load_calvin_chains(None, 1000)
+    assert cache.is_file() and calvin_env.chains_digest(json.loads(cache.read_text())) == calvin_env.OFFICIAL_CHAINS_SHA256
+    forget()
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not p.startswith(str(fake["site"]))])
+    assert [c.subtasks for c in load_calvin_chains(None, 2)] == [c.subtasks for c in fake_chains] \
+        == [c.subtasks for c in generated[:2]]
+    cache.write_text(cache.read_text().replace("open_drawer", "close_drawer"))  # tampered: not used
+    with pytest.raises(MissingDependencyError, match="generating the CALVIN chains"):
+        load_calvin_chains(None, 2)
+
+
+def test_chain_digest_of_the_first_official_chains():
+    # Pins the canonical form OFFICIAL_CHAINS_SHA256 is computed in (first 20 of eval_sequences_1000.json).
+    from vitavla.rollout.calvin_env import chains_digest
+
+    first20 = json.loads((FIXTURES / "official_chains_first20.json").read_text())
+    assert len(first20) == 20
+    assert chains_digest(first20) == "82c623b903203fdda2efd0a30c4a07c42b45b510dc42eb77b503b9a626901fbc"
+    assert chains_digest([[s, tuple(t)] for s, t in first20]) == chains_digest(first20)
+
+
+def real_calvin_agent():
+    """The installed calvin_models' chain generator, or a skip (GitHub-only package, see docs/evaluation.md)."""
+    forget()
+    if importlib.util.find_spec("calvin_agent") is None:
+        pytest.skip("calvin_models (calvin_agent) is not installed; see docs/evaluation.md for the install")
+    from vitavla.rollout.calvin_env import _import
+
+    try:
+        return _import("calvin_agent.evaluation.multistep_sequences", "this test")
+    except MissingDependencyError as e:
+        pytest.fail(f"calvin_agent is installed but does not import: {e}")
+
+
+@pytest.mark.calvin
+@pytest.mark.slow
+def test_real_calvin_models_without_pyhash_generate_the_official_1000_chains(tmp_path, monkeypatch):
+    real_calvin_agent()
+    from vitavla.rollout import calvin_env
+
+    monkeypatch.setattr(calvin_env, "CACHE_DIR", tmp_path)  # generate, do not read a cached set
+    chains = load_calvin_chains(None, 1000)  # minutes of CPU: get_sequences samples 1000 chains
+    assert calvin_env.chains_digest(chains) == calvin_env.OFFICIAL_CHAINS_SHA256
+    first20 = json.loads((FIXTURES / "official_chains_first20.json").read_text())
+    assert [[c.initial_state, c.subtasks] for c in load_calvin_chains(None, 20)] == first20  # now from the cache
+    assert (tmp_path / calvin_env.CACHE_FILE).is_file()

@@ -41,9 +41,12 @@ Export the official chains once (needs calvin_models), then evaluate from the fi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.util
 import json
+import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,14 @@ INSTALL_HINT = ("calvin_env and calvin_models are not on PyPI; install them from
                 "pybullet hydra-core omegaconf gym numpy-quaternion gitpython opencv-python scipy && pip install "
                 "--no-deps -e calvin/calvin_env -e calvin/calvin_models (no pyhash needed; see docs/evaluation.md)")
 OFFICIAL_NUM_CHAINS = 1000
+# sha256 of chains_digest's canonical JSON of get_sequences(1000): CALVIN's official evaluation set, the one
+# GR-1, RoboFlamingo, Seer and VITA-VLA report on (calvin_models fa03f01, numpy's legacy RandomState).
+OFFICIAL_CHAINS_SHA256 = "90191d9ac76baecb4f292ab766bbbf3ae65dbf43a83bbe5c376d99db10fd6446"
+# Generating the 1000 chains takes minutes of CPU, so the verified set is kept here once generated.
+CACHE_DIR = Path("~/.cache/vitavla")
+CACHE_FILE = "calvin_official_chains.json"
+
+log = logging.getLogger(__name__)
 TASKS_CONFIG = Path("callbacks/rollout/tasks/new_playtable_tasks.yaml")
 ANNOTATIONS_CONFIG = Path("annotations/new_playtable_validation.yaml")
 MERGED_CONFIG = Path(".hydra/merged_config.yaml")
@@ -199,11 +210,44 @@ def load_calvin_chains(source: str | Path | None = None, num_chains: int | None 
     if num_chains is not None and num_chains > OFFICIAL_NUM_CHAINS:
         raise ConfigError(f"num_chains={num_chains}: CALVIN's official evaluation set has {OFFICIAL_NUM_CHAINS} "
                           "chains; evaluate more only from a chain file (data.init_args.chains)")
+    return official_chains()[: num_chains or OFFICIAL_NUM_CHAINS]
+
+
+def chains_digest(items: list) -> str:
+    """sha256 of ``[[initial_state, [subtasks]], ...]`` as canonical JSON (sorted keys, no spaces)."""
+    plain = [[c.initial_state, list(c.subtasks)] if isinstance(c, Chain) else [c[0], list(c[1])] for c in items]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def official_chains() -> list[Chain]:
+    """CALVIN's official 1000 chains: ``get_sequences(1000)`` of calvin_models, checked against
+    :data:`OFFICIAL_CHAINS_SHA256` and cached in ``CACHE_DIR`` once they match (a cached file is used only
+    while its digest still matches). Chains that differ are returned with a warning and never cached."""
+    cache = CACHE_DIR.expanduser() / CACHE_FILE
+    try:
+        items = json.loads(cache.read_text())
+        if chains_digest(items) == OFFICIAL_CHAINS_SHA256:
+            return load_chains(items)
+    except (OSError, ValueError, TypeError, IndexError):
+        pass  # no cache yet, or a damaged one: generate
     seqs = _import("calvin_agent.evaluation.multistep_sequences", "generating the CALVIN chains",
                    INSTALL_HINT + "; or pass a chain file")
-    # get_sequences seeds numpy with 0 internally (and is cached): always the same 1000 chains.
-    official = seqs.get_sequences(OFFICIAL_NUM_CHAINS)
-    return [Chain(dict(state), list(tasks)) for state, tasks in official[: num_chains or OFFICIAL_NUM_CHAINS]]
+    # get_sequences seeds numpy with 0 internally: the same 1000 chains on every machine.
+    items = [[dict(state), list(tasks)] for state, tasks in seqs.get_sequences(OFFICIAL_NUM_CHAINS)]
+    digest = chains_digest(items)
+    if digest != OFFICIAL_CHAINS_SHA256:
+        log.warning("calvin_models generated chains that are not CALVIN's official 1000 (sha256 %s, expected %s): "
+                    "results will not compare with published ones; check the calvin_models version, or pass the "
+                    "official eval_sequences.json as data.init_args.chains", digest[:12], OFFICIAL_CHAINS_SHA256[:12])
+        return load_chains(items)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(items) + "\n")
+        tmp.replace(cache)  # atomic: a concurrent process reads the old file or the whole new one
+    except OSError as e:
+        log.warning("could not cache the CALVIN chains in %s: %s", cache, e)
+    return load_chains(items)
 
 
 def write_chains(path: str | Path, chains: list[Chain], resolve_states: bool = False) -> Path:
