@@ -500,3 +500,58 @@ def test_real_calvin_models_without_pyhash_generate_the_official_1000_chains(tmp
     first20 = json.loads((FIXTURES / "official_chains_first20.json").read_text())
     assert [[c.initial_state, c.subtasks] for c in load_calvin_chains(None, 20)] == first20  # now from the cache
     assert (tmp_path / calvin_env.CACHE_FILE).is_file()
+
+
+def test_composing_the_sim_config_needs_calvin_envs_conf_next_to_the_package(fake, tmp_path, monkeypatch):
+    from vitavla.rollout import calvin_env
+
+    monkeypatch.setattr(calvin_env, "CACHE_DIR", tmp_path / "cache")
+    with pytest.raises(MissingDependencyError, match=r"has no conf/scene/calvin_scene_D.yaml or data/.*editable"):
+        CalvinSimEnv(None)  # the fake package has no conf/ beside it, as a non-editable install
+
+
+@pytest.mark.calvin
+@pytest.mark.slow
+def test_real_calvin_env_without_a_dataset(tmp_path, monkeypatch):
+    """The real simulator, configured from calvin_env's own conf (no dataset): observation layout, the scene
+    after a reset from a chain's state, the +-1 gripper, the task oracle and a final close."""
+    forget()
+    if importlib.util.find_spec("calvin_env") is None:
+        pytest.skip("calvin_env is not installed; see docs/evaluation.md for the install")
+    from vitavla.rollout import calvin_env
+    from vitavla.rollout.calvin_env import default_conf_dir
+
+    real_calvin_agent()
+    conf = default_conf_dir()
+    if conf is None or not (conf / calvin_env.TASKS_CONFIG).is_file():
+        pytest.skip("calvin_models is installed without its conf/ (install it editable from the checkout)")
+    monkeypatch.setattr(calvin_env, "CACHE_DIR", tmp_path)
+    try:
+        env = CalvinSimEnv(None)
+    except MissingDependencyError as e:
+        pytest.skip(f"calvin_env is installed without its conf/ and data/: {e}")
+    state = {"led": 1, "lightbulb": 0, "slider": "left", "drawer": "open", "red_block": "table",
+             "blue_block": "slider_right", "pink_block": "table", "grasped": 0}
+    robot, scene = env_state(state)
+    try:
+        obs = env.reset({"robot_obs": robot.tolist(), "scene_obs": scene.tolist()})
+        assert obs.static.shape == (200, 200, 3) and obs.wrist.shape == (84, 84, 3)
+        assert obs.static.dtype == obs.wrist.dtype == np.uint8 and obs.static.std() > 0
+        assert obs.state.dtype == np.float32 and obs.state.shape == (7,)
+        np.testing.assert_allclose(obs.state[:6], robot[:6], atol=1e-3)  # TCP pose of the chain's state
+        assert obs.state[6] == 1.0  # robot_obs[14] = +1: open
+        sim_scene = np.asarray(env._env.get_obs()["scene_obs"])
+        # slider left (0.28), drawer open (0.22), led on, lightbulb off: the chain's symbolic state
+        np.testing.assert_allclose(sim_scene[[0, 1, 4, 5]], [0.28, 0.22, 0.0, 1.0], atol=0.02)
+        start = env.get_info()
+        obs, info = env.step(np.array([0, 0, 0, 0, 0, 0, -0.3]))  # any gripper value <= 0 closes
+        obs, info = env.step(np.array([0, 0, 0, 0, 0, 0, -0.3]))
+        assert obs.state[6] == 0.0
+        obs, info = env.step(np.array([0, 0, 0, 0, 0, 0, 0.2]))
+        assert obs.state[6] == 1.0
+        # Nothing was pressed or moved: the oracle reports no subtask done.
+        assert not any(env.oracle(start, info, t) for t in ("turn_off_led", "close_drawer", "move_slider_right"))
+    finally:
+        sim = env._env
+        env.close()
+    assert env._env is None and sim.close() is None  # closed for good: a second close is a no-op

@@ -268,6 +268,75 @@ def write_chains(path: str | Path, chains: list[Chain], resolve_states: bool = F
     return path
 
 
+# The env node of a CALVIN dataset's merged_config.yaml (PlayTableSimEnv's arguments): 240 Hz physics, 30 Hz
+# control, robot / scene / cameras from their config groups. calvin_env's repository keeps it in conf/env/,
+# which its .gitignore (env/) hides from some copies, so it is written out here.
+SIM_CONFIG = """\
+defaults:
+  - cameras: static_and_gripper
+  - scene: {scene}
+  - robot: panda_longer_finger
+  - _self_
+seed: 0
+data_path: {data_path}
+env:
+  _target_: calvin_env.envs.play_table_env.PlayTableSimEnv
+  _recursive_: false
+  cameras: ${{cameras}}
+  seed: ${{seed}}
+  bullet_time_step: 240.0
+  use_vr: false
+  show_gui: false
+  robot_cfg: ${{robot}}
+  scene_cfg: ${{scene}}
+  use_scene_info: false
+  use_egl: {use_egl}
+  control_freq: 30
+"""
+
+
+def compose_sim_config(scene: str = "calvin_scene_D", use_egl: bool = False) -> Path:
+    """A folder whose ``.hydra/merged_config.yaml`` configures the simulator as a CALVIN dataset's does
+    (scene D, static 200 px and gripper 84 px cameras, ``panda_longer_finger``), composed from calvin_env's
+    own ``conf/`` so that an evaluation needs no dataset download. Written under ``CACHE_DIR``."""
+    package = _import("calvin_env", "composing the CALVIN simulator config")
+    root = Path(package.__file__).resolve().parents[1]
+    conf, data = root / "conf", root / "data"
+    if not (conf / "scene" / f"{scene}.yaml").is_file() or not data.is_dir():
+        raise MissingDependencyError(
+            f"calvin_env at {root} has no conf/scene/{scene}.yaml or data/ (the scene files live next to the "
+            "package, not in it): install calvin_env editable from its git checkout (pip install --no-deps -e "
+            "calvin/calvin_env), or pass dataset_path")
+    hydra = _import("hydra", "composing the CALVIN simulator config")
+    from omegaconf import OmegaConf
+
+    primary = SIM_CONFIG.format(scene=scene, data_path=json.dumps(str(data)), use_egl=str(bool(use_egl)).lower())
+    from hydra.core.global_hydra import GlobalHydra
+
+    # get_env may have initialized hydra in this process already; compose needs its own (get_env only checks
+    # that one exists and initializes again when it does not).
+    GlobalHydra.instance().clear()
+    with _tempdir() as tmp:
+        (Path(tmp) / "vitavla_calvin_sim.yaml").write_text(primary + f"hydra:\n  searchpath: [file://{conf}]\n")
+        with hydra.initialize_config_dir(config_dir=str(tmp), version_base=None):
+            cfg = hydra.compose("vitavla_calvin_sim")
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    out = CACHE_DIR.expanduser() / "calvin_sim_config" / hashlib.sha256(text.encode()).hexdigest()[:16]
+    target = out / MERGED_CONFIG
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp_file = target.with_suffix(f".tmp{os.getpid()}")
+        tmp_file.write_text(text)
+        tmp_file.replace(target)
+    return out
+
+
+def _tempdir():
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix="vitavla_calvin_")
+
+
 class CalvinSimEnv:
     """The CALVIN simulator as a :class:`~vitavla.rollout.calvin_protocol.CalvinEnv`, with its task oracle
     and instruction phrasings.
@@ -277,7 +346,10 @@ class CalvinSimEnv:
 
     Args:
         dataset_path: CALVIN dataset root (e.g. ``.../task_ABC_D``) or its ``validation`` folder; the
-            simulator is configured by ``validation/.hydra/merged_config.yaml`` (scene D for ABC->D).
+            simulator is configured by ``validation/.hydra/merged_config.yaml`` (scene D for ABC->D). None:
+            the same configuration composed from calvin_env's own ``conf/`` (:func:`compose_sim_config`),
+            no dataset needed.
+        scene: the scene composed when ``dataset_path`` is None (``calvin_scene_D``: the ABC->D test scene).
         conf_dir: ``calvin_models/conf`` holding the task and annotation configs (default: the installed
             ``calvin_agent``'s).
         tasks_config: task oracle config (default ``<conf_dir>/callbacks/rollout/tasks/new_playtable_tasks.yaml``).
@@ -291,14 +363,18 @@ class CalvinSimEnv:
     action_dim = 7
     protocol = "calvin_long_horizon"
 
-    def __init__(self, dataset_path: str, conf_dir: str | None = None, tasks_config: str | None = None,
-                 annotations_config: str | None = None, show_gui: bool = False, check_cameras: bool = True):
-        root = Path(dataset_path).expanduser()
-        candidates = [root / "validation", root]
-        found = next((c for c in candidates if (c / MERGED_CONFIG).is_file()), None)
-        if found is None:
-            raise FileNotFoundError(f"no {MERGED_CONFIG} in {candidates[0]} or {candidates[1]}: dataset_path must be "
-                                    "a CALVIN dataset root (task_ABC_D, task_D_D, ...) or its validation folder")
+    def __init__(self, dataset_path: str | None = None, conf_dir: str | None = None, tasks_config: str | None = None,
+                 annotations_config: str | None = None, show_gui: bool = False, check_cameras: bool = True,
+                 scene: str = "calvin_scene_D"):
+        if dataset_path is None:
+            found = compose_sim_config(scene)
+        else:
+            root = Path(dataset_path).expanduser()
+            candidates = [root / "validation", root]
+            found = next((c for c in candidates if (c / MERGED_CONFIG).is_file()), None)
+            if found is None:
+                raise FileNotFoundError(f"no {MERGED_CONFIG} in {candidates[0]} or {candidates[1]}: dataset_path must "
+                                        "be a CALVIN dataset root (task_ABC_D, task_D_D, ...) or its validation folder")
         self.validation_dir = found
         conf = Path(conf_dir).expanduser() if conf_dir is not None else default_conf_dir()
         if conf is None and (tasks_config is None or annotations_config is None):
