@@ -305,9 +305,20 @@ def test_camera_sizes_other_than_calvins_are_refused(tmp_path, monkeypatch):
         forget()
 
 
-def test_clear_errors_without_the_packages_or_files(tmp_path):
+class _NoCalvin:
+    """A meta-path finder that makes calvin_env / calvin_agent unimportable even where the real ones are
+    installed (developers who run the ``calvin`` tests have them)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("calvin_env", "calvin_agent"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+def test_clear_errors_without_the_packages_or_files(tmp_path, monkeypatch):
     paths = build_fake(tmp_path)  # files on disk, packages not importable
     forget()
+    monkeypatch.setattr(sys, "meta_path", [_NoCalvin(), *sys.meta_path])
     with pytest.raises(ImportError, match=r"calvin_env.*github.com/mees/calvin"):
         CalvinSimEnv(str(paths["dataset"]), conf_dir=str(paths["conf"]))
     with pytest.raises(ValueError, match="pass conf_dir"):
@@ -457,7 +468,7 @@ def test_official_chains_are_checked_and_only_a_verified_set_is_cached(fake, tmp
     generated = load_calvin_chains(None, 1000)
     assert cache.is_file() and calvin_env.chains_digest(json.loads(cache.read_text())) == calvin_env.OFFICIAL_CHAINS_SHA256
     forget()
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if not p.startswith(str(fake["site"]))])
+    monkeypatch.setattr(sys, "meta_path", [_NoCalvin(), *sys.meta_path])  # no calvin_models at all now
     assert [c.subtasks for c in load_calvin_chains(None, 2)] == [c.subtasks for c in fake_chains] \
         == [c.subtasks for c in generated[:2]]
     cache.write_text(cache.read_text().replace("open_drawer", "close_drawer"))  # tampered: not used

@@ -94,7 +94,10 @@ def _import(module: str, needed_for: str, hint: str = INSTALL_HINT):
 
 def default_conf_dir() -> Path | None:
     """``calvin_models/conf`` of an installed ``calvin_agent`` (found without importing it), else None."""
-    spec = importlib.util.find_spec("calvin_agent")
+    try:
+        spec = importlib.util.find_spec("calvin_agent")
+    except (ImportError, ValueError):  # a broken install, or a module object without a spec
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0]).parent / "conf"
