@@ -3,6 +3,7 @@ match the training side (eval_aloha against the other ALOHA configs in tests/tes
 CALVIN data section instantiates over a fake calvin_env, and `vitavla test` runs CALVIN chains through
 CalvinRolloutTestCallback (resume and crash handling included)."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -170,3 +171,49 @@ def _official_prefix(paths, monkeypatch, n):
         return load_calvin_chains(None, n)
     finally:
         forget()
+
+
+@pytest.fixture
+def real_calvin(tmp_path, monkeypatch):
+    """Skips unless the real calvin_env and calvin_models (with its conf/) are installed; the composed
+    simulator config goes under tmp_path."""
+    from tests.rollout.test_calvin_env import real_calvin_agent
+    from vitavla.rollout import calvin_env
+
+    forget()
+    if importlib.util.find_spec("calvin_env") is None:
+        pytest.skip("calvin_env is not installed; see docs/evaluation.md for the install")
+    real_calvin_agent()
+    conf = calvin_env.default_conf_dir()
+    if conf is None or not (conf / calvin_env.TASKS_CONFIG).is_file():
+        pytest.skip("calvin_models is installed without its conf/ (install it editable from the checkout)")
+    monkeypatch.setattr(calvin_env, "CACHE_DIR", tmp_path / "cache")
+
+
+@pytest.mark.calvin
+@pytest.mark.slow
+def test_vitavla_test_against_the_real_calvin_env(real_calvin, stage2_ckpt, tmp_path):  # noqa: F811
+    from vitavla.rollout.calvin_env import load_chains, write_chains
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "calvin" / "official_chains_first20.json"
+    chains = write_chains(tmp_path / "chains.json", load_chains(fixture)[:2], resolve_states=True)
+    out = tmp_path / "rollout"
+    cfg = load("eval_tiny.yaml")
+    cfg["data"] = {"class_path": "datamodules.calvin_rollout.CalvinRolloutDataModule", "init_args": {
+        "env": {"class_path": "vitavla.rollout.calvin_env.CalvinSimEnv", "init_args": {"dataset_path": None}},
+        "chains": str(chains), "num_chains": 2, "ep_len": 2, "out_dir": str(out),
+        "allow_missing_normalizer": True}}
+    path = tmp_path / "eval_calvin_real.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    args = ["test", "--config", str(path), "--ckpt_path", str(stage2_ckpt), f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", *QUIET]
+    main(args)
+    res = json.loads((out / "results.json").read_text())
+    assert res["errors"] == 0 and res["chains"] == 2 and res["env"] == "CalvinSimEnv"
+    recs = [json.loads(x) for x in (out / "episodes.rank0.jsonl").read_text().splitlines()]
+    assert [r["chain"] for r in recs] == [0, 1] and all(r["error"] is None for r in recs)
+    # An untrained policy in 2 steps: the first subtask fails and the chain stops there.
+    assert [(r["completed"], r["steps"]) for r in recs] == [(0, [2]), (0, [2])]
+    first = (out / "episodes.rank0.jsonl").read_text()
+    main(args)  # resume: both chains are finished, nothing runs again
+    assert (out / "episodes.rank0.jsonl").read_text() == first
