@@ -72,7 +72,8 @@ class CalvinRolloutDataModule(LightningDataModule):
         self.chains = load_calvin_chains(chains, num_chains)
         source = str(chains) if chains else "the official chains"
         check_subtasks(self.chains, env.instructions, getattr(env, "known_subtasks", None), source=source)
-        check_state_resolver(self.chains, source)  # symbolic states need calvin_models: fail now, not per chain
+        # Symbolic states need calvin_models: fail now, not once per chain.
+        check_state_resolver(self.chains, source)
         self.oracle, self.instructions = env.oracle, env.instructions
         self.ep_len, self.executor, self.ensemble_k, self.chunk_steps = int(ep_len), executor, ensemble_k, chunk_steps
         self.out_dir, self.seed, self.retries = out_dir, seed, retries

@@ -112,7 +112,7 @@ class Tasks:
 UTILS_SRC = '''
 {extra_import}
 import numpy as np
-import pyhash  # as calvin_agent.evaluation.utils: at module level, though pyhash does not build on Python 3.11
+import pyhash  # as calvin_agent.evaluation.utils: at module level (pyhash does not build on Python 3.11)
 
 hasher = pyhash.fnv1_32()
 
@@ -123,7 +123,7 @@ def get_env_state_for_initial_condition(initial_condition):
     robot_obs[0] = 0.1 * initial_condition["led"]
     scene_obs = np.zeros(24)
     scene_obs[5] = initial_condition["led"]
-    scene_obs[6] = hasher(str(initial_condition.values())) % 1000  # where calvin_agent seeds its block shuffle
+    scene_obs[6] = hasher(str(initial_condition.values())) % 1000  # calvin_agent's block-shuffle seed
     return robot_obs, scene_obs
 '''
 
@@ -371,9 +371,10 @@ def test_evaluate_calvin_rebuilds_a_crashed_simulator(tmp_path, monkeypatch):
         forget()
 
 
-# -- issue 12: installs without pyhash, chain subsets, errors that are not simulator crashes ------------------
+# -- issue 12: installs without pyhash, chain subsets, errors that are not simulator crashes --------------
 def test_pyhash_stand_in_gives_pyhash_fnv1_32_values():
-    # The values pyhash's own test suite asserts for fnv1_32: seed 0 (not FNV's offset basis), str as UTF-16-LE.
+    # The values pyhash's own test suite asserts for fnv1_32: seed 0 (not FNV's offset basis), str as
+    # UTF-16-LE.
     h = pyhash_compat.fnv1_32()
     assert h(b"test") == 3698262380 and h("test") == 3910690890
     assert h(b"test", b"test") == 660137056 == h(b"test", seed=3698262380)
