@@ -25,8 +25,9 @@ TWO_CPU_PROCESSES = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trai
 def vitavla(*args: str, timeout: int = 170) -> str:
     """Run ``python cli.py ARGS`` as a new process; returns stdout + stderr, failing the test on a non-zero
     exit with the end of the output."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
     out = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)
     text = out.stdout + out.stderr

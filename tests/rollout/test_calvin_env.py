@@ -420,12 +420,14 @@ def test_a_broken_calvin_models_install_fails_when_the_datamodule_is_built(tmp_p
             CalvinRolloutDataModule(env, chains=str(pinned), num_chains=None)
         resolved = tmp_path / "resolved.json"
         resolved.write_text(json.dumps([[{"robot_obs": [0.0] * 15, "scene_obs": [0.0] * 24}, TASKS[:5]]]))
-        assert len(CalvinRolloutDataModule(env, chains=str(resolved), num_chains=1).chains) == 1  # no calvin_agent
+        # Resolved states need no calvin_agent.
+        assert len(CalvinRolloutDataModule(env, chains=str(resolved), num_chains=1).chains) == 1
     finally:
         forget()
 
 
-def test_missing_packages_and_bad_settings_stop_the_evaluation_instead_of_counting_as_crashes(tmp_path, monkeypatch):
+def test_missing_packages_and_bad_settings_stop_the_evaluation_instead_of_counting_as_crashes(
+        tmp_path, monkeypatch):
     paths = build_fake(tmp_path, static=128, utils_needs="hydra_absent_here")
     install_fake(monkeypatch, paths)
     try:
@@ -467,7 +469,8 @@ def test_official_chains_are_checked_and_only_a_verified_set_is_cached(fake, tmp
     monkeypatch.setattr(calvin_env, "OFFICIAL_CHAINS_SHA256",
                         calvin_env.chains_digest(load_calvin_chains(None, 1000)))
     generated = load_calvin_chains(None, 1000)
-    assert cache.is_file() and calvin_env.chains_digest(json.loads(cache.read_text())) == calvin_env.OFFICIAL_CHAINS_SHA256
+    assert cache.is_file()
+    assert calvin_env.chains_digest(json.loads(cache.read_text())) == calvin_env.OFFICIAL_CHAINS_SHA256
     forget()
     monkeypatch.setattr(sys, "meta_path", [_NoCalvin(), *sys.meta_path])  # no calvin_models at all now
     assert [c.subtasks for c in load_calvin_chains(None, 2)] == [c.subtasks for c in fake_chains] \

@@ -205,8 +205,8 @@ def test_vitavla_test_against_the_real_calvin_env(real_calvin, stage2_ckpt, tmp_
         "allow_missing_normalizer": True}}
     path = tmp_path / "eval_calvin_real.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    args = ["test", "--config", str(path), "--ckpt_path", str(stage2_ckpt), f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}", *QUIET]
+    args = ["test", "--config", str(path), "--ckpt_path", str(stage2_ckpt),
+            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}", *QUIET]
     main(args)
     res = json.loads((out / "results.json").read_text())
     assert res["errors"] == 0 and res["chains"] == 2 and res["env"] == "CalvinSimEnv"

@@ -175,7 +175,8 @@ def env_state(initial_state: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def is_symbolic(initial_state: Any) -> bool:
     """A symbolic initial state (``get_sequences``' dict), which needs calvin_models to become arrays."""
-    return isinstance(initial_state, Mapping) and not ("robot_obs" in initial_state and "scene_obs" in initial_state)
+    resolved = isinstance(initial_state, Mapping) and "robot_obs" in initial_state and "scene_obs" in initial_state
+    return isinstance(initial_state, Mapping) and not resolved
 
 
 def check_state_resolver(chains: list[Chain], source: str) -> None:
@@ -239,9 +240,10 @@ def official_chains() -> list[Chain]:
     items = [[dict(state), list(tasks)] for state, tasks in seqs.get_sequences(OFFICIAL_NUM_CHAINS)]
     digest = chains_digest(items)
     if digest != OFFICIAL_CHAINS_SHA256:
-        log.warning("calvin_models generated chains that are not CALVIN's official 1000 (sha256 %s, expected %s): "
-                    "results will not compare with published ones; check the calvin_models version, or pass the "
-                    "official eval_sequences.json as data.init_args.chains", digest[:12], OFFICIAL_CHAINS_SHA256[:12])
+        log.warning("calvin_models generated chains that are not CALVIN's official 1000 (sha256 %s, expected "
+                    "%s): results will not compare with published ones; check the calvin_models version, or pass "
+                    "the official eval_sequences.json as data.init_args.chains", digest[:12],
+                    OFFICIAL_CHAINS_SHA256[:12])
         return load_chains(items)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -366,9 +368,9 @@ class CalvinSimEnv:
     action_dim = 7
     protocol = "calvin_long_horizon"
 
-    def __init__(self, dataset_path: str | None = None, conf_dir: str | None = None, tasks_config: str | None = None,
-                 annotations_config: str | None = None, show_gui: bool = False, check_cameras: bool = True,
-                 scene: str = "calvin_scene_D"):
+    def __init__(self, dataset_path: str | None = None, conf_dir: str | None = None,
+                 tasks_config: str | None = None, annotations_config: str | None = None, show_gui: bool = False,
+                 check_cameras: bool = True, scene: str = "calvin_scene_D"):
         if dataset_path is None:
             found = compose_sim_config(scene)
         else:
@@ -376,8 +378,9 @@ class CalvinSimEnv:
             candidates = [root / "validation", root]
             found = next((c for c in candidates if (c / MERGED_CONFIG).is_file()), None)
             if found is None:
-                raise FileNotFoundError(f"no {MERGED_CONFIG} in {candidates[0]} or {candidates[1]}: dataset_path must "
-                                        "be a CALVIN dataset root (task_ABC_D, task_D_D, ...) or its validation folder")
+                raise FileNotFoundError(f"no {MERGED_CONFIG} in {candidates[0]} or {candidates[1]}: dataset_path "
+                                        "must be a CALVIN dataset root (task_ABC_D, task_D_D, ...) or its "
+                                        "validation folder")
         self.validation_dir = found
         conf = Path(conf_dir).expanduser() if conf_dir is not None else default_conf_dir()
         if conf is None and (tasks_config is None or annotations_config is None):
