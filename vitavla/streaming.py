@@ -119,8 +119,12 @@ class StreamingPolicy:
         return 0 if self._cache is None else self._cache.get_seq_length()
 
     @torch.no_grad()
-    def step(self, obs: Observation) -> ActionOutput:
-        """Actions for the newest step: fields (B, action_chunk, ·)."""
+    def step(self, obs: Observation, image_embeds: Tensor | None = None) -> ActionOutput:
+        """Actions for the newest step: fields (B, action_chunk, ·).
+
+        ``image_embeds``: ``student.embed_images(obs.images[:, None])`` computed by the caller, so that one
+        vision pass can serve several independent streams (the policy server batches its sessions' frames).
+        """
         student = self.student
         self._check(obs)
         if self._instruction is None:
@@ -130,7 +134,9 @@ class StreamingPolicy:
             raise BatchError("the instruction changed mid-episode; call reset() before a new instruction")
         text, text_real = self._text
         per_step = student.instruction_per_step
-        block = student.step_blocks(student.embed_images(obs.images[:, None]), obs.state[:, None],
+        if image_embeds is None:
+            image_embeds = student.embed_images(obs.images[:, None])
+        block = student.step_blocks(image_embeds, obs.state[:, None],
                                     text if per_step else None, text_real if per_step else None)
         if self._cache is None or self.held_steps >= self.max_steps:
             keep = 0 if self._cache is None else self.max_steps - self.refill_block

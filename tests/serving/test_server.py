@@ -1,0 +1,244 @@
+"""`vitavla serve`: openpi's websocket protocol, driven by the unmodified openpi-client from PyPI."""
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vitavla.rollout.env import Obs
+from vitavla.rollout.runner import to_observation
+from vitavla.serving.codec import packb, unpackb
+from vitavla.serving.export import load_policy_dir
+from vitavla.serving.server import PolicyRunner, PolicyServer, ServeConfig, ServerThread
+
+from tests.serving.conftest import NORMALIZER, observations
+
+openpi_client = pytest.importorskip("openpi_client", reason="pip install --no-deps openpi-client")
+from openpi_client.action_chunk_broker import ActionChunkBroker  # noqa: E402
+from openpi_client.websocket_client_policy import WebsocketClientPolicy  # noqa: E402
+from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_export):
+    return load_policy_dir(tiny_export[0])
+
+
+
+@pytest.fixture(scope="module")
+def server(exported):
+    before = torch.get_num_threads()
+    th = ServerThread(PolicyServer(exported, ServeConfig(port=0, torch_threads=1, max_wait_ms=100,
+                                                         max_message_mb=1)))
+    yield th
+    th.stop()
+    torch.set_num_threads(before)
+
+
+def reference(exported, obs_list) -> list[np.ndarray]:
+    """Action chunks of one in-process episode, as `vitavla test` computes them, in robot units."""
+    policy = exported.streaming()
+    chunks = []
+    for o in obs_list:
+        obs = Obs(o["observation/image"], o["observation/wrist_image"], o["observation/state"], o["prompt"])
+        out = policy.step(to_observation(obs, exported.image_size, normalizer=exported.normalizer))
+        action = torch.cat([out.arm[0], (out.gripper_prob[0] > 0.5).float()], -1)
+        chunks.append(NORMALIZER.unnormalize_actions(action).numpy())
+    return chunks
+
+
+def test_openpi_client_gets_metadata_and_robot_unit_chunks(server, exported):
+    client = WebsocketClientPolicy("127.0.0.1", server.port)
+    meta = client.get_server_metadata()
+    assert (meta["action_chunk"], meta["action_dim"], meta["state_dim"], meta["image_size"]) == (3, 7, 7, 224)
+    assert meta["obs_keys"]["reset"] == "reset" and meta["action_units"] == "robot"
+    obs = observations(5, seed=3)
+    want = reference(exported, obs)
+    got = [client.infer(o) for o in obs]
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert g["actions"].dtype == np.float32 and g["actions"].shape == (3, 7)
+        np.testing.assert_allclose(g["actions"], w, rtol=0, atol=1e-5)
+        assert g["episode_step"] == step and g["gripper_prob"].shape == (3, 1)
+    arm = np.stack([g["actions"] for g in got])
+    assert ((arm[..., 4] >= 10) & (arm[..., 4] <= 20)).all()  # robot units: NORMALIZER maps dim 4 to [10, 20]
+    assert set(np.unique(arm[..., 6])) <= {-1.0, 1.0}
+    # `reset: True` starts a new episode on the same connection: the first step's chunk again, step 0.
+    again = client.infer({**obs[0], "reset": True})
+    assert again["episode_step"] == 0
+    np.testing.assert_allclose(again["actions"], want[0], rtol=0, atol=1e-5)
+
+
+def test_action_chunk_broker_queries_once_per_chunk(server):
+    client = WebsocketClientPolicy("127.0.0.1", server.port)
+    broker = ActionChunkBroker(client, action_horizon=3)
+    out = [broker.infer(o) for o in observations(6, seed=4)]
+    assert [o["episode_step"] for o in out] == [0, 0, 0, 1, 1, 1]
+    assert all(o["actions"].shape == (7,) for o in out)
+    assert not np.array_equal(out[0]["actions"], out[1]["actions"])
+
+
+def test_concurrent_sessions_share_batches_and_keep_their_own_episodes(server, exported):
+    n, steps = 4, 3
+    streams = [observations(steps, seed=10 + i) for i in range(n)]
+    want = [reference(exported, s) for s in streams]
+    clients = [WebsocketClientPolicy("127.0.0.1", server.port) for _ in range(n)]
+    got: list = [None] * n
+    barrier = threading.Barrier(n)
+
+    def run(i):
+        barrier.wait()
+        got[i] = [clients[i].infer(o) for o in streams[i]]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i in range(n):
+        for g, w in zip(got[i], want[i]):
+            np.testing.assert_allclose(g["actions"], w, rtol=0, atol=1e-4)
+        assert [g["episode_step"] for g in got[i]] == list(range(steps))
+    assert max(g["server_timing"]["batch_size"] for r in got for g in r) > 1
+
+
+ERRORS = [
+    (b"\xc1", "error: the message is not valid msgpack"),
+    (packb([1, 2]), "error: an observation must be a msgpack map of key -> value, got list"),
+    (packb({"prompt": "x"}), "missing observation key(s) ['observation/image', 'observation/wrist_image', "
+                             "'observation/state']"),
+    ("a text frame", "error: expected a binary msgpack frame, got a str frame"),
+]
+
+
+def _bad(**change):
+    return packb({**observations(1)[0], **change})
+
+
+ERRORS += [
+    (_bad(**{"observation/image": np.zeros((3, 32, 32), np.float32)}),
+     "observation key 'observation/image' must be a uint8 (H, W, 3) image, got float32 (3, 32, 32)"),
+    (_bad(**{"observation/state": np.zeros(8, np.float32)}),
+     "observation key 'observation/state' must be a numeric array of shape (7,), got float32 (8,)"),
+    (_bad(**{"observation/state": np.array([0, 0, np.nan, 0, 0, np.inf, 0], np.float32)}),
+     "observation key 'observation/state' has non-finite values (NaN or inf) at indices [2, 5]"),
+    (_bad(prompt=7), "observation key 'prompt' must be a non-empty string, got int 7"),
+    (_bad(reset="yes"), "observation key 'reset' must be a bool, got str"),
+]
+
+
+def test_bad_messages_get_one_line_errors_and_the_session_goes_on(server, exported):
+    with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as ws:
+        unpackb(ws.recv())  # metadata
+        for message, error in ERRORS:
+            ws.send(message)
+            reply = ws.recv()
+            assert isinstance(reply, str) and error in reply, (error, reply)
+        ws.send(packb(observations(1)[0]))
+        ok = unpackb(ws.recv())
+        assert ok["episode_step"] == 0
+        np.testing.assert_allclose(ok["actions"], reference(exported, observations(1))[0], rtol=0, atol=1e-5)
+
+
+def test_oversize_and_vanishing_clients_end_only_their_own_session(server):
+    bystander = WebsocketClientPolicy("127.0.0.1", server.port)
+    assert bystander.infer(observations(1)[0])["episode_step"] == 0
+    with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as ws:  # 3 MB > max_message_mb=1
+        ws.recv()
+        ws.send(_bad(**{"observation/image": np.zeros((1024, 1024, 3), np.uint8)}))
+        with pytest.raises(ConnectionClosed) as e:
+            ws.recv()
+        assert e.value.rcvd.code == 1009  # message too big
+    for _ in range(3):  # a client that leaves with its request in flight
+        ws = connect(f"ws://127.0.0.1:{server.port}")
+        ws.recv()
+        ws.send(packb(observations(1)[0]))
+        ws.close()
+    assert bystander.infer(observations(1)[0])["episode_step"] == 1
+
+
+class SlowRunner(PolicyRunner):
+    """The real runner, 0.8 s slower per batch, and counting its batches."""
+
+    batches = 0
+
+    def run_batch(self, requests):
+        SlowRunner.batches += 1
+        time.sleep(0.8)
+        return super().run_batch(requests)
+
+
+def test_token_is_checked_first_and_the_event_loop_never_waits_on_the_model(exported):
+    cfg = ServeConfig(port=0, torch_threads=1, token="s3cret")
+    th = ServerThread(PolicyServer(exported, cfg, runner=SlowRunner(exported)))
+    try:
+        with pytest.raises(InvalidStatus) as e:
+            WebsocketClientPolicy("127.0.0.1", th.port)
+        assert e.value.response.status_code == 401
+        with pytest.raises(InvalidStatus):
+            WebsocketClientPolicy("127.0.0.1", th.port, api_key="wrong")
+        assert SlowRunner.batches == 0
+        client = WebsocketClientPolicy("127.0.0.1", th.port, api_key="s3cret")
+        busy = threading.Thread(target=client.infer, args=(observations(1)[0],))
+        busy.start()
+        time.sleep(0.2)  # the model is now inside its 0.8 s batch
+        start = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", th.port, timeout=5)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().status == 200
+        other = WebsocketClientPolicy("127.0.0.1", th.port, api_key="s3cret")
+        assert other.get_server_metadata()["action_chunk"] == 3
+        assert time.perf_counter() - start < 0.5  # the model batch takes 0.8 s
+        busy.join(10)
+        assert SlowRunner.batches == 1
+    finally:
+        th.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_answers_the_request_in_flight_then_exits(tiny_export):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # Two sessions and a 1.5 s batching wait: the first request is in flight (waiting for the second
+    # session) when SIGTERM arrives.
+    proc = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", "serve", str(tiny_export[0]),
+                             "--port", str(port), "--max_wait_ms", "1500", "--torch_threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    try:
+        line = ""
+        while "ready" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "server exited before it was ready"
+        idle = WebsocketClientPolicy("127.0.0.1", port)
+        client = WebsocketClientPolicy("127.0.0.1", port)
+        result = {}
+        t = threading.Thread(target=lambda: result.update(client.infer(observations(1)[0])))
+        t.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        assert result["actions"].shape == (3, 7)
+        assert proc.wait(30) == 0
+        assert "drained and stopped" in proc.stdout.read()
+        with pytest.raises(ConnectionClosed) as e:
+            idle.infer(observations(1)[0])
+        assert e.value.rcvd is None or e.value.rcvd.code == 1001
+    finally:
+        if proc.poll() is None:
+            proc.kill()
