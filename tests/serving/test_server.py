@@ -242,3 +242,32 @@ def test_sigterm_answers_the_request_in_flight_then_exits(tiny_export):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_robot_loop_controllers_match_the_in_process_executors(server, exported):
+    from vitavla.rollout.executors import ChunkExecutor, TemporalEnsembleExecutor
+    from vitavla.rollout.runner import Controller
+    from vitavla.serving.client import ChunkController, EnsembleController
+
+    obs = observations(5, seed=21)
+    for remote, local in ((EnsembleController, TemporalEnsembleExecutor()), (ChunkController, ChunkExecutor())):
+        client = remote(WebsocketClientPolicy("127.0.0.1", server.port))
+        ref = Controller(exported.streaming(), local, exported.normalizer, exported.image_size)
+        for episode in range(2):  # the second episode checks that reset() starts the server's over too
+            client.reset()
+            ref.reset()
+            for t, o in enumerate(obs):
+                want = ref.act(t, Obs(o["observation/image"], o["observation/wrist_image"],
+                                      o["observation/state"], o["prompt"]))
+                np.testing.assert_allclose(client.act(o), want, rtol=0, atol=1e-5)
+        assert client.queries == (10 if remote is EnsembleController else 4)
+
+
+def test_robot_loop_example_runs(server, capsys):
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import robot_loop
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    robot_loop.main(["--port", str(server.port), "--mode", "chunk", "--hz", "1000", "--steps", "6"])
+    assert "6 steps at 1000.0 Hz, 2 server queries" in capsys.readouterr().out

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import msgpack
 import numpy as np
 
 _REFUSED_KINDS = ("O", "V", "c")
@@ -35,6 +34,8 @@ def _encode_default(obj):
 
 def packb(obj) -> bytes:
     """``obj`` (dicts, lists, str, numbers, numpy arrays and scalars) as one msgpack message."""
+    import msgpack  # the 'serve' extra; imported here so that `vitavla serve` can say so when it is missing
+
     return msgpack.packb(obj, default=_encode_default, use_bin_type=True)
 
 
@@ -75,6 +76,8 @@ def unpackb(data: bytes):
     is not one."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"expected a binary msgpack frame, got a {type(data).__name__} frame")
+    import msgpack
+
     try:
         # strict_map_key=False: openpi's marker keys are bytes; observation keys are checked by the caller.
         return msgpack.unpackb(data, object_hook=_decode_hook, raw=False, strict_map_key=False)

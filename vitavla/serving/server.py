@@ -432,6 +432,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from vitavla.errors import UserFacingError
 
+    try:
+        import msgpack  # noqa: F401
+        import websockets  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"vitavla serve needs the 'serve' extra: pip install -e '.[serve]' ({e})") from None
+
     parser = ArgumentParser(prog="vitavla serve", description="Serve an exported policy directory over "
                             "openpi's websocket protocol (docs/deploy.md).")
     parser.add_argument("policy_dir", help="a directory written by `vitavla export`")
