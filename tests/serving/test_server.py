@@ -271,3 +271,39 @@ def test_robot_loop_example_runs(server, capsys):
         sys.path.remove(str(REPO / "examples"))
     robot_loop.main(["--port", str(server.port), "--mode", "chunk", "--hz", "1000", "--steps", "6"])
     assert "6 steps at 1000.0 Hz, 2 server queries" in capsys.readouterr().out
+
+
+def test_a_simulator_through_the_server_acts_like_vitavla_test(server, exported):
+    from vitavla.rollout.env import ScriptedStandInEnv
+    from vitavla.rollout.executors import TemporalEnsembleExecutor
+    from vitavla.rollout.runner import EpisodeSpec, run_episode
+    from vitavla.serving.client import EnsembleController
+    from vitavla.serving.sim_client import RemoteController, run_remote_episode
+
+    env = ScriptedStandInEnv(num_task=2, steps=5, image_size=32, state_dim=7, act_dim=7)
+    remote = RemoteController(EnsembleController(WebsocketClientPolicy("127.0.0.1", server.port)))
+    for spec in (EpisodeSpec(0, 0), EpisodeSpec(1, 0)):
+        here = run_episode(env, exported.streaming(), TemporalEnsembleExecutor(), spec, exported.normalizer,
+                           exported.image_size)
+        there = run_remote_episode(env, remote, spec)
+        assert (there.success, there.steps, there.error) == (here.success, here.steps, None)
+        np.testing.assert_array_equal(there.first_last[1], here.first_last[1])  # same trajectory, same end
+    assert remote.queries == 10 and remote.seconds > 0
+
+
+@pytest.mark.sim
+def test_libero_episode_through_the_server(server):
+    pytest.importorskip("libero.libero")
+    from vitavla.rollout.libero_env import LiberoEnv
+    from vitavla.rollout.runner import EpisodeSpec
+    from vitavla.serving.client import ChunkController
+    from vitavla.serving.sim_client import RemoteController, run_remote_episode
+
+    env = LiberoEnv(suite="libero_object", protocol="seer", gripper_state="binary", max_steps=4, settle_steps=1,
+                    render_size=64)
+    try:
+        remote = RemoteController(ChunkController(WebsocketClientPolicy("127.0.0.1", server.port)))
+        res = run_remote_episode(env, remote, EpisodeSpec(0, 0))
+    finally:
+        env.close()
+    assert res.error is None and res.steps == 4 and remote.queries == 2
