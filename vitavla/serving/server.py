@@ -74,6 +74,9 @@ class ServeConfig:
     """Where the policy runs (``cpu``, ``cuda``, ``cuda:1``)."""
     drain_timeout_s: float = 30.0
     """On SIGTERM, how long to wait for the requests in flight before closing anyway."""
+    handshake_timeout_s: float = 10.0
+    """A connection that has not completed the websocket handshake by then is closed (slow or stalled
+    clients cannot pile up half-open connections)."""
     torch_threads: int = 0
     """CPU threads for the policy (torch.set_num_threads); 0 keeps torch's default. On a CPU that other
     processes share, 1 avoids threads spinning against each other (the tiny policy ran 10-50x slower with
@@ -227,6 +230,9 @@ class Batcher:
                 else:
                     res.setdefault("server_timing", {})["queue_ms"] = (started - item.received) * 1000
                     fut.set_result(res)
+            # While idle the loop must not keep the last batch's requests (and so their sessions and KV
+            # caches) alive after their clients have gone.
+            del batch, results, item, fut, res
 
 
 class PolicyServer:
@@ -367,6 +373,7 @@ class PolicyServer:
         try:
             async with serve(self._handle, self.config.host, self.config.port, compression=None,
                              max_size=int(self.config.max_message_mb * 2**20),
+                             open_timeout=self.config.handshake_timeout_s,
                              process_request=self._process_request) as server:
                 self.port = server.sockets[0].getsockname()[1]
                 log.info("serving %s on ws://%s:%d", self.exported.root, self.config.host, self.port)
