@@ -15,7 +15,7 @@ NORMALIZER = Normalizer(arm_low=[-0.5, -1.0, -2.0, 0.0, 10.0, -3.0], arm_high=[0
                         gripper_low=[-1.0], gripper_high=[1.0], state_mean=[0.1] * 7, state_std=[2.0] * 7)
 
 
-def make_checkpoint(path: Path, normalizer: Normalizer | None = NORMALIZER):
+def make_checkpoint(path: Path, normalizer: Normalizer = NORMALIZER):
     """A checkpoint as `vitavla fit` writes it (trainable weights + normalizer) of eval_tiny's model, with its
     trainable weights moved off their seeded initial values; returns (path, the module)."""
     from cli import build_cli
@@ -26,7 +26,7 @@ def make_checkpoint(path: Path, normalizer: Normalizer | None = NORMALIZER):
         for p in module.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    module.normalizer_state = None if normalizer is None else normalizer.state_dict()
+    module.normalizer_state = normalizer.state_dict()
     import lightning
 
     ckpt = {"state_dict": module.state_dict(), "epoch": 0, "global_step": 0,
