@@ -214,7 +214,8 @@ def _free_port() -> int:
 
 def test_sigterm_answers_the_request_in_flight_then_exits(tiny_export):
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "VITAVLA_SERVE_TOKEN": "from-env"}
     # Two sessions and a 1.5 s batching wait: the first request is in flight (waiting for the second
     # session) when SIGTERM arrives.
     proc = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", "serve", str(tiny_export[0]),
@@ -225,8 +226,10 @@ def test_sigterm_answers_the_request_in_flight_then_exits(tiny_export):
         while "ready" not in line:
             line = proc.stdout.readline()
             assert line or proc.poll() is None, "server exited before it was ready"
-        idle = WebsocketClientPolicy("127.0.0.1", port)
-        client = WebsocketClientPolicy("127.0.0.1", port)
+        with pytest.raises(InvalidStatus):  # the token comes from VITAVLA_SERVE_TOKEN
+            WebsocketClientPolicy("127.0.0.1", port)
+        idle = WebsocketClientPolicy("127.0.0.1", port, api_key="from-env")
+        client = WebsocketClientPolicy("127.0.0.1", port, api_key="from-env")
         result = {}
         t = threading.Thread(target=lambda: result.update(client.infer(observations(1)[0])))
         t.start()

@@ -60,7 +60,7 @@ class ServeConfig:
     token: str | None = None
     """Shared secret that clients must send as ``Authorization: Api-Key <token>`` (openpi-client's
     ``api_key``); checked before the websocket opens. Default: the VITAVLA_SERVE_TOKEN environment
-    variable, else no check."""
+    variable (preferred: a command-line token shows in the process list), else no check."""
     max_batch: int = 16
     """Most requests (one per session) that share one policy call."""
     max_wait_ms: float = 2.0
@@ -445,6 +445,9 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError as e:
         raise SystemExit(f"vitavla serve needs the 'serve' extra: pip install -e '.[serve]' ({e})") from None
 
+    from cli import _enable_attribute_docstrings
+
+    _enable_attribute_docstrings()  # the ServeConfig field docstrings become --help
     parser = ArgumentParser(prog="vitavla serve", description="Serve an exported policy directory over "
                             "openpi's websocket protocol (docs/deploy.md).")
     parser.add_argument("policy_dir", help="a directory written by `vitavla export`")
