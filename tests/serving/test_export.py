@@ -114,3 +114,18 @@ def test_vitavla_test_accepts_the_policy_dir(tiny_export, tmp_path):
                         map(json.loads, (root / "rollout" / "episodes.jsonl").read_text().splitlines())])
     assert records[0] == records[1]
     assert res["ckpt_path"] is None  # the directory replaced the model; Lightning loaded no checkpoint
+
+
+def test_observation_keys_are_set_at_export_and_checked(tiny_export, tmp_path):
+    from vitavla.serving.export import export_policy
+
+    exported = load_policy_dir(tiny_export[0])
+    keys = {"views": ["cam_high", "cam_left_wrist"], "state": "qpos"}
+    out = export_policy(exported.policy, tmp_path / "aloha_keys", exported.normalizer, obs_keys=keys)
+    assert load_policy_dir(out).obs_keys == {**keys, "prompt": "prompt", "reset": "reset"}
+    with pytest.raises(ExportError, match=r"obs_keys.views must list 2 observation keys .*got \['only_one'\]"):
+        export_policy(exported.policy, tmp_path / "x", None, obs_keys={"views": ["only_one"]})
+    with pytest.raises(ExportError, match=r"obs_keys has unknown fields \['camera'\]"):
+        export_policy(exported.policy, tmp_path / "x", None, obs_keys={"camera": "c"})
+    with pytest.raises(ExportError, match="uses a key twice"):
+        export_policy(exported.policy, tmp_path / "x", None, obs_keys={"state": "prompt"})

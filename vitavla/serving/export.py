@@ -137,10 +137,7 @@ def export_policy(policy: VLAPolicy, out: str | Path, normalizer: Normalizer | N
     if out.exists() and not overwrite:
         raise ExportError(f"--out {out} already exists; pass --overwrite true to replace it")
     spec = policy_spec(policy)
-    keys = {**DEFAULT_OBS_KEYS, **(obs_keys or {})}
-    if len(keys["views"]) != policy.student.num_views:
-        raise ExportError(f"obs_keys.views names {len(keys['views'])} keys, the student reads "
-                          f"{policy.student.num_views} views")
+    keys = check_obs_keys(obs_keys or {}, policy.student.num_views, "obs_keys")
     robot = policy.robot
     if normalizer is not None and (normalizer.arm_dim, normalizer.gripper_dim) != (robot.arm_dim,
                                                                                    robot.gripper_dim):
@@ -177,6 +174,29 @@ def export_policy(policy: VLAPolicy, out: str | Path, normalizer: Normalizer | N
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def check_obs_keys(obs_keys: Any, num_views: int, where: str) -> dict:
+    """``obs_keys`` over :data:`DEFAULT_OBS_KEYS`, checked: ``views`` a list of ``num_views`` distinct
+    strings, the others strings, no unknown fields, no key used twice."""
+    if not isinstance(obs_keys, dict):
+        raise ExportError(f"{where} must be a mapping like {json.dumps(DEFAULT_OBS_KEYS)}, got "
+                          f"{type(obs_keys).__name__}")
+    unknown = sorted(set(obs_keys) - set(DEFAULT_OBS_KEYS))
+    if unknown:
+        raise ExportError(f"{where} has unknown fields {unknown}; expected some of {sorted(DEFAULT_OBS_KEYS)}")
+    keys = {**DEFAULT_OBS_KEYS, **obs_keys}
+    views = keys["views"]
+    if not (isinstance(views, list) and len(views) == num_views and all(isinstance(v, str) for v in views)):
+        raise ExportError(f"{where}.views must list {num_views} observation keys (static camera, wrist "
+                          f"camera), got {views!r}")
+    for name in ("state", "prompt", "reset"):
+        if not isinstance(keys[name], str) or not keys[name]:
+            raise ExportError(f"{where}.{name} must be a non-empty string, got {keys[name]!r}")
+    used = [*views, keys["state"], keys["prompt"], keys["reset"]]
+    if len(set(used)) != len(used):
+        raise ExportError(f"{where} uses a key twice: {used}")
+    return keys
 
 
 # -- reading -----------------------------------------------------------------------------------------
@@ -304,11 +324,7 @@ def load_policy_dir(root: str | Path, device: str | torch.device = "cpu", verify
     policy.to(device).eval().requires_grad_(False)
     norm = doc.get("normalizer")
     normalizer = None if norm is None else Normalizer.from_state_dict(norm)
-    keys = {**DEFAULT_OBS_KEYS, **doc["obs_keys"]}
-    if len(keys["views"]) != policy.student.num_views:
-        raise ExportError(f"{root / SPEC_FILE}: obs_keys.views names {len(keys['views'])} keys, the student "
-                          f"reads {policy.student.num_views} views")
-    doc["obs_keys"] = keys
+    doc["obs_keys"] = check_obs_keys(doc["obs_keys"], policy.student.num_views, f"{root / SPEC_FILE}: obs_keys")
     return ExportedPolicy(root, policy, normalizer, doc)
 
 
@@ -345,9 +361,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allow_missing_normalizer", default="false", choices=["true", "false"],
                         help="export a checkpoint without an action normalizer (the server then returns "
                              "normalized actions: arm in [-1, 1], gripper in [0, 1])")
+    parser.add_argument("--obs_keys", default=None,
+                        help="JSON: the observation keys `vitavla serve` reads, e.g. '{\"views\": "
+                             "[\"cam_high\", \"cam_wrist\"], \"state\": \"qpos\"}'; unset fields keep "
+                             f"openpi's LIBERO names {json.dumps(DEFAULT_OBS_KEYS)}")
     args, rest = parser.parse_known_args(argv)
     try:
-        out = export_from_config(args.config, args.ckpt_path, args.out, rest,
+        try:
+            obs_keys = None if args.obs_keys is None else json.loads(args.obs_keys)
+        except json.JSONDecodeError as e:
+            raise ExportError(f"--obs_keys is not valid JSON: {e}") from e
+        out = export_from_config(args.config, args.ckpt_path, args.out, rest, obs_keys=obs_keys,
                                  overwrite=args.overwrite == "true",
                                  allow_missing_normalizer=args.allow_missing_normalizer == "true")
     except UserFacingError as e:
@@ -356,7 +380,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def export_from_config(configs: list[str], ckpt_path: str | Path, out: str | Path, overrides: list[str] = (),
-                       overwrite: bool = False, allow_missing_normalizer: bool = False) -> Path:
+                       overwrite: bool = False, allow_missing_normalizer: bool = False,
+                       obs_keys: dict | None = None) -> Path:
     """Build the model of ``configs`` as ``vitavla test`` would, load ``ckpt_path`` into it, export it."""
     from cli import build_cli
 
@@ -378,4 +403,4 @@ def export_from_config(configs: list[str], ckpt_path: str | Path, out: str | Pat
     normalizer = None if state is None else Normalizer.from_state_dict(state)
     source = cli.parser.dump(cli.config, skip_none=False)
     return export_policy(policy, out, normalizer, source_config=source, checkpoint=ckpt_path,
-                         overwrite=overwrite)
+                         obs_keys=obs_keys, overwrite=overwrite)
