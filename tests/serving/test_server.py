@@ -149,6 +149,12 @@ def test_bad_messages_get_one_line_errors_and_the_session_goes_on(server, export
         ok = unpackb(ws.recv())
         assert ok["episode_step"] == 0
         np.testing.assert_allclose(ok["actions"], reference(exported, observations(1))[0], rtol=0, atol=1e-5)
+        # A new instruction without reset fails inside the model: the episode restarts with the next step.
+        ws.send(packb({**observations(1)[0], "prompt": "open the drawer"}))
+        reply = ws.recv()
+        assert "instruction changed mid-episode" in reply and "episode was reset" in reply
+        ws.send(packb({**observations(1)[0], "prompt": "open the drawer"}))
+        assert unpackb(ws.recv())["episode_step"] == 0
 
 
 def test_oversize_and_vanishing_clients_end_only_their_own_session(server):

@@ -152,8 +152,8 @@ class PolicyRunner:
                 # The session's cache may hold half a step: start its episode over rather than continue wrong.
                 req.session.policy.reset()
                 req.session.step = 0
-                results[i] = SessionError(f"{type(e).__name__}: {e} (the episode was reset; send the next "
-                                          "observation with reset=True)")
+                results[i] = SessionError(f"{type(e).__name__}: {e} (this session's episode was reset: the "
+                                          "next observation starts a new one)")
                 continue
             # Binary gripper, as the executors execute it (Seer: sigmoid > 0.5), then robot units.
             prob = out.gripper_prob[0].float()
@@ -202,37 +202,47 @@ class Batcher:
             self.pending -= 1
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.max_wait
-            while len(batch) < min(self.max_batch, max(1, self.expected())):
-                if not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
-                    continue
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), left))
-                except TimeoutError:
-                    break
-            started = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in batch])
-            except Exception as e:  # a bug in fn itself: every request of the batch gets it
-                results = [e] * len(batch)
-            for (item, fut), res in zip(batch, results):
-                if fut.done():  # the client went away while the model ran
-                    continue
-                if isinstance(res, Exception):
-                    fut.set_exception(res)
-                else:
-                    res.setdefault("server_timing", {})["queue_ms"] = (started - item.received) * 1000
-                    fut.set_result(res)
-            # While idle the loop must not keep the last batch's requests (and so their sessions and KV
-            # caches) alive after their clients have gone.
-            del batch, results, item, fut, res
+                await self._one_batch()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one bad batch stop the loop: every later request would hang
+                log.exception("policy batch failed")
+
+    async def _one_batch(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch = [await self.queue.get()]
+        deadline = loop.time() + self.max_wait
+        while len(batch) < min(self.max_batch, max(1, self.expected())):
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), left))
+            except TimeoutError:
+                break
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in batch])
+        except Exception as e:  # a bug in fn itself: every request of the batch gets it
+            results = [e] * len(batch)
+        if len(results) != len(batch):
+            results = [RuntimeError(f"the policy returned {len(results)} results for {len(batch)} "
+                                    "requests")] * len(batch)
+        for (item, fut), res in zip(batch, results):
+            if fut.done():  # the client went away while the model ran
+                continue
+            if isinstance(res, Exception):
+                fut.set_exception(res)
+            else:
+                res.setdefault("server_timing", {})["queue_ms"] = (started - item.received) * 1000
+                fut.set_result(res)
+        # Returning drops this frame's references: while idle, the loop must not keep the last batch's
+        # requests (and so their sessions and KV caches) alive after their clients have gone.
 
 
 class PolicyServer:
@@ -355,6 +365,11 @@ class PolicyServer:
             reply = await self._batcher.submit(req)
         except SessionError as e:
             await ws.send(f"error: {e}")
+            return
+        except Exception as e:  # a bug, not bad input: say so, end this session (as openpi does)
+            log.exception("request failed")
+            await ws.send(f"error: internal server error: {type(e).__name__}: {e}")
+            await ws.close(1011, "internal server error")
             return
         reply["server_timing"]["server_ms"] = (time.perf_counter() - req.received) * 1000
         await ws.send(packb(reply))
