@@ -152,7 +152,7 @@ def test_bad_messages_get_one_line_errors_and_the_session_goes_on(server, export
         # A new instruction without reset fails inside the model: the episode restarts with the next step.
         ws.send(packb({**observations(1)[0], "prompt": "open the drawer"}))
         reply = ws.recv()
-        assert "instruction changed mid-episode" in reply and "episode was reset" in reply
+        assert "prompt changed mid-episode without reset=True" in reply and "episode was reset" in reply
         ws.send(packb({**observations(1)[0], "prompt": "open the drawer"}))
         assert unpackb(ws.recv())["episode_step"] == 0
 

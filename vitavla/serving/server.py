@@ -42,6 +42,7 @@ from vitavla.rollout.executors import to_env_action
 from vitavla.rollout.runner import to_observation
 from vitavla.serving.codec import ProtocolError, packb, unpackb
 from vitavla.serving.export import ExportedPolicy, load_policy_dir
+from vitavla.streaming import StreamingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -125,43 +126,63 @@ class PolicyRunner:
         obs = Obs(req.views[0], req.views[1], req.state, req.prompt)
         return to_observation(obs, self.image_size, normalizer=self.normalizer)
 
+    @staticmethod
+    def _reset(session: Session) -> None:
+        session.policy.reset()
+        session.step = 0
+
+    def _step(self, sessions: list[Session], observations: list) -> list:
+        """One vision pass over every frame, then one language-model call over every session's new step
+        (:meth:`StreamingPolicy.step_many`). Should it fail, the sessions' caches may hold half a step:
+        their episodes start over rather than continue wrong."""
+        try:
+            images = torch.cat([o.images for o in observations])
+            embeds = self.student.embed_images(images[:, None])
+            return StreamingPolicy.step_many([s.policy for s in sessions], observations,
+                                             [embeds[j:j + 1] for j in range(len(sessions))])
+        except Exception as e:
+            log.exception("policy step failed")
+            for s in sessions:
+                self._reset(s)
+            err = f"{type(e).__name__}: {e} (this session's episode was reset: the next observation starts a new one)"
+            return [SessionError(err) for _ in sessions]
+
     @torch.no_grad()
     def run_batch(self, requests: list[Request]) -> list[dict | Exception]:
-        """One policy call for requests of distinct sessions: one vision pass over all their frames, then
-        each session's language-model step on its own cache. Returns a reply or an exception per request."""
+        """One policy call for requests of distinct sessions: one vision pass over all their frames and one
+        language-model call over all their new steps, each row on its own cache. Returns a reply or an
+        exception per request."""
         start = time.perf_counter()
         results: list[dict | Exception | None] = [None] * len(requests)
         ready = []
         for i, req in enumerate(requests):
             try:
                 if req.reset:
-                    req.session.policy.reset()
-                    req.session.step = 0
+                    self._reset(req.session)
                 ready.append((i, self._observation(req)))
             except Exception as e:  # a frame the resize rejects: that request only
                 results[i] = SessionError(f"observation rejected: {e}")
-        embeds = None
+        for i, obs in ready:
+            held = requests[i].session.policy.instruction
+            if held is not None and held != list(obs.instruction):
+                self._reset(requests[i].session)
+                results[i] = SessionError("the prompt changed mid-episode without reset=True (this session's "
+                                          "episode was reset: the next observation starts a new one)")
+        ready = [(i, obs) for i, obs in ready if results[i] is None]
         if ready:
-            images = torch.cat([o.images for _, o in ready])
-            embeds = self.student.embed_images(images[:, None])
-        for j, (i, obs) in enumerate(ready):
-            req = requests[i]
-            try:
-                out = req.session.policy.step(obs, image_embeds=embeds[j:j + 1])
-            except Exception as e:
-                # The session's cache may hold half a step: start its episode over rather than continue wrong.
-                req.session.policy.reset()
-                req.session.step = 0
-                results[i] = SessionError(f"{type(e).__name__}: {e} (this session's episode was reset: the "
-                                          "next observation starts a new one)")
-                continue
-            # Binary gripper, as the executors execute it (Seer: sigmoid > 0.5), then robot units.
-            prob = out.gripper_prob[0].float()
-            action = torch.cat([out.arm[0].float(), (prob > 0.5).float()], -1)
-            results[i] = {"actions": to_env_action(action, self.normalizer),
-                          "gripper_prob": prob.cpu().numpy().astype(np.float32),
-                          "episode_step": req.session.step}
-            req.session.step += 1
+            outs = self._step([requests[i].session for i, _ in ready], [o for _, o in ready])
+            for (i, _), out in zip(ready, outs):
+                req = requests[i]
+                if isinstance(out, Exception):
+                    results[i] = out
+                    continue
+                # Binary gripper, as the executors execute it (Seer: sigmoid > 0.5), then robot units.
+                prob = out.gripper_prob[0].float()
+                action = torch.cat([out.arm[0].float(), (prob > 0.5).float()], -1)
+                results[i] = {"actions": to_env_action(action, self.normalizer),
+                              "gripper_prob": prob.cpu().numpy().astype(np.float32),
+                              "episode_step": req.session.step}
+                req.session.step += 1
         infer_ms = (time.perf_counter() - start) * 1000
         for r in results:
             if isinstance(r, dict):
