@@ -48,7 +48,8 @@ def tiny_policy_dir(out: Path, image_size: int) -> Path:
     from vitavla.backbones.internvl import InternVLBackbone
 
     torch.manual_seed(0)
-    student = VLAStudent(InternVLBackbone(path="tiny", tokens_per_image=4, image_size=image_size), max_steps=4)
+    backbone = InternVLBackbone(path="tiny", tokens_per_image=4, image_size=image_size)
+    student = VLAStudent(backbone, max_steps=4)
     policy = VLAPolicy(student, ActionMapper(student.hidden_size, 64), ActionHead(64)).eval()
     return export_policy(policy, out, Normalizer.identity(6, 1, -1.0, 1.0))
 
@@ -156,7 +157,8 @@ def main() -> None:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", "serve", str(policy_dir),
-                             "--port", str(port), "--torch_threads", str(args.threads), "--device", args.device,
+                             "--port", str(port), "--torch_threads", str(args.threads),
+                             "--device", args.device,
                              "--max_wait_ms", str(args.max_wait_ms), "--max_batch", str(max(args.clients))],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
     try:
@@ -164,7 +166,8 @@ def main() -> None:
             if not line and proc.poll() is not None:
                 sys.exit("the server exited before it was ready")
         make, kind = client_factory()
-        rows = [run_clients(make, port, n, args.requests, args.image_size, keys, state_dim) for n in args.clients]
+        rows = [run_clients(make, port, n, args.requests, args.image_size, keys, state_dim)
+                for n in args.clients]
     finally:
         proc.terminate()
         proc.wait(30)

@@ -37,7 +37,8 @@ class FakeRobot:
     def __init__(self, meta: dict, robot: str, instruction: str, seed: int = 0):
         arm, grip = ROBOTS[robot]
         if (meta["robot"]["arm_dim"], meta["robot"]["gripper_dim"]) != (arm, grip):
-            raise SystemExit(f"the served policy is {meta['robot']['arm_dim']} + {meta['robot']['gripper_dim']}, "
+            served = f"{meta['robot']['arm_dim']} + {meta['robot']['gripper_dim']}"
+            raise SystemExit(f"the served policy is {served}, "
                              f"--robot {robot} is {arm} + {grip}")
         self.keys, self.instruction = meta["obs_keys"], instruction
         self.state = np.zeros(meta["state_dim"], np.float32)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     policy = WebsocketClientPolicy(args.host, args.port, api_key=args.token)
-    ctl = (EnsembleController(policy) if args.mode == "ensemble" else ChunkController(policy, args.chunk_steps))
+    ctl = EnsembleController(policy) if args.mode == "ensemble" else ChunkController(policy, args.chunk_steps)
     robot = FakeRobot(ctl.meta, args.robot, args.instruction)
     ctl.reset()
     period, late = 1.0 / args.hz, 0

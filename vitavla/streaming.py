@@ -51,8 +51,10 @@ def _batchable(streams: Sequence[StreamingPolicy], blocks: Sequence[StepBlocks])
     first = streams[0]
     n_layers = len(getattr(first._cache, "layers", ()))
     return n_layers > 0 and all(
-        s.policy is first.policy and b.embeds.shape[0] == 1 and len(getattr(s._cache, "layers", ())) == n_layers
-        and all(type(lay) is DynamicLayer for lay in s._cache.layers) for s, b in zip(streams, blocks))
+        s.policy is first.policy and b.embeds.shape[0] == 1
+        and len(getattr(s._cache, "layers", ())) == n_layers
+        and all(type(lay) is DynamicLayer for lay in s._cache.layers)
+        for s, b in zip(streams, blocks))
 
 
 class StreamingPolicy:

@@ -259,7 +259,8 @@ def test_robot_loop_controllers_match_the_in_process_executors(server, exported)
     from vitavla.serving.client import ChunkController, EnsembleController
 
     obs = observations(5, seed=21)
-    for remote, local in ((EnsembleController, TemporalEnsembleExecutor()), (ChunkController, ChunkExecutor())):
+    pairs = ((EnsembleController, TemporalEnsembleExecutor()), (ChunkController, ChunkExecutor()))
+    for remote, local in pairs:
         client = remote(WebsocketClientPolicy("127.0.0.1", server.port))
         ref = Controller(exported.streaming(), local, exported.normalizer, exported.image_size)
         for episode in range(2):  # the second episode checks that reset() starts the server's over too
@@ -308,8 +309,8 @@ def test_libero_episode_through_the_server(server):
     from vitavla.serving.client import ChunkController
     from vitavla.serving.sim_client import RemoteController, run_remote_episode
 
-    env = LiberoEnv(suite="libero_object", protocol="seer", gripper_state="binary", max_steps=4, settle_steps=1,
-                    render_size=64)
+    env = LiberoEnv(suite="libero_object", protocol="seer", gripper_state="binary", max_steps=4,
+                    settle_steps=1, render_size=64)
     try:
         remote = RemoteController(ChunkController(WebsocketClientPolicy("127.0.0.1", server.port)))
         res = run_remote_episode(env, remote, EpisodeSpec(0, 0))

@@ -78,7 +78,8 @@ class ChunkController(_Controller):
         chunk = int(self.meta["action_chunk"])
         self.steps = steps or chunk
         if not 1 <= self.steps <= chunk:
-            raise ValueError(f"ChunkController.steps must be in [1, {chunk}] (the server's chunk), got {steps}")
+            raise ValueError(f"ChunkController.steps must be in [1, {chunk}] (the server's chunk), got "
+                             f"{steps}")
 
     def reset(self) -> None:
         super().reset()

@@ -45,7 +45,8 @@ def _dtype(value) -> np.dtype:
     except (TypeError, ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(f"array dtype {value!r} is not a numpy dtype") from e
     if dtype.kind in _REFUSED_KINDS:
-        raise ProtocolError(f"array dtype {dtype} is refused (object, void and complex arrays are not accepted)")
+        raise ProtocolError(f"array dtype {dtype} is refused (object, void and complex arrays are not "
+                            "accepted)")
     return dtype
 
 

@@ -1,4 +1,4 @@
-"""A self-contained policy directory: ``vitavla export`` writes it, ``vitavla test`` and ``vitavla serve`` read it.
+"""A self-contained policy directory, written by ``vitavla export``, read by ``vitavla test`` / ``serve``.
 
 A training checkpoint holds only the trainable parameters; the frozen towers come back from paths in the
 training config, which a robot computer does not have. An exported directory holds everything::
@@ -35,7 +35,6 @@ from teachers.base import ActionHead
 from vitavla.batch import RobotSpec
 from vitavla.errors import UserFacingError
 from vitavla.policy import VLAPolicy
-from vitavla.student import ActionMapper, VLAStudent
 
 FORMAT = "vitavla-policy"
 VERSION = 1
@@ -141,8 +140,8 @@ def export_policy(policy: VLAPolicy, out: str | Path, normalizer: Normalizer | N
     robot = policy.robot
     if normalizer is not None and (normalizer.arm_dim, normalizer.gripper_dim) != (robot.arm_dim,
                                                                                    robot.gripper_dim):
-        raise ExportError(f"the normalizer has {normalizer.arm_dim} + {normalizer.gripper_dim} action values, "
-                          f"the policy predicts {robot.arm_dim} + {robot.gripper_dim}")
+        raise ExportError(f"the normalizer has {normalizer.arm_dim} + {normalizer.gripper_dim} action "
+                          f"values, the policy predicts {robot.arm_dim} + {robot.gripper_dim}")
     tmp = out.parent / f".{out.name}.tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / BACKBONE_DIR).mkdir(parents=True)
@@ -184,7 +183,8 @@ def check_obs_keys(obs_keys: Any, num_views: int, where: str) -> dict:
                           f"{type(obs_keys).__name__}")
     unknown = sorted(set(obs_keys) - set(DEFAULT_OBS_KEYS))
     if unknown:
-        raise ExportError(f"{where} has unknown fields {unknown}; expected some of {sorted(DEFAULT_OBS_KEYS)}")
+        raise ExportError(f"{where} has unknown fields {unknown}; expected some of "
+                          f"{sorted(DEFAULT_OBS_KEYS)}")
     keys = {**DEFAULT_OBS_KEYS, **obs_keys}
     views = keys["views"]
     if not (isinstance(views, list) and len(views) == num_views and all(isinstance(v, str) for v in views)):
@@ -285,7 +285,8 @@ def read_spec(root: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise ExportError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ExportError(f"{path}: format must be {FORMAT!r}, got {doc.get('format') if isinstance(doc, dict) else doc!r}")
+        got = doc.get("format") if isinstance(doc, dict) else doc
+        raise ExportError(f"{path}: format must be {FORMAT!r}, got {got!r}")
     if doc.get("version") != VERSION:
         raise ExportError(f"{path}: version {doc.get('version')!r} is not supported (this vitavla reads "
                           f"version {VERSION})")
@@ -295,7 +296,8 @@ def read_spec(root: str | Path) -> dict:
     return doc
 
 
-def load_policy_dir(root: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> ExportedPolicy:
+def load_policy_dir(root: str | Path, device: str | torch.device = "cpu",
+                    verify: bool = True) -> ExportedPolicy:
     """Build the policy of ``root`` from ``policy.json`` and load ``model.safetensors`` into it (strict).
 
     ``verify``: check the weights file against the sha256 recorded at export (a truncated or swapped file
@@ -319,12 +321,14 @@ def load_policy_dir(root: str | Path, device: str | torch.device = "cpu", verify
                           f"{type(policy).__name__}")
     robot = RobotSpec(**doc["robot"])
     if robot != policy.robot:
-        raise ExportError(f"{root / SPEC_FILE}: robot {robot} differs from the built student's {policy.robot}")
+        raise ExportError(f"{root / SPEC_FILE}: robot {robot} differs from the built student's "
+                          f"{policy.robot}")
     load_strict(policy, load_file(str(weights), device="cpu"), str(weights))
     policy.to(device).eval().requires_grad_(False)
     norm = doc.get("normalizer")
     normalizer = None if norm is None else Normalizer.from_state_dict(norm)
-    doc["obs_keys"] = check_obs_keys(doc["obs_keys"], policy.student.num_views, f"{root / SPEC_FILE}: obs_keys")
+    doc["obs_keys"] = check_obs_keys(doc["obs_keys"], policy.student.num_views,
+                                     f"{root / SPEC_FILE}: obs_keys")
     return ExportedPolicy(root, policy, normalizer, doc)
 
 
@@ -353,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
                     "config, normalizer, tokenizer, provenance) for `vitavla test --ckpt_path DIR` and "
                     "`vitavla serve DIR`. Other --key=value options are passed to the config parser.")
     parser.add_argument("--config", action="append", required=True,
-                        help="the training or eval YAML whose model section built the checkpoint (repeatable)")
+                        help="the training or eval YAML whose model section built the checkpoint "
+                             "(repeatable)")
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `vitavla fit`")
     parser.add_argument("--out", required=True, help="directory to create")
     parser.add_argument("--overwrite", default="false", choices=["true", "false"],

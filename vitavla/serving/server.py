@@ -144,7 +144,8 @@ class PolicyRunner:
             log.exception("policy step failed")
             for s in sessions:
                 self._reset(s)
-            err = f"{type(e).__name__}: {e} (this session's episode was reset: the next observation starts a new one)"
+            err = (f"{type(e).__name__}: {e} (this session's episode was reset: the next observation "
+                   "starts a new one)")
             return [SessionError(err) for _ in sessions]
 
     @torch.no_grad()
@@ -308,7 +309,8 @@ class PolicyServer:
         missing = [k for k in needed if k not in obs]
         if missing:
             raise ProtocolError(f"missing observation key(s) {missing}; expected images {keys['views']} "
-                                f"(uint8 H x W x 3), state {keys['state']!r} ({self.robot.state_dim} floats), "
+                                f"(uint8 H x W x 3), state {keys['state']!r} ({self.robot.state_dim} "
+                                f"floats), "
                                 f"prompt {keys['prompt']!r} (str)")
         views = []
         for k in keys["views"]:
@@ -339,7 +341,8 @@ class PolicyServer:
                                 f"{type(prompt).__name__} {prompt!r}"[:200])
         reset = obs.get(keys["reset"], False)
         if not isinstance(reset, (bool, np.bool_)):
-            raise ProtocolError(f"observation key {keys['reset']!r} must be a bool, got {type(reset).__name__}")
+            raise ProtocolError(f"observation key {keys['reset']!r} must be a bool, got "
+                                f"{type(reset).__name__}")
         return Request(session, views, state.astype(np.float32), prompt, bool(reset))
 
     # -- websocket side --------------------------------------------------------------------------------
@@ -350,7 +353,8 @@ class PolicyServer:
         if token:
             sent = request.headers.get("Authorization") or ""
             if not hmac.compare_digest(sent.encode(), f"Api-Key {token}".encode()):
-                log.warning("refused a connection from %s: missing or wrong API key", connection.remote_address)
+                log.warning("refused a connection from %s: missing or wrong API key",
+                            connection.remote_address)
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED,
                                           "missing or wrong API key (send Authorization: Api-Key <token>)\n")
         return None
@@ -395,7 +399,8 @@ class PolicyServer:
         reply["server_timing"]["server_ms"] = (time.perf_counter() - req.received) * 1000
         await ws.send(packb(reply))
 
-    async def run(self, ready: Callable[[int], None] | None = None, stop: asyncio.Event | None = None) -> None:
+    async def run(self, ready: Callable[[int], None] | None = None,
+                  stop: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set, then drain (finish requests in flight) and return."""
         from websockets.asyncio.server import serve
 

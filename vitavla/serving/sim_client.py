@@ -40,8 +40,9 @@ class RemoteController:
     def act(self, t: int, obs: Obs, instruction: str | None = None) -> np.ndarray:
         start = time.perf_counter()
         k = self.keys
-        action = self.controller.act({k["views"][0]: obs.static, k["views"][1]: obs.wrist, k["state"]: obs.state,
-                                      k["prompt"]: obs.instruction if instruction is None else instruction})
+        action = self.controller.act({
+            k["views"][0]: obs.static, k["views"][1]: obs.wrist, k["state"]: obs.state,
+            k["prompt"]: obs.instruction if instruction is None else instruction})
         self.seconds += time.perf_counter() - start
         return action
 
