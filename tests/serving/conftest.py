@@ -54,3 +54,11 @@ def observations(n: int, size: int = 48, seed: int = 0) -> list[dict]:
              "observation/wrist_image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
              "observation/state": rng.normal(size=7).astype(np.float32),
              "prompt": "pick up the red block"} for _ in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Servers started here set torch's (process-wide) thread count; later tests get theirs back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -39,12 +39,10 @@ def exported(tiny_export):
 
 @pytest.fixture(scope="module")
 def server(exported):
-    before = torch.get_num_threads()
     th = ServerThread(PolicyServer(exported, ServeConfig(port=0, torch_threads=1, max_wait_ms=100,
                                                          max_message_mb=1)))
     yield th
     th.stop()
-    torch.set_num_threads(before)
 
 
 def reference(exported, obs_list) -> list[np.ndarray]:
