@@ -5,6 +5,9 @@
     vitavla quickstart            # both stages on tiny models, CPU, a few minutes
     vitavla data check PATH --format calvin|libero|aloha
     vitavla demos libero --suite libero_object --tasks 0 --episodes 20 --out data/demos --image-size 64
+    vitavla export --config configs/eval_tiny.yaml --ckpt_path last.ckpt --out policies/tiny
+    vitavla test --config configs/eval_tiny.yaml --ckpt_path policies/tiny   # an exported directory
+    vitavla serve policies/tiny --port 8000   # openpi websocket protocol (docs/deploy.md)
 
 Every part (teacher, student backbone, datamodule, strategy) is chosen by ``class_path`` in YAML.
 """
@@ -19,6 +22,8 @@ EXTRA_COMMANDS = {
     "quickstart": "vitavla.quickstart:main",
     "data": "datamodules.check:main",
     "demos": "vitavla.demos.libero_scripted:main",
+    "export": "vitavla.serving.export:main",
+    "serve": "vitavla.serving.server:main",
 }
 
 
@@ -95,11 +100,35 @@ def vita_cli_class() -> type:
                 path = self.config[self.config.subcommand].get("ckpt_path")
                 raise read_error(path, err, LIGHTNING_CKPT_HINT, True) from err
 
+        def before_instantiate_classes(self) -> None:
+            _use_policy_dir(self.config)
+
         def _run_subcommand(self, subcommand: str) -> None:
             _check_output_dirs(self.trainer)
             super()._run_subcommand(subcommand)
 
     return VitaCLI
+
+
+EXPORTED_MODULE = "vitavla.modules.exported.ExportedPolicyModule"
+
+
+def _use_policy_dir(config) -> None:
+    """``vitavla test|validate|predict --ckpt_path DIR`` with DIR from ``vitavla export``: the model is the
+    exported policy (:class:`~vitavla.modules.exported.ExportedPolicyModule`), not the config's model
+    section, whose frozen-weight paths a deployment machine may not have; Lightning gets no checkpoint."""
+    from vitavla.serving.export import is_policy_dir
+
+    sub = config.get("subcommand")
+    if sub not in ("test", "validate", "predict"):
+        return
+    ckpt = config[sub].get("ckpt_path")
+    if not is_policy_dir(ckpt):
+        return
+    from jsonargparse import Namespace
+
+    config[sub]["model"] = Namespace(class_path=EXPORTED_MODULE, init_args=Namespace(path=str(ckpt)))
+    config[sub]["ckpt_path"] = None
 
 
 def _check_output_dirs(trainer) -> None:

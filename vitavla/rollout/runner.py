@@ -138,15 +138,19 @@ def _sim(fn, *args):
 
 def run_episode(env: RolloutEnv, streaming_policy: StepPolicy, executor: ActionExecutor, spec: EpisodeSpec,
                 normalizer: Normalizer | None = None, image_size: int = 224, settle_steps: int = 0,
-                record_frames: bool = False, settle_action: np.ndarray | None = None) -> EpisodeResult:
+                record_frames: bool = False, settle_action: np.ndarray | None = None,
+                controller: Controller | None = None) -> EpisodeResult:
     """One episode: reset, ``settle_steps`` no-op actions (LIBERO: 5 zeros for Seer, 10 for OpenVLA), then
     up to ``env.max_steps`` policy steps, stopping at ``done``. Seeds torch and numpy with ``spec.seed``.
 
     ``record_frames``: keep every frame for a video; the env is told first (``set_recording``) so that it
-    renders its video camera for this episode only."""
+    renders its video camera for this episode only. ``controller``: anything with ``reset()``,
+    ``act(t, obs, instruction)`` and ``seconds`` instead of the in-process :class:`Controller` (e.g. a policy
+    server's client, :class:`vitavla.serving.sim_client.RemoteController`); ``streaming_policy``,
+    ``executor``, ``normalizer`` and ``image_size`` are then unused."""
     torch.manual_seed(spec.seed)
     np.random.seed(spec.seed % 2**32)
-    ctl = Controller(streaming_policy, executor, normalizer, image_size)
+    ctl = controller or Controller(streaming_policy, executor, normalizer, image_size)
     ctl.reset()
     set_recording(env, record_frames)
     frames = [] if record_frames else None
