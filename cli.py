@@ -6,6 +6,9 @@
     vitavla data check PATH --format calvin|libero|aloha|lerobot
     vitavla data convert PATH --format libero --to lerobot --out DIR
     vitavla demos libero --suite libero_object --tasks 0 --episodes 20 --out data/demos --image-size 64
+    vitavla export --config configs/eval_tiny.yaml --ckpt_path last.ckpt --out policies/tiny
+    vitavla test --config configs/eval_tiny.yaml --ckpt_path policies/tiny   # an exported directory
+    vitavla serve policies/tiny --port 8000   # openpi websocket protocol (docs/deploy.md)
 
 Every part (teacher, student backbone, datamodule, strategy) is chosen by ``class_path`` in YAML.
 """
@@ -20,6 +23,8 @@ EXTRA_COMMANDS = {
     "quickstart": "vitavla.quickstart:main",
     "data": "datamodules.check:main",
     "demos": "vitavla.demos.libero_scripted:main",
+    "export": "vitavla.serving.export:main",
+    "serve": "vitavla.serving.server:main",
 }
 
 
@@ -96,11 +101,35 @@ def vita_cli_class() -> type:
                 path = self.config[self.config.subcommand].get("ckpt_path")
                 raise read_error(path, err, LIGHTNING_CKPT_HINT, True) from err
 
+        def before_instantiate_classes(self) -> None:
+            _use_policy_dir(self.config)
+
         def _run_subcommand(self, subcommand: str) -> None:
             _check_output_dirs(self.trainer)
             super()._run_subcommand(subcommand)
 
     return VitaCLI
+
+
+EXPORTED_MODULE = "vitavla.modules.exported.ExportedPolicyModule"
+
+
+def _use_policy_dir(config) -> None:
+    """``vitavla test|validate|predict --ckpt_path DIR`` with DIR from ``vitavla export``: the model is the
+    exported policy (:class:`~vitavla.modules.exported.ExportedPolicyModule`), not the config's model
+    section, whose frozen-weight paths a deployment machine may not have; Lightning gets no checkpoint."""
+    from vitavla.serving.export import is_policy_dir
+
+    sub = config.get("subcommand")
+    if sub not in ("test", "validate", "predict"):
+        return
+    ckpt = config[sub].get("ckpt_path")
+    if not is_policy_dir(ckpt):
+        return
+    from jsonargparse import Namespace
+
+    config[sub]["model"] = Namespace(class_path=EXPORTED_MODULE, init_args=Namespace(path=str(ckpt)))
+    config[sub]["ckpt_path"] = None
 
 
 def _check_output_dirs(trainer) -> None:
@@ -133,8 +162,12 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch import LightningDataModule, LightningModule
 
     _enable_attribute_docstrings()
-    # Explicit args replace the command line; LightningCLI warns when it sees both.
-    saved, sys.argv = sys.argv, (sys.argv[:1] if args is not None else sys.argv)
+    # Explicit args become the command line for the duration of the run, rather than a parameter next to an
+    # emptied sys.argv: with trainer.devices=N outside torchrun/SLURM, Lightning's subprocess launcher starts
+    # ranks 1..N-1 as `python <sys.argv[0]> <sys.argv[1:]>`, so sys.argv must hold the whole command.
+    saved = sys.argv
+    if args is not None:
+        sys.argv = [sys.argv[0] if sys.argv else "vitavla", *map(str, args)]
     try:
         return vita_cli_class()(
             LightningModule,
@@ -142,7 +175,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            args=args,
+            args=None,  # read from sys.argv above
             run=run,
         )
     finally:

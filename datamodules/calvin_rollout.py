@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.calvin import ROBOT
 from vitavla.batch import RobotSpec
-from vitavla.rollout.calvin_env import CalvinSimEnv, load_calvin_chains
+from vitavla.rollout.calvin_env import CalvinSimEnv, check_state_resolver, load_calvin_chains
 from vitavla.rollout.calvin_lightning import CalvinRolloutTestCallback
 from vitavla.rollout.calvin_protocol import EP_LEN, check_subtasks
 from vitavla.rollout.executors import ActionExecutor, build_executor
@@ -42,8 +42,9 @@ class CalvinRolloutDataModule(LightningDataModule):
                 (``vitavla.rollout.calvin_env.CalvinSimEnv``).
             chains: JSON file of ``[initial_state, [5 subtasks]]`` (the official ``eval_sequences.json``, or one
                 written by ``python -m vitavla.rollout.calvin_env export-chains``); None generates the official
-                chains with calvin_models' ``get_sequences``.
-            num_chains: chains evaluated: the first ``num_chains`` of the file (None: all); CALVIN reports 1000.
+                1000 chains with calvin_models' ``get_sequences(1000)``.
+            num_chains: chains evaluated: the first ``num_chains`` of the file or of the official 1000 (None:
+                all); CALVIN reports 1000, and a smaller number is always a prefix of those.
             ep_len: policy steps allowed per subtask (CALVIN: 360).
             executor: ``first`` (query every step, run its first action: Seer on CALVIN), ``chunk`` or
                 ``ensemble`` (temporal ensembling with ``ensemble_k``).
@@ -69,8 +70,10 @@ class CalvinRolloutDataModule(LightningDataModule):
                                 "CalvinSimEnv or an env with its interface")
         self.env = env
         self.chains = load_calvin_chains(chains, num_chains)
-        check_subtasks(self.chains, env.instructions, getattr(env, "known_subtasks", None),
-                       source=str(chains) if chains else "the generated chains")
+        source = str(chains) if chains else "the official chains"
+        check_subtasks(self.chains, env.instructions, getattr(env, "known_subtasks", None), source=source)
+        # Symbolic states need calvin_models: fail now, not once per chain.
+        check_state_resolver(self.chains, source)
         self.oracle, self.instructions = env.oracle, env.instructions
         self.ep_len, self.executor, self.ensemble_k, self.chunk_steps = int(ep_len), executor, ensemble_k, chunk_steps
         self.out_dir, self.seed, self.retries = out_dir, seed, retries

@@ -31,3 +31,13 @@ def writable_dir(path: str | Path, key: str) -> Path:
     except OSError as err:
         raise UserFacingError(f"{key}: {p} is not a writable directory ({err.strerror or err})") from err
     return p
+
+
+class MissingDependencyError(UserFacingError, ImportError):
+    """A package the configured component needs is not installed (or its install is broken); the message
+    names the package, the component and how to install it. Never a simulator crash: retrying cannot fix it."""
+
+
+class ConfigError(UserFacingError, ValueError):
+    """A setting or input file that can never work (wrong shape, wrong camera size, malformed state): every
+    attempt would fail the same way, so it stops the run instead of being recorded as an episode error."""

@@ -43,6 +43,20 @@ class Observation:
     instruction: list[str]
 
 
+def _batchable(streams: Sequence[StreamingPolicy], blocks: Sequence[StepBlocks]) -> bool:
+    """Whether :meth:`StreamingPolicy.step_many` can put these streams in one call: one policy, batch rows of
+    one, and transformers dynamic caches with the same layers."""
+    from transformers.cache_utils import DynamicLayer
+
+    first = streams[0]
+    n_layers = len(getattr(first._cache, "layers", ()))
+    return n_layers > 0 and all(
+        s.policy is first.policy and b.embeds.shape[0] == 1
+        and len(getattr(s._cache, "layers", ())) == n_layers
+        and all(type(lay) is DynamicLayer for lay in s._cache.layers)
+        for s, b in zip(streams, blocks))
+
+
 class StreamingPolicy:
     """Keeps the history of one batch of episodes; :meth:`step` returns the action chunk of the newest step.
 
@@ -111,6 +125,11 @@ class StreamingPolicy:
             self._next_pos = self._next_pos[idx]
 
     @property
+    def instruction(self) -> list[str] | None:
+        """The instructions of the running episodes (None before the first step)."""
+        return self._instruction
+
+    @property
     def held_steps(self) -> int:
         return len(self._history)
 
@@ -119,8 +138,17 @@ class StreamingPolicy:
         return 0 if self._cache is None else self._cache.get_seq_length()
 
     @torch.no_grad()
-    def step(self, obs: Observation) -> ActionOutput:
-        """Actions for the newest step: fields (B, action_chunk, ·)."""
+    def step(self, obs: Observation, image_embeds: Tensor | None = None) -> ActionOutput:
+        """Actions for the newest step: fields (B, action_chunk, ·).
+
+        ``image_embeds``: ``student.embed_images(obs.images[:, None])`` computed by the caller, so that one
+        vision pass can serve several independent streams (the policy server batches its sessions' frames).
+        """
+        block = self._begin(obs, image_embeds)
+        return self._end(block, self._append(block))
+
+    def _begin(self, obs: Observation, image_embeds: Tensor | None) -> StepBlocks:
+        """Check ``obs``, build its step block and make room in the cache (refill); nothing appended yet."""
         student = self.student
         self._check(obs)
         if self._instruction is None:
@@ -130,16 +158,87 @@ class StreamingPolicy:
             raise BatchError("the instruction changed mid-episode; call reset() before a new instruction")
         text, text_real = self._text
         per_step = student.instruction_per_step
-        block = student.step_blocks(student.embed_images(obs.images[:, None]), obs.state[:, None],
+        if image_embeds is None:
+            image_embeds = student.embed_images(obs.images[:, None])
+        block = student.step_blocks(image_embeds, obs.state[:, None],
                                     text if per_step else None, text_real if per_step else None)
         if self._cache is None or self.held_steps >= self.max_steps:
             keep = 0 if self._cache is None else self.max_steps - self.refill_block
             self._history = deque(list(self._history)[self.held_steps - keep:])
             self._refill(list(self._history))
-        hidden = self._append(block)
+        return block
+
+    def _end(self, block: StepBlocks, hidden: Tensor) -> ActionOutput:
         self._history.append(block)
-        c = student.robot.action_chunk
+        c = self.student.robot.action_chunk
         return self.policy.decode(hidden[:, -c:])
+
+    @staticmethod
+    @torch.no_grad()
+    def step_many(streams: Sequence[StreamingPolicy], observations: Sequence[Observation],
+                  image_embeds: Sequence[Tensor | None] | None = None) -> list[ActionOutput]:
+        """:meth:`step` of several independent streams (each its own episode, cache length and instruction)
+        in one language-model call; returns what each ``stream.step(obs)`` would.
+
+        The streams' new tokens are padded to the longest and their caches to the longest cache; padding is
+        masked out of every row's attention (keys) and dropped from the outputs and from the caches written
+        back, so each row attends to exactly its own tokens at its own positions. Streams that do not share
+        one policy, or caches other than transformers' dynamic ones, are stepped one by one.
+        """
+        embeds_in = list(image_embeds) if image_embeds is not None else [None] * len(streams)
+        if len(streams) != len(observations) or len(embeds_in) != len(streams):
+            raise ValueError(f"step_many got {len(streams)} streams, {len(observations)} observations and "
+                             f"{len(embeds_in)} image embeddings")
+        blocks = [s._begin(o, e) for s, o, e in zip(streams, observations, embeds_in)]
+        if len(streams) < 2 or not _batchable(streams, blocks):
+            return [s._end(b, s._append(b)) for s, b in zip(streams, blocks)]
+        first = streams[0]
+        metas = [s._meta(b) for s, b in zip(streams, blocks)]
+        positions = [positions_from_real(m.real, s._next_pos) for s, m in zip(streams, metas)]
+        keys = [m if s._keys is None else s._keys.cat(m) for s, m in zip(streams, metas)]
+        allowed = [allowed_attention(m, k, first.student.attention) for m, k in zip(metas, keys)]
+        past = [s.cached_tokens for s in streams]
+        lengths = [m.length for m in metas]
+        n, p_max, k_max = len(streams), max(lengths), max(past)
+        ref = blocks[0].embeds
+        embeds = ref.new_zeros(n, p_max, ref.shape[-1])
+        pos = torch.zeros(n, p_max, dtype=torch.long, device=ref.device)
+        allow = torch.zeros(n, p_max, k_max + p_max, dtype=torch.bool, device=ref.device)
+        for i, (b, a, p, k, ln) in enumerate(zip(blocks, allowed, positions, past, lengths)):
+            embeds[i, :ln] = b.embeds[0, 0]
+            pos[i, :ln] = p[0]
+            allow[i, :ln, :k] = a[0, :, :k]
+            allow[i, :ln, k_max:k_max + ln] = a[0, :, k:]
+            pad = torch.arange(ln, p_max, device=ref.device)
+            allow[i, pad, k_max + pad] = True  # padded queries see themselves only (no all-masked row)
+        cache = first.student.backbone.new_cache()
+        for layer_idx in range(len(first._cache.layers)):
+            filled = [s._cache.layers[layer_idx] for s in streams]
+            src = next((lay for lay in filled if lay.get_seq_length() > 0), None)
+            if src is None:  # every cache is empty: no past to pad
+                continue
+            keys_b = src.keys.new_zeros(n, src.keys.shape[1], k_max, src.keys.shape[3])
+            values_b = torch.zeros_like(keys_b)
+            for i, lay in enumerate(filled):
+                if past[i]:
+                    keys_b[i, :, :past[i]] = lay.keys[0]
+                    values_b[i, :, :past[i]] = lay.values[0]
+            cache.layers[layer_idx].update(keys_b, values_b)
+        mask = additive_mask(allow, embeds.dtype)
+        out = first.student.backbone(embeds, mask, pos, past_key_values=cache, use_cache=True)
+        results = []
+        for i, s in enumerate(streams):
+            ln = lengths[i]
+            for layer_idx, lay in enumerate(out.cache.layers):
+                new_k = lay.keys[i:i + 1, :, k_max:k_max + ln]
+                new_v = lay.values[i:i + 1, :, k_max:k_max + ln]
+                s._cache.layers[layer_idx].update(new_k, new_v)
+            s._keys = keys[i]
+            s._next_order += ln
+            s._next_pos = positions[i][:, -1] + 1
+            s._drop_action_keys()
+            results.append(s._end(blocks[i], out.hidden[i:i + 1, :ln]))
+        return results
 
     # -- cache bookkeeping -------------------------------------------------------------------------
     def _meta(self, block: StepBlocks) -> TokenMeta:

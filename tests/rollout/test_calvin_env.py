@@ -21,6 +21,9 @@ import torch
 
 from datamodules.calvin import to_state
 from teachers.base import ActionOutput
+from datamodules.calvin_rollout import CalvinRolloutDataModule
+from vitavla.errors import ConfigError, MissingDependencyError
+from vitavla.rollout import pyhash_compat
 from vitavla.rollout.calvin_env import (CalvinSimEnv, env_state, load_calvin_chains, load_instructions,
                                         load_task_oracle, main, write_chains)
 from vitavla.rollout.calvin_protocol import evaluate_calvin, run_chain
@@ -39,7 +42,7 @@ INSTANCES = []   # every env built, in order (tests read resets / actions from t
 class FakePlayTableEnv:
     def __init__(self, cfg, index):
         self.cfg, self.index = cfg, index
-        self.resets, self.actions, self.closed, self.t = [], [], False, 0
+        self.resets, self.actions, self.closed, self.t, self.close_calls = [], [], False, 0, 0
         self.robot_obs, self.scene_obs, self.progress = None, None, 0.0
 
     def _obs(self):
@@ -74,7 +77,13 @@ class FakePlayTableEnv:
         return self._obs(), 0, False, self.get_info()
 
     def close(self):
+        self.close_calls += 1
+        if self.closed:  # pybullet.error: Not connected -- a second disconnect of the same client
+            raise RuntimeError("Not connected to physics server")
         self.closed = True
+
+    def __del__(self):  # as PlayTableSimEnv
+        self.close()
 
 
 def get_env(dataset_path, obs_space=None, show_gui=True, **kwargs):
@@ -101,7 +110,11 @@ class Tasks:
 '''
 
 UTILS_SRC = '''
+{extra_import}
 import numpy as np
+import pyhash  # as calvin_agent.evaluation.utils: at module level (pyhash does not build on Python 3.11)
+
+hasher = pyhash.fnv1_32()
 
 
 def get_env_state_for_initial_condition(initial_condition):
@@ -110,6 +123,7 @@ def get_env_state_for_initial_condition(initial_condition):
     robot_obs[0] = 0.1 * initial_condition["led"]
     scene_obs = np.zeros(24)
     scene_obs[5] = initial_condition["led"]
+    scene_obs[6] = hasher(str(initial_condition.values())) % 1000  # calvin_agent's block-shuffle seed
     return robot_obs, scene_obs
 '''
 
@@ -118,20 +132,23 @@ TASKS = {tasks!r}
 
 
 def get_sequences(num_sequences=1000, num_workers=None):
+    # Like the real one, fewer sequences are not the first ones of the 1000: here they are shifted by n.
+    shift = num_sequences % 1000
     out = []
     for i in range(num_sequences):
         state = {{"led": i % 2, "lightbulb": 0, "slider": "right", "drawer": "closed", "red_block": "table",
                  "blue_block": "table", "pink_block": "slider_right", "grasped": 0}}
-        out.append((state, tuple(TASKS[(i + j) % len(TASKS)] for j in range(5))))
+        out.append((state, tuple(TASKS[(i + shift + j) % len(TASKS)] for j in range(5))))
     return out
 '''
 
 
 def build_fake(root: Path, static: int = 200, gripper: int = 84, crash_instances=(), crash_at: int = 0,
-          progress: dict | None = None) -> dict:
+          progress: dict | None = None, utils_needs: str | None = None) -> dict:
     """Write the packages, a dataset folder and the calvin_models conf under ``root``; returns their paths.
 
-    ``progress``: subtask -> progress needed (default 2.0 each)."""
+    ``progress``: subtask -> progress needed (default 2.0 each). ``utils_needs``: a module that
+    ``calvin_agent.evaluation.utils`` imports first (a missing one makes a broken calvin_models install)."""
     pkg = root / "site"
     files = {
         "calvin_env/__init__.py": "",
@@ -140,7 +157,8 @@ def build_fake(root: Path, static: int = 200, gripper: int = 84, crash_instances
         "calvin_env/envs/tasks.py": TASKS_SRC,
         "calvin_models/calvin_agent/__init__.py": "",
         "calvin_models/calvin_agent/evaluation/__init__.py": "",
-        "calvin_models/calvin_agent/evaluation/utils.py": UTILS_SRC,
+        "calvin_models/calvin_agent/evaluation/utils.py": UTILS_SRC.format(
+            extra_import=f"import {utils_needs}" if utils_needs else ""),
         "calvin_models/calvin_agent/evaluation/multistep_sequences.py": SEQ_SRC.format(tasks=TASKS),
     }
     for rel, src in files.items():
@@ -287,9 +305,20 @@ def test_camera_sizes_other_than_calvins_are_refused(tmp_path, monkeypatch):
         forget()
 
 
-def test_clear_errors_without_the_packages_or_files(tmp_path):
+class _NoCalvin:
+    """A meta-path finder that makes calvin_env / calvin_agent unimportable even where the real ones are
+    installed (developers who run the ``calvin`` tests have them)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("calvin_env", "calvin_agent"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+def test_clear_errors_without_the_packages_or_files(tmp_path, monkeypatch):
     paths = build_fake(tmp_path)  # files on disk, packages not importable
     forget()
+    monkeypatch.setattr(sys, "meta_path", [_NoCalvin(), *sys.meta_path])
     with pytest.raises(ImportError, match=r"calvin_env.*github.com/mees/calvin"):
         CalvinSimEnv(str(paths["dataset"]), conf_dir=str(paths["conf"]))
     with pytest.raises(ValueError, match="pass conf_dir"):
@@ -340,3 +369,204 @@ def test_evaluate_calvin_rebuilds_a_crashed_simulator(tmp_path, monkeypatch):
         assert instances()[0].closed and len(instances()) == 2
     finally:
         forget()
+
+
+# -- issue 12: installs without pyhash, chain subsets, errors that are not simulator crashes --------------
+def test_pyhash_stand_in_gives_pyhash_fnv1_32_values():
+    # The values pyhash's own test suite asserts for fnv1_32: seed 0 (not FNV's offset basis), str as
+    # UTF-16-LE.
+    h = pyhash_compat.fnv1_32()
+    assert h(b"test") == 3698262380 and h("test") == 3910690890
+    assert h(b"test", b"test") == 660137056 == h(b"test", seed=3698262380)
+    assert h(bytes(range(256))) == 4117514240
+    assert pyhash_compat.fnv1_32(seed=7)(b"") == 7
+    with pytest.raises(TypeError, match="bytes or str, got int"):
+        h(3)
+
+
+def test_symbolic_states_resolve_through_calvin_agent_without_pyhash_installed(fake):
+    state = {"led": 1, "lightbulb": 0, "slider": "right", "drawer": "closed", "red_block": "table",
+             "blue_block": "table", "pink_block": "slider_right", "grasped": 0}
+    robot, scene = env_state(state)  # the fake utils does `import pyhash` at module level, as the real one
+    assert sys.modules["pyhash"].fnv1_32 is pyhash_compat.fnv1_32
+    assert scene[6] == pyhash_compat.fnv1_32()(str(state.values())) % 1000 and scene[5] == 1.0
+
+
+def test_a_chain_subset_is_a_prefix_of_the_official_1000(fake, tmp_path):
+    official = [c.subtasks for c in load_calvin_chains(None, 1000)]
+    first3 = [c.subtasks for c in load_calvin_chains(None, 3)]
+    assert first3 == official[:3] == [TASKS[0:5], TASKS[1:6], [*TASKS[2:6], TASKS[0]]]
+    seqs = importlib.import_module("calvin_agent.evaluation.multistep_sequences")
+    assert first3 != [list(t) for _, t in seqs.get_sequences(3)]  # what num_chains: 3 used to evaluate
+    out = tmp_path / "first3.json"
+    main(["export-chains", str(out), "--num-chains", "3"])
+    assert [tasks for _, tasks in json.loads(out.read_text())] == official[:3]
+    with pytest.raises(ConfigError, match="num_chains=1001: CALVIN's official evaluation set has 1000 chains"):
+        load_calvin_chains(None, 1001)
+
+
+def test_a_broken_calvin_models_install_fails_when_the_datamodule_is_built(tmp_path, monkeypatch):
+    paths = build_fake(tmp_path, utils_needs="hydra_absent_here")  # e.g. --no-deps without hydra-core
+    install_fake(monkeypatch, paths)
+    try:
+        env = CalvinSimEnv(str(paths["dataset"]))
+        hint = (r"the symbolic initial states of the official chains needs calvin_agent.evaluation.utils "
+                r"\(ModuleNotFoundError: No module named 'hydra_absent_here'\)\. calvin_env and calvin_models are "
+                r"not on PyPI.*pip install --no-deps -e calvin/calvin_env -e calvin/calvin_models")
+        with pytest.raises(MissingDependencyError, match=hint):
+            CalvinRolloutDataModule(env, chains=None, num_chains=2)
+        pinned = write_chains(tmp_path / "pinned.json", [load_calvin_chains(None, 1)[0]] * 2)  # still symbolic
+        with pytest.raises(MissingDependencyError, match=f"symbolic initial states of {pinned}"):
+            CalvinRolloutDataModule(env, chains=str(pinned), num_chains=None)
+        resolved = tmp_path / "resolved.json"
+        resolved.write_text(json.dumps([[{"robot_obs": [0.0] * 15, "scene_obs": [0.0] * 24}, TASKS[:5]]]))
+        # Resolved states need no calvin_agent.
+        assert len(CalvinRolloutDataModule(env, chains=str(resolved), num_chains=1).chains) == 1
+    finally:
+        forget()
+
+
+def test_missing_packages_and_bad_settings_stop_the_evaluation_instead_of_counting_as_crashes(
+        tmp_path, monkeypatch):
+    paths = build_fake(tmp_path, static=128, utils_needs="hydra_absent_here")
+    install_fake(monkeypatch, paths)
+    try:
+        resolved = [load_calvin_chains(None, 2)[1]]
+        resolved = [type(c)({"robot_obs": [0.0] * 15, "scene_obs": [0.0] * 24}, c.subtasks) for c in resolved]
+        results = tmp_path / "r.jsonl"
+        factory = lambda: CalvinSimEnv(str(paths["dataset"]))  # noqa: E731
+        with pytest.raises(ConfigError, match=r"rgb_static \(128, 128, 3\)"):  # a camera setting, every time
+            evaluate_calvin(factory, PushPolicy(), resolved, results, ep_len=2, progress=False)
+        symbolic = load_calvin_chains(None, 1)  # generated before utils is imported: get_sequences needs none
+        with pytest.raises(MissingDependencyError, match="No module named 'hydra_absent_here'"):
+            evaluate_calvin(factory, PushPolicy(), symbolic, results, ep_len=2, progress=False)
+        assert not results.exists() or results.read_text() == ""  # nothing recorded, nothing to skip on rerun
+    finally:
+        forget()
+
+
+def test_close_is_final_so_the_simulators_destructor_does_not_disconnect_again(fake):
+    env = CalvinSimEnv(str(fake["dataset"]))
+    env.reset({"robot_obs": np.zeros(15), "scene_obs": np.zeros(24)})
+    (sim,) = instances()
+    env.close()
+    sim.__del__()  # what garbage collection runs on PlayTableSimEnv
+    assert sim.closed and sim.close_calls == 1
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "calvin"
+
+
+def test_official_chains_are_checked_and_only_a_verified_set_is_cached(fake, tmp_path, monkeypatch, caplog):
+    from vitavla.rollout import calvin_env
+
+    monkeypatch.setattr(calvin_env, "CACHE_DIR", tmp_path / "cache")
+    cache = tmp_path / "cache" / calvin_env.CACHE_FILE
+    with caplog.at_level("WARNING", logger="vitavla.rollout.calvin_env"):
+        fake_chains = load_calvin_chains(None, 2)  # the fake's get_sequences: not the official set
+    assert "not CALVIN's official 1000" in caplog.text and not cache.exists()
+    # Once generated chains match the official digest they are cached, and later runs need no calvin_models.
+    monkeypatch.setattr(calvin_env, "OFFICIAL_CHAINS_SHA256",
+                        calvin_env.chains_digest(load_calvin_chains(None, 1000)))
+    generated = load_calvin_chains(None, 1000)
+    assert cache.is_file()
+    assert calvin_env.chains_digest(json.loads(cache.read_text())) == calvin_env.OFFICIAL_CHAINS_SHA256
+    forget()
+    monkeypatch.setattr(sys, "meta_path", [_NoCalvin(), *sys.meta_path])  # no calvin_models at all now
+    assert [c.subtasks for c in load_calvin_chains(None, 2)] == [c.subtasks for c in fake_chains] \
+        == [c.subtasks for c in generated[:2]]
+    cache.write_text(cache.read_text().replace("open_drawer", "close_drawer"))  # tampered: not used
+    with pytest.raises(MissingDependencyError, match="generating the CALVIN chains"):
+        load_calvin_chains(None, 2)
+
+
+def test_chain_digest_of_the_first_official_chains():
+    # Pins the canonical form OFFICIAL_CHAINS_SHA256 is computed in (first 20 of eval_sequences_1000.json).
+    from vitavla.rollout.calvin_env import chains_digest
+
+    first20 = json.loads((FIXTURES / "official_chains_first20.json").read_text())
+    assert len(first20) == 20
+    assert chains_digest(first20) == "82c623b903203fdda2efd0a30c4a07c42b45b510dc42eb77b503b9a626901fbc"
+    assert chains_digest([[s, tuple(t)] for s, t in first20]) == chains_digest(first20)
+
+
+def real_calvin_agent():
+    """The installed calvin_models' chain generator, or a skip (GitHub-only package, see docs/evaluation.md)."""
+    forget()
+    if importlib.util.find_spec("calvin_agent") is None:
+        pytest.skip("calvin_models (calvin_agent) is not installed; see docs/evaluation.md for the install")
+    from vitavla.rollout.calvin_env import _import
+
+    try:
+        return _import("calvin_agent.evaluation.multistep_sequences", "this test")
+    except MissingDependencyError as e:
+        pytest.fail(f"calvin_agent is installed but does not import: {e}")
+
+
+@pytest.mark.calvin
+@pytest.mark.slow
+def test_real_calvin_models_without_pyhash_generate_the_official_1000_chains(tmp_path, monkeypatch):
+    real_calvin_agent()
+    from vitavla.rollout import calvin_env
+
+    monkeypatch.setattr(calvin_env, "CACHE_DIR", tmp_path)  # generate, do not read a cached set
+    chains = load_calvin_chains(None, 1000)  # minutes of CPU: get_sequences samples 1000 chains
+    assert calvin_env.chains_digest(chains) == calvin_env.OFFICIAL_CHAINS_SHA256
+    first20 = json.loads((FIXTURES / "official_chains_first20.json").read_text())
+    assert [[c.initial_state, c.subtasks] for c in load_calvin_chains(None, 20)] == first20  # now from the cache
+    assert (tmp_path / calvin_env.CACHE_FILE).is_file()
+
+
+def test_composing_the_sim_config_needs_calvin_envs_conf_next_to_the_package(fake, tmp_path, monkeypatch):
+    from vitavla.rollout import calvin_env
+
+    monkeypatch.setattr(calvin_env, "CACHE_DIR", tmp_path / "cache")
+    with pytest.raises(MissingDependencyError, match=r"has no conf/scene/calvin_scene_D.yaml or data/.*editable"):
+        CalvinSimEnv(None)  # the fake package has no conf/ beside it, as a non-editable install
+
+
+@pytest.mark.calvin
+@pytest.mark.slow
+def test_real_calvin_env_without_a_dataset(tmp_path, monkeypatch):
+    """The real simulator, configured from calvin_env's own conf (no dataset): observation layout, the scene
+    after a reset from a chain's state, the +-1 gripper, the task oracle and a final close."""
+    forget()
+    if importlib.util.find_spec("calvin_env") is None:
+        pytest.skip("calvin_env is not installed; see docs/evaluation.md for the install")
+    from vitavla.rollout import calvin_env
+    from vitavla.rollout.calvin_env import default_conf_dir
+
+    real_calvin_agent()
+    conf = default_conf_dir()
+    if conf is None or not (conf / calvin_env.TASKS_CONFIG).is_file():
+        pytest.skip("calvin_models is installed without its conf/ (install it editable from the checkout)")
+    monkeypatch.setattr(calvin_env, "CACHE_DIR", tmp_path)
+    try:
+        env = CalvinSimEnv(None)
+    except MissingDependencyError as e:
+        pytest.skip(f"calvin_env is installed without its conf/ and data/: {e}")
+    state = {"led": 1, "lightbulb": 0, "slider": "left", "drawer": "open", "red_block": "table",
+             "blue_block": "slider_right", "pink_block": "table", "grasped": 0}
+    robot, scene = env_state(state)
+    try:
+        obs = env.reset({"robot_obs": robot.tolist(), "scene_obs": scene.tolist()})
+        assert obs.static.shape == (200, 200, 3) and obs.wrist.shape == (84, 84, 3)
+        assert obs.static.dtype == obs.wrist.dtype == np.uint8 and obs.static.std() > 0
+        assert obs.state.dtype == np.float32 and obs.state.shape == (7,)
+        np.testing.assert_allclose(obs.state[:6], robot[:6], atol=1e-3)  # TCP pose of the chain's state
+        assert obs.state[6] == 1.0  # robot_obs[14] = +1: open
+        sim_scene = np.asarray(env._env.get_obs()["scene_obs"])
+        # slider left (0.28), drawer open (0.22), led on, lightbulb off: the chain's symbolic state
+        np.testing.assert_allclose(sim_scene[[0, 1, 4, 5]], [0.28, 0.22, 0.0, 1.0], atol=0.02)
+        start = env.get_info()
+        obs, info = env.step(np.array([0, 0, 0, 0, 0, 0, -0.3]))  # any gripper value <= 0 closes
+        obs, info = env.step(np.array([0, 0, 0, 0, 0, 0, -0.3]))
+        assert obs.state[6] == 0.0
+        obs, info = env.step(np.array([0, 0, 0, 0, 0, 0, 0.2]))
+        assert obs.state[6] == 1.0
+        # Nothing was pressed or moved: the oracle reports no subtask done.
+        assert not any(env.oracle(start, info, t) for t in ("turn_off_led", "close_drawer", "move_slider_right"))
+    finally:
+        sim = env._env
+        env.close()
+    assert env._env is None and sim.close() is None  # closed for good: a second close is a no-op

@@ -3,6 +3,7 @@ match the training side (eval_aloha against the other ALOHA configs in tests/tes
 CALVIN data section instantiates over a fake calvin_env, and `vitavla test` runs CALVIN chains through
 CalvinRolloutTestCallback (resume and crash handling included)."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -121,3 +122,98 @@ def test_vitavla_test_runs_calvin_chains_resumes_and_survives_a_crash(stage2_ckp
     finally:
         forget()
 
+
+
+def test_a_broken_install_stops_vitavla_test_with_the_hint_and_a_rerun_retries_earlier_errors(
+        stage2_ckpt, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "rollout"
+    broken = build_fake(tmp_path / "broken", utils_needs="hydra_absent_here")  # calvin_models without hydra
+    install_fake(monkeypatch, broken)
+    try:
+        with pytest.raises(SystemExit) as e:
+            calvin_test(stage2_ckpt, tmp_path, broken, out)
+        # The project's message (what needs what, and how to install), not only "No module named ...".
+        assert str(e.value.code).startswith(
+            "vitavla: error: MissingDependencyError: the symbolic initial states of the official chains needs "
+            "calvin_agent.evaluation.utils (ModuleNotFoundError: No module named 'hydra_absent_here'). "
+            "calvin_env and calvin_models are not on PyPI")
+        assert "pip install --no-deps -e calvin/calvin_env -e calvin/calvin_models" in str(e.value.code)
+        assert not list(out.glob("episodes*.jsonl"))  # no chain was recorded as a simulator crash
+    finally:
+        forget()
+    # What the earlier version recorded in that situation: every chain "crashed" twice.
+    chains = [[*json.loads(json.dumps(c.subtasks))] for c in _official_prefix(broken, monkeypatch, 3)]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "episodes.rank0.jsonl", "w") as f:
+        for i, subtasks in enumerate(chains):
+            for attempt in (0, 1):
+                f.write(json.dumps({"chain": i, "task": 0, "episode": i, "seed": 0, "subtasks": subtasks,
+                                    "completed": 0, "steps": [], "success": False, "attempt": attempt,
+                                    "error": "ImportError: a symbolic CALVIN initial state needs ...",
+                                    "task_name": "calvin_long_horizon"}) + "\n")
+    fixed = build_fake(tmp_path / "fixed")
+    install_fake(monkeypatch, fixed)
+    try:
+        res = calvin_test(stage2_ckpt, tmp_path, fixed, out)  # the install is fixed: those chains run now
+        assert res["chains"] == 3 and res["errors"] == 0 and res["error_details"] == []
+        recs = [json.loads(x) for x in (out / "episodes.rank0.jsonl").read_text().splitlines()]
+        assert [(r["chain"], r["error"] is None) for r in recs[6:]] == [(0, True), (1, True), (2, True)]
+    finally:
+        forget()
+
+
+def _official_prefix(paths, monkeypatch, n):
+    """The first ``n`` chains of the (fake) official set, read with the package tree of ``paths``."""
+    from vitavla.rollout.calvin_env import load_calvin_chains
+
+    install_fake(monkeypatch, paths)
+    try:
+        return load_calvin_chains(None, n)
+    finally:
+        forget()
+
+
+@pytest.fixture
+def real_calvin(tmp_path, monkeypatch):
+    """Skips unless the real calvin_env and calvin_models (with its conf/) are installed; the composed
+    simulator config goes under tmp_path."""
+    from tests.rollout.test_calvin_env import real_calvin_agent
+    from vitavla.rollout import calvin_env
+
+    forget()
+    if importlib.util.find_spec("calvin_env") is None:
+        pytest.skip("calvin_env is not installed; see docs/evaluation.md for the install")
+    real_calvin_agent()
+    conf = calvin_env.default_conf_dir()
+    if conf is None or not (conf / calvin_env.TASKS_CONFIG).is_file():
+        pytest.skip("calvin_models is installed without its conf/ (install it editable from the checkout)")
+    monkeypatch.setattr(calvin_env, "CACHE_DIR", tmp_path / "cache")
+
+
+@pytest.mark.calvin
+@pytest.mark.slow
+def test_vitavla_test_against_the_real_calvin_env(real_calvin, stage2_ckpt, tmp_path):  # noqa: F811
+    from vitavla.rollout.calvin_env import load_chains, write_chains
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "calvin" / "official_chains_first20.json"
+    chains = write_chains(tmp_path / "chains.json", load_chains(fixture)[:2], resolve_states=True)
+    out = tmp_path / "rollout"
+    cfg = load("eval_tiny.yaml")
+    cfg["data"] = {"class_path": "datamodules.calvin_rollout.CalvinRolloutDataModule", "init_args": {
+        "env": {"class_path": "vitavla.rollout.calvin_env.CalvinSimEnv", "init_args": {"dataset_path": None}},
+        "chains": str(chains), "num_chains": 2, "ep_len": 2, "out_dir": str(out),
+        "allow_missing_normalizer": True}}
+    path = tmp_path / "eval_calvin_real.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    args = ["test", "--config", str(path), "--ckpt_path", str(stage2_ckpt),
+            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}", *QUIET]
+    main(args)
+    res = json.loads((out / "results.json").read_text())
+    assert res["errors"] == 0 and res["chains"] == 2 and res["env"] == "CalvinSimEnv"
+    recs = [json.loads(x) for x in (out / "episodes.rank0.jsonl").read_text().splitlines()]
+    assert [r["chain"] for r in recs] == [0, 1] and all(r["error"] is None for r in recs)
+    # An untrained policy in 2 steps: the first subtask fails and the chain stops there.
+    assert [(r["completed"], r["steps"]) for r in recs] == [(0, [2]), (0, [2])]
+    first = (out / "episodes.rank0.jsonl").read_text()
+    main(args)  # resume: both chains are finished, nothing runs again
+    assert (out / "episodes.rank0.jsonl").read_text() == first

@@ -279,7 +279,8 @@ def evaluate_calvin(env_factory: Callable[[], CalvinEnv], policy, chains: Sequen
     Every finished chain attempt is appended to ``results_path`` as one JSON line (flushed and fsync'd), so
     a killed run restarted with the same file skips the chains already finished and ends with the same
     totals (a line cut short by the kill is dropped and that chain re-run). A chain is finished when it has
-    an error-free record or ``1 + retries`` error records; after a crash the env is closed and rebuilt with
+    an error-free record or ``1 + retries`` error records from this run (a rerun retries chains that only
+    crashed before); after a crash the env is closed and rebuilt with
     ``env_factory``, since its state is not trusted.
 
     ``oracle`` and ``instructions`` default to the env's ``oracle`` / ``instructions`` attributes
@@ -297,9 +298,12 @@ def evaluate_calvin(env_factory: Callable[[], CalvinEnv], policy, chains: Sequen
     for r in load_results(path):
         by_chain.setdefault(_check_record(path, r, chains), []).append(r)
 
+    earlier = {i: len(recs) for i, recs in by_chain.items()}
+
     def finished(i: int) -> bool:
+        # Errors recorded by earlier runs are retried: they were the simulator's, never the policy's.
         recs = by_chain.get(i, [])
-        return any(r["error"] is None for r in recs) or len(recs) > retries
+        return any(r["error"] is None for r in recs) or len(recs) - earlier.get(i, 0) > retries
 
     pending = [i for i in range(len(chains)) if not finished(i)]
     env = env_factory() if pending or oracle is None or instructions is None else None

@@ -135,6 +135,7 @@ class RolloutTestCallback(Callback):
         for path in sorted(self.out_dir.glob("episodes.rank*.jsonl")):
             for r in (load_results(path) if path == self.path else _read_records(path)):
                 self.by_key.setdefault(_key(r), []).append(r)
+        self.earlier_attempts = {k: len(recs) for k, recs in self.by_key.items()}
         self.metrics = EpisodeCounts(self.env.num_tasks).to(pl_module.device)  # NCCL reduces on the GPU
         self.metrics.update(None)
         self.ran = self.wins = 0
@@ -180,8 +181,12 @@ class RolloutTestCallback(Callback):
 
     # -- one batch -----------------------------------------------------------------------------------
     def finished(self, spec: EpisodeSpec) -> bool:
+        """Done when an attempt finished without error, or when this run used up its ``1 + retries``
+        attempts. Error records of earlier runs do not count: a recorded error is never the policy's (a
+        policy exception stops the run), so a rerun, e.g. after the simulator install was fixed, tries again."""
         recs = self.by_key.get(spec.key, [])
-        return any(r["error"] is None for r in recs) or len(recs) > self.retries
+        this_run = len(recs) - getattr(self, "earlier_attempts", {}).get(spec.key, 0)
+        return any(r["error"] is None for r in recs) or this_run > self.retries
 
     def _records_video(self, spec: EpisodeSpec) -> bool:
         return spec.episode_index - self.first_episode < self.videos_per_task and self.reporter is not None

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from datamodules.normalization import Normalizer
 from teachers.base import ActionOutput
+from vitavla.errors import UserFacingError
 from vitavla.images import resize_uint8
 from vitavla.rollout.env import Obs, RolloutEnv
 from vitavla.rollout.executors import ActionExecutor, to_env_action
@@ -127,21 +128,29 @@ class _EnvError(Exception):
 def _sim(fn, *args):
     try:
         return fn(*args)
+    except (ImportError, UserFacingError):
+        # A missing package or a setting that can never work fails every attempt the same way: it stops the
+        # run with its own message instead of being recorded (and retried) as a simulator crash.
+        raise
     except Exception as e:  # any simulator failure: physics blow-up, renderer error, adapter bug
         raise _EnvError(f"{type(e).__name__}: {e}") from e
 
 
 def run_episode(env: RolloutEnv, streaming_policy: StepPolicy, executor: ActionExecutor, spec: EpisodeSpec,
                 normalizer: Normalizer | None = None, image_size: int = 224, settle_steps: int = 0,
-                record_frames: bool = False, settle_action: np.ndarray | None = None) -> EpisodeResult:
+                record_frames: bool = False, settle_action: np.ndarray | None = None,
+                controller: Controller | None = None) -> EpisodeResult:
     """One episode: reset, ``settle_steps`` no-op actions (LIBERO: 5 zeros for Seer, 10 for OpenVLA), then
     up to ``env.max_steps`` policy steps, stopping at ``done``. Seeds torch and numpy with ``spec.seed``.
 
     ``record_frames``: keep every frame for a video; the env is told first (``set_recording``) so that it
-    renders its video camera for this episode only."""
+    renders its video camera for this episode only. ``controller``: anything with ``reset()``,
+    ``act(t, obs, instruction)`` and ``seconds`` instead of the in-process :class:`Controller` (e.g. a policy
+    server's client, :class:`vitavla.serving.sim_client.RemoteController`); ``streaming_policy``,
+    ``executor``, ``normalizer`` and ``image_size`` are then unused."""
     torch.manual_seed(spec.seed)
     np.random.seed(spec.seed % 2**32)
-    ctl = Controller(streaming_policy, executor, normalizer, image_size)
+    ctl = controller or Controller(streaming_policy, executor, normalizer, image_size)
     ctl.reset()
     set_recording(env, record_frames)
     frames = [] if record_frames else None
@@ -237,7 +246,8 @@ def evaluate(env_factory: Callable[[], RolloutEnv], policy, specs: list[EpisodeS
              env_timeout: float | None = None) -> dict:
     """Run every spec not yet finished in ``results_path`` and summarize all of ``specs``.
 
-    A spec is finished when it has an error-free record or ``1 + retries`` error records. After a
+    A spec is finished when it has an error-free record or ``1 + retries`` error records from this run (a
+    rerun retries specs that only crashed before). After a
     simulator crash the env is closed and rebuilt with ``env_factory`` (its state is not trusted).
     Returns ``{"success_rate", "success_ci95", "successes", "episodes", "errors", "per_task": {task: ...}}``;
     ``episodes`` counts error-free episodes only, so crashes never enter a success rate.
@@ -257,9 +267,12 @@ def evaluate(env_factory: Callable[[], RolloutEnv], policy, specs: list[EpisodeS
     for r in load_results(path):
         by_key.setdefault(_key(r), []).append(r)
 
+    earlier = {k: len(recs) for k, recs in by_key.items()}
+
     def finished(spec: EpisodeSpec) -> bool:
+        # Errors recorded by earlier runs are retried: they were the simulator's, never the policy's.
         recs = by_key.get(spec.key, [])
-        return any(r["error"] is None for r in recs) or len(recs) > retries
+        return any(r["error"] is None for r in recs) or len(recs) - earlier.get(spec.key, 0) > retries
 
     policy = as_step_policy(policy)
     env = env_factory()

@@ -1,0 +1,67 @@
+"""`--trainer.devices=2` from a plain command line (no torchrun, no SLURM): Lightning's subprocess launcher
+restarts the command for rank 1 from ``sys.argv``, so that command must be the one the user typed.
+
+Both runs go through ``python cli.py`` in a fresh process, as the ``vitavla`` console script does (a script
+run, so Lightning restarts it as ``python <script> <args>``), on CPU with gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+TWO_CPU_PROCESSES = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+
+
+def vitavla(*args: str, timeout: int = 170) -> str:
+    """Run ``python cli.py ARGS`` as a new process; returns stdout + stderr, failing the test on a non-zero
+    exit with the end of the output."""
+    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    return text
+
+
+@pytest.mark.slow
+def test_fit_and_test_on_two_cpu_processes_from_the_command_line(tmp_path):
+    fit_root = tmp_path / "fit"
+    log = vitavla("fit", "--config", str(CONFIGS / "tiny_finetune.yaml"), *TWO_CPU_PROCESSES,
+                  f"--trainer.default_root_dir={fit_root}", f"--trainer.logger.init_args.save_dir={fit_root}",
+                  "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+                  "--model.init_args.init_mode=only_finetune", "--model.init_args.init_from=null",
+                  "--data.init_args.num_episodes=4", "--data.init_args.episode_length=6",
+                  "--data.init_args.batch_size=2", *QUIET)
+    # Rank 1 was started by Lightning from the re-built command line and joined the process group.
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log, log[-3000:]
+    assert 'expected "subcommand"' not in log
+    (ckpt,) = fit_root.glob("version_*/checkpoints/last.ckpt")
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2
+
+    out = tmp_path / "test" / "rollout"
+    log = vitavla("test", "--config", str(CONFIGS / "eval_tiny.yaml"), "--ckpt_path", str(ckpt),
+                  *TWO_CPU_PROCESSES, f"--trainer.default_root_dir={tmp_path / 'test'}",
+                  f"--trainer.logger.init_args.save_dir={tmp_path / 'test'}", f"--data.init_args.out_dir={out}",
+                  "--data.init_args.episodes_per_task=1", "--data.init_args.env.init_args.steps=2",
+                  "--data.init_args.record_videos_per_task=0", *QUIET)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log, log[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2 and res["episodes"] + res["errors"] == 2
+    # The two episodes (one per task) were sharded: one per process, each run exactly once.
+    per_rank = {p.name: [(r["task"], r["episode"]) for r in map(json.loads, p.read_text().splitlines())]
+                for p in sorted(out.glob("episodes.rank*.jsonl"))}
+    assert sorted(per_rank) == ["episodes.rank0.jsonl", "episodes.rank1.jsonl"]
+    assert sorted(x for recs in per_rank.values() for x in recs) == [(0, 0), (1, 0)]
+    assert all(len(recs) == 1 for recs in per_rank.values())
