@@ -26,8 +26,13 @@ def vitavla(*args: str, timeout: int = 170) -> str:
     """Run ``python cli.py ARGS`` as a new process; returns stdout + stderr, failing the test on a non-zero
     exit with the end of the output."""
     pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
+    # An in-process Lightning test earlier in the session (DeepSpeed, DDP on one device) leaves MASTER_PORT and
+    # friends in os.environ while its process group still listens on that port: inherited, they make rank 0
+    # here fail with EADDRINUSE. A fresh command line starts from a clean launch environment.
+    launch = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
+              "LOCAL_WORLD_SIZE"}
+    env = {**{k: v for k, v in os.environ.items() if k not in launch}, "PYTHONPATH": pythonpath,
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     out = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)
     text = out.stdout + out.stderr
