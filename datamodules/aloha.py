@@ -347,10 +347,6 @@ class AlohaDataModule(WindowDataModule):
                  pad_tail: bool = True, val_fraction: float = 0.1, seed: int = 0,
                  gripper_range: list[float] | None = None, jpeg_bgr: bool = True, fast_jpeg: bool = True,
                  normalize_state: bool = False):
-        # The base would quietly treat any other value as minmax.
-        if normalization not in ("minmax", "quantile"):
-            raise ValueError(f"AlohaDataModule.normalization must be 'minmax' or 'quantile', "
-                             f"got {normalization!r}")
         super().__init__(num_steps=num_steps, image_size=image_size, batch_size=batch_size,
                          num_workers=num_workers, normalization=normalization,
                          stats_cache_dir=stats_cache_dir, pad_tail=pad_tail, val_fraction=val_fraction,

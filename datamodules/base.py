@@ -146,12 +146,17 @@ class WindowDataset(Dataset):
 class WindowDataModule(L.LightningDataModule):
     """Shared datamodule logic; format subclasses implement :meth:`make_reader` (and its split)."""
 
+    normalizations: tuple[str, ...] = ("minmax", "quantile")
+    """Action normalisations the format supports; ``identity`` only where the reader has fixed statistics."""
+
     def __init__(self, num_steps: int = 10, image_size: int = 224, batch_size: int = 8, num_workers: int = 4,
                  normalization: str = "minmax", stats_cache_dir: str = "~/.cache/vitavla", pad_tail: bool = True,
                  val_fraction: float = 0.05, seed: int = 0, normalize_state: bool = False):
         super().__init__()
-        if normalization not in ("identity", "minmax", "quantile"):
-            raise ValueError(f"normalization must be identity, minmax or quantile, got {normalization!r}")
+        # Checked here for every format: the statistics code would quietly treat any other value as minmax.
+        if normalization not in self.normalizations:
+            raise ValueError(f"{type(self).__name__}.normalization must be one of {self.normalizations}, "
+                             f"got {normalization!r}")
         self.num_steps, self.image_size, self.batch_size = num_steps, image_size, batch_size
         self.num_workers, self.normalization, self.stats_cache_dir = num_workers, normalization, stats_cache_dir
         self.pad_tail, self.val_fraction, self.seed = pad_tail, val_fraction, seed

@@ -362,12 +362,12 @@ class CalvinDataModule(WindowDataModule):
         pad_tail: False keeps only full windows inside a segment (Seer); True pads windows near its end.
     """
 
+    normalizations = NORMALIZATIONS
+
     def __init__(self, root: str, num_steps: int = 10, image_size: int = 224, batch_size: int = 8,
                  num_workers: int = 4, normalization: str = "identity",
                  stats_cache_dir: str = "~/.cache/vitavla", packed_dir: str | None = None,
                  build_pack: bool = False, pad_tail: bool = False, seed: int = 0):
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if build_pack and packed_dir is None:
             raise ValueError("build_pack=True needs packed_dir: the directory the packs are written to")
         super().__init__(num_steps=num_steps, image_size=image_size, batch_size=batch_size,

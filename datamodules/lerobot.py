@@ -590,9 +590,6 @@ class LeRobotDataModule(WindowDataModule):
                  normalization: str = "minmax", stats_cache_dir: str = "~/.cache/vitavla",
                  pad_tail: bool = True, val_fraction: float = 0.1, seed: int = 0,
                  normalize_state: bool = False):
-        if normalization not in ("minmax", "quantile"):
-            raise ValueError(f"LeRobotDataModule.normalization must be 'minmax' or 'quantile', "
-                             f"got {normalization!r}")
         super().__init__(num_steps=num_steps, image_size=image_size, batch_size=batch_size,
                          num_workers=num_workers, normalization=normalization,
                          stats_cache_dir=stats_cache_dir, pad_tail=pad_tail, val_fraction=val_fraction,

@@ -351,8 +351,6 @@ class LiberoDataModule(WindowDataModule):
         if gripper_action not in GRIPPER_ACTIONS:
             raise DataError(root, "gripper_action",
                             f"expected one of {tuple(GRIPPER_ACTIONS)}, got {gripper_action!r}")
-        if normalization not in ("minmax", "quantile"):
-            raise ValueError(f"normalization must be 'minmax' or 'quantile', got {normalization!r}")
         self.save_hyperparameters()
         self.root, self.gripper_state, self.gripper_action = root, gripper_state, gripper_action
         self.flip_images = flip_images
