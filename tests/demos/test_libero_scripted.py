@@ -111,6 +111,32 @@ def test_actions_far_from_the_goal_are_scaled_to_full_scale():
     np.testing.assert_allclose(a[:3], (goal - p.eef_pos) / np.abs(goal - p.eef_pos).max())
 
 
+def test_funnel_descends_only_as_the_gripper_lines_up():
+    """With a funnel the approach has no hidden phase: the height goal falls with the horizontal error, so
+    a gripper displaced sideways near the object is sent up and back, and the grasp still happens aligned."""
+    cfg = ExpertConfig(funnel_radius=0.03)
+    scene = FakeScene()
+    log = run(PickPlaceExpert(cfg), scene)
+    phases = [ph for ph, *_ in log]
+    assert Phase.DESCEND not in phases and phases.count(Phase.CLOSE) == cfg.gripper_steps
+    np.testing.assert_allclose(scene.obj[:2], scene.target[:2], atol=0.03)  # still placed
+    # Before the grasp, the gripper never gets lower than the funnel allows at its horizontal error
+    # (plus one step of travel and the controller's lag).
+    for ph, eef, grasp, _ in log:
+        if ph != Phase.ABOVE_OBJECT:
+            break
+        off = np.linalg.norm(eef[:2] - grasp[:2])
+        assert eef[2] - grasp[2] >= cfg.approach_height * min(1.0, off / cfg.funnel_radius) - 0.02
+    # 1.5 cm beside a gripper at grasp height (the policies' typical miss): the command rises and corrects.
+    p = ScenePoses(np.array([0.10, -0.185, 0.03]), DOWN.copy(), np.array([0.10, -0.20, 0.03]), 0.0,
+                   np.zeros(3), 0.1)
+    a = PickPlaceExpert(cfg).act(p)
+    # Goal: half the approach height (1.5 of 3 cm off), straight above the object; near the object the
+    # command is scaled to slow_speed as a whole: (0, -0.3, 0.8) * 0.5 / 0.8.
+    np.testing.assert_allclose(a[:3], [0.0, -0.1875, 0.5], atol=1e-9)
+    assert a[6] < 0  # still open
+
+
 def test_stuck_arm_times_out():
     scene = FakeScene(move=0.0)  # the arm never moves: the first waypoint is never reached
     expert = PickPlaceExpert(ExpertConfig(phase_timeout=20))

@@ -159,6 +159,8 @@ class GenConfig:
     it all demos follow one path and a policy never sees how to come back to it from a few centimetres off."""
     start_offset_steps: int = 30
     """Most unrecorded steps spent reaching the displaced start pose."""
+    funnel_radius: float = 0.0
+    """The expert's funnel approach (:attr:`ExpertConfig.funnel_radius`, metres); 0 = line up, then descend."""
     fast_render: bool = True
     progress: bool = True
 
@@ -199,7 +201,8 @@ class _Worker:
         sim_env.hard_reset = False
         poses = LiberoPoses(sim_env, env.task_name(task))
         rng = np.random.default_rng([cfg.seed, task, attempt])
-        expert = PickPlaceExpert(ExpertConfig(noise=cfg.noise, waypoint_noise=cfg.waypoint_noise), rng=rng)
+        expert = PickPlaceExpert(ExpertConfig(noise=cfg.noise, waypoint_noise=cfg.waypoint_noise,
+                                               funnel_radius=cfg.funnel_radius), rng=rng)
         if cfg.start_offset > 0:
             obs = self._displace(poses, rng, obs)
         robot = sim_env.robots[0]
@@ -462,6 +465,9 @@ def main(argv: list[str] | None = None) -> list[TaskResult]:
     lib.add_argument("--start-offset", type=float, default=0.0,
                      help="half-width in metres of a random gripper displacement from home before recording "
                           "(default: %(default)s)")
+    lib.add_argument("--funnel-radius", type=float, default=0.0,
+                     help="metres; > 0: the gripper descends only as it lines up with the object, a smooth "
+                          "approach a policy imitates more easily (default: %(default)s = line up, then descend)")
     lib.add_argument("--full-render", action="store_true",
                      help="keep MSAA, shadows and reflections (about 3x slower on CPU)")
     lib.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -475,7 +481,8 @@ def main(argv: list[str] | None = None) -> list[TaskResult]:
                     workers=args.workers, seed=args.seed, noise=args.noise, clean_labels=not args.noisy_labels,
                     waypoint_noise=args.waypoint_noise,
                     settle_steps=args.settle_steps, settle_action=args.settle_action,
-                    start_offset=args.start_offset, fast_render=not args.full_render,
+                    start_offset=args.start_offset, funnel_radius=args.funnel_radius,
+                    fast_render=not args.full_render,
                     progress=not args.no_progress)
     try:
         results = generate(cfg)

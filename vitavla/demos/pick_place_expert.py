@@ -59,6 +59,12 @@ class ExpertConfig:
 
     approach_height: float = 0.08
     """Height above the grasp point at which the gripper lines up before descending."""
+    funnel_radius: float = 0.0
+    """0: line up above the object, then descend (two phases). > 0 (metres): one approach whose height goal
+    falls with the horizontal error, from ``approach_height`` at this distance or more to the grasp point at
+    zero, so the gripper only gets low once it is lined up. Its command is then a smooth function of the pose
+    alone, with no hidden phase to infer: a policy that drifts sideways near the object sees demos that rise
+    and correct, instead of demos that had already started descending."""
     carry_clearance: float = 0.07
     """Gap kept between the carried object's bottom and the target's top while moving over it."""
     release_clearance: float = 0.025
@@ -123,7 +129,10 @@ class PickPlaceExpert:
             self._ref_quat = np.asarray(p.eef_quat, dtype=np.float64).copy()
         eef = np.asarray(p.eef_pos, dtype=np.float64)
         goal, speed, grip = self._goal(p, eef)
-        if self._reached(eef, goal) and self._advance(p, eef):
+        # The funnel's moving height goal is not its end: it is reached at the grasp point itself.
+        funnel = self.phase == Phase.ABOVE_OBJECT and c.funnel_radius > 0
+        end = np.asarray(p.object_grasp, dtype=np.float64) if funnel else goal
+        if self._reached(eef, end) and self._advance(p, eef):
             goal, speed, grip = self._goal(p, eef)
         self._t_phase += 1
         if self.phase not in (Phase.CLOSE, Phase.OPEN, Phase.DONE) and self._t_phase > c.phase_timeout:
@@ -145,7 +154,13 @@ class PickPlaceExpert:
         c, ph = self.config, self.phase
         grasp = np.asarray(p.object_grasp, dtype=np.float64)
         if ph == Phase.ABOVE_OBJECT:
-            return grasp + [0.0, 0.0, c.approach_height + self._approach_dz], c.max_speed, OPEN
+            height = c.approach_height + self._approach_dz
+            if c.funnel_radius <= 0:
+                return grasp + [0.0, 0.0, height], c.max_speed, OPEN
+            off = float(np.linalg.norm(grasp[:2] - eef[:2]))
+            near = off < c.funnel_radius
+            return (grasp + [0.0, 0.0, height * min(1.0, off / c.funnel_radius)],
+                    c.slow_speed if near else c.max_speed, OPEN)
         if ph == Phase.DESCEND:
             return grasp, c.slow_speed, OPEN
         if ph in (Phase.CLOSE, Phase.OPEN):
@@ -176,6 +191,8 @@ class PickPlaceExpert:
         """Enter the next phase, fixing the heights it needs from the scene as it is now."""
         c = self.config
         nxt = Phase(self.phase + 1)
+        if nxt == Phase.DESCEND and c.funnel_radius > 0:
+            nxt = Phase.CLOSE  # the funnel ends at the grasp point: nothing left to descend
         if nxt in (Phase.CLOSE, Phase.OPEN, Phase.RETREAT):
             self._hold = eef.copy()
         if nxt == Phase.LIFT:
