@@ -71,11 +71,6 @@ def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return mask[:, None]
 
 
-def step_block_kinds(image_tokens: int, text_tokens: int, action_tokens: int) -> list[int]:
-    """Token kinds of one step's block, in order (``text_tokens`` = 0 when the instruction comes once)."""
-    return [IMAGE] * image_tokens + [TEXT] * text_tokens + [STATE] + [ACTION] * action_tokens
-
-
 def positions_from_real(real: Tensor, start: Tensor | int = 0) -> Tensor:
     """Rotary positions that count only real tokens: padding takes its predecessor's position."""
     pos = torch.cumsum(real.long(), dim=1) - 1
