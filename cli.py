@@ -87,6 +87,7 @@ def vita_cli_class() -> type:
             plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
             if not any(isinstance(p, CheckpointIO) for p in plugins):
                 config["plugins"] = [*plugins, AtomicCheckpointIO()]
+            callbacks = [*callbacks, *_default_progress_bar(config, callbacks)]
             return super()._instantiate_trainer(config, callbacks)
 
         def _parse_ckpt_path(self) -> None:
@@ -155,6 +156,22 @@ def _short_parse_error(message: str) -> str:
              "- Expected a <class 'NoneType'>", "Given value")
     kept = [line.removeprefix("- ") for line in lines[1:] if line and not line.startswith(noise)]
     return " ".join([lines[0], *kept]) if lines else message
+
+
+def _default_progress_bar(config: dict[str, Any], extra: list) -> list:
+    """[StepProgressBar()] where Lightning would add its own rich bar (progress on, rich installed, no bar
+    configured), else []: Lightning's labels a max_steps-bounded run "Epoch 2/-2"."""
+    from lightning.pytorch.callbacks import ProgressBar
+    from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+
+    from vitavla.progress import StepProgressBar
+
+    configured = config.get("callbacks") or []
+    configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    if (config.get("enable_progress_bar") is False or not _RICH_AVAILABLE
+            or any(isinstance(c, ProgressBar) for c in [*configured, *extra])):
+        return []
+    return [StepProgressBar()]
 
 
 def build_cli(args: list[str] | None = None, run: bool = True):

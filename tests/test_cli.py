@@ -195,3 +195,31 @@ def test_misspelled_key_prints_the_line_naming_it_and_a_help_hint(bad, named, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and named in err[0] and err[0].startswith("vitavla: error: "), err  # today: ~50 lines
     assert "fit --help" in err[1]
+
+
+def test_step_bounded_runs_get_a_progress_label_without_a_negative_epoch_bound(tmp_path):
+    """Lightning's rich bar labels a max_steps run "Epoch 2/-2"; the CLI's default bar says "Epoch 2 (max 7
+    steps)", keeps Lightning's label with an epoch bound, and is not added when a bar is configured."""
+    from cli import build_cli
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from vitavla.progress import StepProgressBar
+
+    out = [f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+
+    def bars(*extra):
+        cli = build_cli(["--config", str(CONFIGS / "tiny_align.yaml"), *out, *extra], run=False)
+        found = [c for c in cli.trainer.callbacks if isinstance(c, (StepProgressBar, TQDMProgressBar))]
+        for bar in found:
+            bar.setup(cli.trainer, cli.model, stage="fit")  # what the trainer does at the start of fit
+        return cli.trainer, found
+
+    trainer, (bar,) = bars("--trainer.max_epochs=-1", "--trainer.max_steps=7")
+    assert isinstance(bar, StepProgressBar)
+    assert bar._get_train_description(2).strip() == "Epoch 2 (max 7 steps)"
+    trainer, (bar,) = bars("--trainer.max_epochs=3")
+    assert bar._get_train_description(2).strip() == "Epoch 2/2"
+    _, configured = bars("--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar")
+    assert [type(b) for b in configured] == [TQDMProgressBar]
+    _, none = bars("--trainer.enable_progress_bar=false")
+    assert none == []
