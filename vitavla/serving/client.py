@@ -24,6 +24,7 @@ PiPer (6+1) or ALOHA (12+2) loop with it.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Protocol
 
 import numpy as np
@@ -37,7 +38,7 @@ class InferPolicy(Protocol):
     def get_server_metadata(self) -> dict: ...
 
 
-class _Controller:
+class _Controller(ABC):
     def __init__(self, policy: InferPolicy):
         self.policy = policy
         self.meta = policy.get_server_metadata()
@@ -65,8 +66,9 @@ class _Controller:
         low, high = np.asarray(low, np.float32), np.asarray(high, np.float32)
         return binary * (high - low) + low
 
+    @abstractmethod
     def act(self, obs: dict) -> np.ndarray:
-        raise NotImplementedError
+        """The action to execute now, in robot units, for this step's observation."""
 
 
 class ChunkController(_Controller):
