@@ -338,6 +338,7 @@ class AlohaDataModule(WindowDataModule):
     ``fast_jpeg`` decodes compressed frames at a reduced DCT scale no smaller than ``image_size`` (see
     ``AlohaReader.jpeg_draft_size``); set it False for bit-exact full-size decoding. ``normalize_state``
     standardises the joint state with training-episode statistics (stored in the checkpoint's normalizer).
+    ``cache_frames`` decodes every frame once and holds it in RAM (see :class:`~datamodules.LiberoDataModule`).
     """
 
     def __init__(self, root: str, arms: str = "left", static_camera: str = "cam_high",
@@ -346,11 +347,11 @@ class AlohaDataModule(WindowDataModule):
                  normalization: str = "minmax", stats_cache_dir: str = "~/.cache/vitavla",
                  pad_tail: bool = True, val_fraction: float = 0.1, seed: int = 0,
                  gripper_range: list[float] | None = None, jpeg_bgr: bool = True, fast_jpeg: bool = True,
-                 normalize_state: bool = False):
+                 normalize_state: bool = False, cache_frames: bool = False):
         super().__init__(num_steps=num_steps, image_size=image_size, batch_size=batch_size,
                          num_workers=num_workers, normalization=normalization,
                          stats_cache_dir=stats_cache_dir, pad_tail=pad_tail, val_fraction=val_fraction,
-                         seed=seed, normalize_state=normalize_state)
+                         seed=seed, normalize_state=normalize_state, cache_frames=cache_frames)
         self.root = root
         self.reader_options = dict(root=root, arms=arms, static_camera=static_camera,
                                    wrist_camera=wrist_camera, instruction=instruction,

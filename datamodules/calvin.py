@@ -360,6 +360,7 @@ class CalvinDataModule(WindowDataModule):
             None reads the per-frame files.
         build_pack: build missing or stale packs (in ``prepare_data``, i.e. once per node).
         pad_tail: False keeps only full windows inside a segment (Seer); True pads windows near its end.
+        cache_frames: decode every frame once and hold it in RAM (debug subsets; ABC is far too large).
     """
 
     normalizations = NORMALIZATIONS
@@ -367,12 +368,14 @@ class CalvinDataModule(WindowDataModule):
     def __init__(self, root: str, num_steps: int = 10, image_size: int = 224, batch_size: int = 8,
                  num_workers: int = 4, normalization: str = "identity",
                  stats_cache_dir: str = "~/.cache/vitavla", packed_dir: str | None = None,
-                 build_pack: bool = False, pad_tail: bool = False, seed: int = 0):
+                 build_pack: bool = False, pad_tail: bool = False, seed: int = 0,
+                 cache_frames: bool = False):
         if build_pack and packed_dir is None:
             raise ValueError("build_pack=True needs packed_dir: the directory the packs are written to")
         super().__init__(num_steps=num_steps, image_size=image_size, batch_size=batch_size,
                          num_workers=num_workers, normalization=normalization,
-                         stats_cache_dir=stats_cache_dir, pad_tail=pad_tail, val_fraction=0.0, seed=seed)
+                         stats_cache_dir=stats_cache_dir, pad_tail=pad_tail, val_fraction=0.0, seed=seed,
+                         cache_frames=cache_frames)
         self.save_hyperparameters()
         self.root, self.packed_dir, self.build_pack = Path(root).expanduser(), packed_dir, build_pack
 

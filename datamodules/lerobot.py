@@ -578,6 +578,7 @@ class LeRobotDataModule(WindowDataModule):
         use_stats_json: normalize with ``meta/stats.json`` (min/max, or q01/q99 for ``quantile``) instead of
             statistics fitted on the training split.
         tolerance_s: allowed timestamp deviation in seconds.
+        cache_frames: decode every frame once and hold it in RAM (small datasets; no video decode per step).
     """
 
     def __init__(self, root: str, static_camera: str = "observation.images.top",
@@ -589,11 +590,11 @@ class LeRobotDataModule(WindowDataModule):
                  num_steps: int = 7, image_size: int = 224, batch_size: int = 8, num_workers: int = 4,
                  normalization: str = "minmax", stats_cache_dir: str = "~/.cache/vitavla",
                  pad_tail: bool = True, val_fraction: float = 0.1, seed: int = 0,
-                 normalize_state: bool = False):
+                 normalize_state: bool = False, cache_frames: bool = False):
         super().__init__(num_steps=num_steps, image_size=image_size, batch_size=batch_size,
                          num_workers=num_workers, normalization=normalization,
                          stats_cache_dir=stats_cache_dir, pad_tail=pad_tail, val_fraction=val_fraction,
-                         seed=seed, normalize_state=normalize_state)
+                         seed=seed, normalize_state=normalize_state, cache_frames=cache_frames)
         self.root, self.use_stats_json = root, use_stats_json
         self.reader_options = dict(root=root, static_camera=static_camera, wrist_camera=wrist_camera,
                                    arm_dim=arm_dim, action_columns=action_columns,

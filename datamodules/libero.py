@@ -334,17 +334,20 @@ class LiberoDataModule(WindowDataModule):
         normalize_state: standardise the state (mean 0, std 1 per value, from the training demos) before the
             model reads it; the statistics travel in the checkpoint's normalizer, so rollouts do the same.
             Off by default: released teachers (Seer) were trained on raw states.
+        cache_frames: decode every frame of both splits once, in the main process, and hold them in RAM
+            (shared with forked workers). For datasets that fit in memory: steps then read no file.
     """
 
     def __init__(self, root: str, num_steps: int = 7, image_size: int = 224, batch_size: int = 8,
                  num_workers: int = 4, normalization: str = "minmax",
                  stats_cache_dir: str = "~/.cache/vitavla", gripper_state: str = "width",
                  gripper_action: str = "close_positive", flip_images: bool = False, pad_tail: bool = True,
-                 val_fraction: float = 0.05, seed: int = 0, normalize_state: bool = False):
+                 val_fraction: float = 0.05, seed: int = 0, normalize_state: bool = False,
+                 cache_frames: bool = False):
         super().__init__(num_steps=num_steps, image_size=image_size, batch_size=batch_size,
                          num_workers=num_workers, normalization=normalization,
                          stats_cache_dir=stats_cache_dir, pad_tail=pad_tail, val_fraction=val_fraction,
-                         seed=seed, normalize_state=normalize_state)
+                         seed=seed, normalize_state=normalize_state, cache_frames=cache_frames)
         # Configuration mistakes fail here, before any file is touched.
         if gripper_state not in GRIPPER_STATES:
             raise DataError(root, "gripper_state", f"expected one of {GRIPPER_STATES}, got {gripper_state!r}")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.base import DataError, WindowDataset, resize_uint8
+from datamodules.base import DataError, MemoryReader, WindowDataset, resize_uint8
 from datamodules.libero import LiberoDataModule, LiberoReader, instruction_from_filename
 
 KITCHEN = "KITCHEN_SCENE3_turn_on_the_stove_and_put_the_moka_pot_on_it_demo.hdf5"
@@ -380,3 +380,28 @@ def test_normalize_state_uses_training_statistics(suite, tmp_path, gripper_state
     plain = datamodule(root, tmp_path, gripper_state=gripper_state)
     plain.setup("fit")
     assert not plain.normalizer.normalizes_state
+
+
+def test_cache_frames_serves_the_same_windows_without_touching_files(suite, tmp_path):
+    """``cache_frames`` decodes each episode once into RAM; every window equals the file-backed one, and the
+    training loop then opens no file (the h5py handles stay unused)."""
+    root, source = suite
+    plain, cached = datamodule(root, tmp_path), datamodule(root, tmp_path, cache_frames=True)
+    for dm in (plain, cached):
+        dm.setup("fit")
+    assert isinstance(cached._train.reader, MemoryReader) and isinstance(cached._val.reader, MemoryReader)
+    assert cached._train.index == plain._train.index and cached._val.index == plain._val.index
+    inner = cached._train.reader.inner
+    inner.close()  # any later file read would reopen a handle
+    for ds_c, ds_p in ((cached._train, plain._train), (cached._val, plain._val)):
+        for i in range(len(ds_p)):
+            a, b = ds_c[i], ds_p[i]
+            assert a.keys() == b.keys()
+            for k in a:
+                assert (a[k] == b[k]) if isinstance(a[k], str) else torch.equal(a[k], b[k]), k
+    assert inner._handles == {}
+    pixels = sum(s["agentview_rgb"][0].size * 2 * len(s["actions"]) for s in source)
+    assert cached._train.reader.nbytes + cached._val.reader.nbytes >= pixels
+    assert len(cached._train.reader._frames) + len(cached._val.reader._frames) == len(source)
+    with pytest.raises(DataError, match=r"frame range inside \[0, 14\)"):
+        MemoryReader(inner, [0]).read(0, 0, 99)

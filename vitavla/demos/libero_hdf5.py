@@ -1,8 +1,8 @@
 """The LIBERO demo file the scripted recorder writes: ``<TASK_NAME>_demo.hdf5`` in LIBERO's own layout.
 
 :class:`_Writer` appends demos to ``<file>.tmp`` and renames it over the old file only when complete, so an
-interrupted run never corrupts an existing file; :func:`_existing` reads how far a file got, so a rerun tops it
-up. Kept apart from :mod:`vitavla.demos.libero_scripted` (simulator side and orchestration), which uses both.
+interrupted run never corrupts an existing file; :func:`existing_demos` reads how far a file got, so a rerun
+tops it up. Kept apart from :mod:`vitavla.demos.libero_scripted` (simulator side and orchestration), which uses both.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def demo_path(out: str | Path, task_name: str) -> Path:
     return Path(out) / f"{task_name}_demo.hdf5"
 
 
-def _existing(path: Path) -> tuple[int, int]:
+def existing_demos(path: Path) -> tuple[int, int]:
     """(demos kept, next attempt) of an existing output file; (0, 0) when there is none."""
     if not path.exists():
         return 0, 0

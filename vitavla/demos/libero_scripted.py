@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitavla.demos.libero_hdf5 import _existing, _Writer, demo_path
+from vitavla.demos.libero_hdf5 import _Writer, demo_path, existing_demos
 from vitavla.demos.pick_place_expert import (
     OPEN,
     TALL_OBJECT,
@@ -322,7 +322,7 @@ def generate(cfg: GenConfig, log: Callable[[str], None] = print) -> list[TaskRes
     for t in cfg.tasks:
         name, info, env_args, bddl = _task_info(cfg, t)
         path = demo_path(cfg.out, name)
-        kept, next_attempt = _existing(path)
+        kept, next_attempt = existing_demos(path)
         plan.append((t, path, info, env_args, bddl, kept, next_attempt))
         if kept >= cfg.episodes:
             log(f"{path}: already has {kept} demos, nothing to do")
