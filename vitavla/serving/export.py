@@ -342,6 +342,7 @@ def load_checkpoint_into(module: nn.Module, ckpt_path: str | Path) -> None:
     ckpt = torch_load(ckpt_path, LIGHTNING_CKPT_HINT, map_location="cpu")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ExportError(f"--ckpt_path {ckpt_path} has no state_dict; is it a `vitavla fit` checkpoint?")
+    module.loading_from = str(ckpt_path)  # named by the fit check's message (no Trainer holds the path here)
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"], strict=False)
 
