@@ -101,8 +101,8 @@ def test_reused_out_dir_refuses_another_checkpoint_or_env_and_extends_with_the_s
                                      "protocol.executor: now 'first', recorded 'ensemble'")]:
         with pytest.raises(SystemExit) as e:
             vitavla_test(ckpt_path, tmp_path, "--data.init_args.episodes_per_task=1", *extra)
-        assert str(e.value.code).startswith(f"vitavla: error: UserFacingError: {out} holds episodes of another "
-                                            "evaluation")
+        assert str(e.value.code).startswith(
+            f"vitavla: error: UserFacingError: {out} holds episodes of another evaluation")
         assert named in str(e.value.code) and "use a new data.init_args.out_dir" in str(e.value.code)
         assert (out / "episodes.rank0.jsonl").read_text() == before  # nothing was run or appended
 

@@ -162,7 +162,8 @@ def evaluation_binding(trainer: Trainer, pl_module: LightningModule, env, policy
     if config is not None and config.get("model") is not None:
         model_config = config["model"].as_dict() if hasattr(config["model"], "as_dict") else config["model"]
     else:
-        model_config = {"class_path": _qualname(pl_module), "hparams": dict(getattr(pl_module, "hparams", {}))}
+        model_config = {"class_path": _qualname(pl_module),
+                        "hparams": dict(getattr(pl_module, "hparams", {}))}
     env_config = None
     if config is not None and config.get("data") is not None:
         data = config["data"]
@@ -196,8 +197,9 @@ def binding_differences(recorded: dict, current: dict) -> list[str]:
         if key == "checkpoint.path" or a.get(key) == b.get(key):
             continue
         if key == "checkpoint.sha256":
-            diffs.append(f"checkpoint sha256 {str(b.get(key))[:12]} ({b.get('checkpoint.path') or 'no file'}), "
-                         f"recorded {str(a.get(key))[:12]} ({a.get('checkpoint.path') or 'no file'})")
+            now, then = b.get("checkpoint.path") or "no file", a.get("checkpoint.path") or "no file"
+            diffs.append(f"checkpoint sha256 {str(b.get(key))[:12]} ({now}), "
+                         f"recorded {str(a.get(key))[:12]} ({then})")
         else:
             diffs.append(f"{key}: now {b.get(key)!r}, recorded {a.get(key)!r}")
     return diffs
@@ -227,8 +229,9 @@ def check_binding(out_dir: Path, binding: dict) -> None:
     finished = [p.name for p in sorted(out_dir.glob("episodes.rank*.jsonl"))
                 if any(r.get("error") is None for r in _read_records(p))]
     if finished:
-        raise UserFacingError(f"{out_dir} holds finished episodes ({', '.join(finished)}) without {BINDING_FILE}, "
-                              f"so nothing says which checkpoint and settings produced them; {start_over}")
+        raise UserFacingError(f"{out_dir} holds finished episodes ({', '.join(finished)}) without "
+                              f"{BINDING_FILE}, so nothing says which checkpoint and settings produced them; "
+                              f"{start_over}")
     tmp = path.with_name(f".{BINDING_FILE}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(binding, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)  # every rank writes the same content; a reader never sees half a file
