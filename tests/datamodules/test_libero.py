@@ -1,6 +1,6 @@
-"""LiberoReader / LiberoDataModule on small HDF5 files written here in LIBERO's exact layout (spec
-§2.4/§2.5): windows against the source arrays, conventions, every bad-data message, and short fits of both
-stages."""
+"""LiberoReader / LiberoDataModule on small HDF5 files written here in LIBERO's exact layout (see
+datamodules/libero.py): windows against the source arrays, conventions, every bad-data message, and short
+fits of both stages."""
 
 from __future__ import annotations
 
