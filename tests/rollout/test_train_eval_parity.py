@@ -15,7 +15,7 @@ import vitavla.rollout.episode
 from datamodules.base import WindowDataset
 from datamodules.libero import LiberoDataModule, LiberoReader
 from datamodules.normalization import Normalizer
-from tests.datamodules.test_libero import make_demo, write_libero
+from tests.conftest import make_demo, write_libero
 from vitavla.images import resize_uint8
 from vitavla.rollout.env import Obs
 from vitavla.rollout.runner import to_observation
