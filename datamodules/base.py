@@ -24,7 +24,7 @@ from datamodules.normalization import Normalizer, cached_normalizer, dataset_fin
 from datamodules.resumable import resumable_loader
 from vitavla.batch import RobotSpec, collate_windows
 from vitavla.errors import UserFacingError
-from vitavla.images import resize_uint8  # the one resize, shared with rollouts; tests import it from here
+from vitavla.images import resize_uint8  # the one resize, shared with rollouts (vitavla.rollout.episode)
 
 
 class DataError(UserFacingError, ValueError):

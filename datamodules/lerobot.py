@@ -37,10 +37,10 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from datamodules.base import DataError, Episode, EpisodeReader, Frames, WindowDataModule
-from datamodules.normalization import Normalizer
 from datamodules.resumable import ResumableLoader
 from vitavla.batch import RobotSpec
 from vitavla.errors import UserFacingError
+from vitavla.normalizer import Normalizer
 
 INFO, TASKS, STATS, EPISODES_DIR = "meta/info.json", "meta/tasks.parquet", "meta/stats.json", "meta/episodes"
 INDEX_COLUMNS = ("index", "episode_index", "frame_index", "timestamp", "task_index")

@@ -38,8 +38,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 
-from datamodules.normalization import Normalizer
 from vitavla.errors import UserFacingError
+from vitavla.normalizer import Normalizer
 from vitavla.rollout.runner import (EpisodeResult, EpisodeSpec, _append, _final, load_results, result_record,
                                    run_episode)
 from vitavla.rollout.stats import success_ci95
@@ -359,7 +359,7 @@ class RolloutTestCallback(Callback):
             self.reporter.save_videos([res], self.out_dir / "videos", per_task=self.videos_per_task,
                                       task_names=self.names)
 
-    def run(self, pl_module: LightningModule, spec: EpisodeSpec) -> dict:
+    def run(self, spec: EpisodeSpec) -> dict:
         """The final record of ``spec``: taken from an earlier run if finished there, else run now.
 
         A simulator crash is appended as an error record, the env is closed (its state is not trusted; the
@@ -373,12 +373,12 @@ class RolloutTestCallback(Callback):
                 self.env.close()
         return _final(self.by_key[spec.key])
 
-    def run_batch(self, pl_module: LightningModule, specs: list[EpisodeSpec]) -> list[dict]:
+    def run_batch(self, specs: list[EpisodeSpec]) -> list[dict]:
         """Final records of ``specs`` (in order). With ``num_envs > 1`` the unfinished ones run concurrently
         on the pool, in waves: a crashed spec with retries left runs again in the next wave, on a worker
         that rebuilt its env."""
         if self.num_envs <= 1:
-            return [self.run(pl_module, spec) for spec in specs]
+            return [self.run(spec) for spec in specs]
         if len(specs) > self.num_envs:
             raise ValueError(f"a rollout batch has {len(specs)} specs but num_envs={self.num_envs}; the "
                              "RolloutDataModule's batches hold at most num_envs specs")
@@ -482,7 +482,7 @@ def _callback(trainer: Trainer) -> RolloutTestCallback:
 def rollout_test_step(module: LightningModule, batch: list[EpisodeSpec]) -> None:
     """Run (or, on resume, look up) each spec's episode and count its final record on this rank."""
     cb = _callback(module.trainer)
-    for rec in cb.run_batch(module, batch):
+    for rec in cb.run_batch(batch):
         cb.metrics.update(rec)
         if rec["error"] is None:
             cb.ran += 1

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from datamodules.normalization import Normalizer
-from teachers.base import ActionHead
+from vitavla.action_head import ActionHead
 from vitavla.batch import RobotSpec
 from vitavla.errors import UserFacingError
+from vitavla.normalizer import Normalizer
 from vitavla.policy import VLAPolicy
 
 FORMAT = "vitavla-policy"
