@@ -50,7 +50,7 @@ def calvin_dm(tmp: Path, packed: bool, workers: int) -> WindowDataModule:
 
 def libero_dm(tmp: Path, workers: int) -> WindowDataModule:
     from datamodules.libero import LiberoDataModule
-    from tests.datamodules.test_libero import make_demo, write_libero
+    from tests.conftest import make_demo, write_libero
 
     path = tmp / "KITCHEN_SCENE1_open_the_drawer_demo.hdf5"
     if not path.exists():
@@ -62,7 +62,7 @@ def libero_dm(tmp: Path, workers: int) -> WindowDataModule:
 
 def aloha_dm(tmp: Path, compress: bool, workers: int) -> WindowDataModule:
     from datamodules.aloha import AlohaDataModule
-    from tests.datamodules.test_aloha import write_dataset
+    from tests.conftest import write_dataset
 
     root = tmp / f"aloha_{'jpeg' if compress else 'raw'}"
     if not root.exists():
@@ -74,7 +74,7 @@ def aloha_dm(tmp: Path, compress: bool, workers: int) -> WindowDataModule:
 def lerobot_dm(tmp: Path, hw: tuple[int, int], workers: int) -> WindowDataModule:
     from datamodules.lerobot import LeRobotDataModule
     from datamodules.lerobot_write import LeRobotWriter
-    from tests.datamodules.test_aloha import episode_arrays
+    from tests.conftest import episode_arrays
 
     root = tmp / f"lerobot_{hw[0]}x{hw[1]}"
     if not root.exists():

@@ -27,7 +27,7 @@ from vitavla.streaming import StreamingPolicy
 
 
 def tiny_random_policy() -> StreamingPolicy:
-    """A randomly initialised tiny InternVL student + Seer head (as tests/vitavla/helpers.py builds it)."""
+    """A randomly initialised tiny InternVL student + Seer head (as tests/conftest.py builds it)."""
     from teachers.base import ActionHead
     from vitavla.backbones.internvl import InternVLBackbone
     from vitavla.policy import VLAPolicy

@@ -33,14 +33,14 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from datamodules.aloha_layout import ARM_COLUMNS
 from datamodules.base import DataError, Episode, EpisodeReader, Frames, WindowDataModule
 from vitavla.batch import RobotSpec
+from vitavla.layouts import ALOHA_ARM_COLUMNS as ARM_COLUMNS
+from vitavla.layouts import ALOHA_GRIPPER_CONVENTION as GRIPPER_CONVENTION
 
 QPOS, ACTION, IMAGES, COMPRESS_LEN = "/observations/qpos", "/action", "/observations/images", "/compress_len"
 INSTRUCTION_ATTRS = ("instruction", "language_instruction")
 INSTRUCTIONS_FILE = "instructions.json"
-GRIPPER_CONVENTION = "1 = open (opening width, min→0, max→1)"
 _EPISODE_RE = re.compile(r"episode_(\d+)\.hdf5$")
 
 

@@ -22,9 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.normalization import Normalizer, cached_normalizer, dataset_fingerprint
+from datamodules.resumable import resumable_loader
 from vitavla.batch import RobotSpec, collate_windows
 from vitavla.errors import UserFacingError
-from vitavla.images import resize_uint8  # the one resize, shared with rollouts; tests import it from here
+from vitavla.images import resize_uint8  # the one resize, shared with rollouts (vitavla.rollout.episode)
 
 log = logging.getLogger(__name__)
 
@@ -293,9 +294,14 @@ class WindowDataModule(L.LightningDataModule):
         self._val = WindowDataset(val_reader, val_ids, pad_tail=self.pad_tail, **common)
 
     def _loader(self, ds: WindowDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=collate_windows, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), drop_last=shuffle and len(ds) > self.batch_size)
+        common = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_windows,
+                      persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        if shuffle:
+            # Training: the order is a function of (seed, epoch) and the position goes into the checkpoint,
+            # so a killed run resumes on the very next batch (datamodules/resumable.py).
+            return resumable_loader(ds, self.trainer, self.seed, drop_last=len(ds) > self.batch_size,
+                                    **common)
+        return DataLoader(ds, shuffle=False, **common)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

@@ -30,14 +30,14 @@ from tqdm import tqdm
 
 from datamodules.base import DataError, Episode, EpisodeReader, Frames, WindowDataModule
 from datamodules.calvin_pack import PACK_VERSION, PackedFrames, read_manifest, write_pack
-from datamodules.normalization import Normalizer
 from vitavla.batch import RobotSpec
+from vitavla.layouts import CALVIN_GRIPPER_CONVENTION, CALVIN_ROBOT, calvin_state
+from vitavla.normalizer import Normalizer
 
 log = logging.getLogger(__name__)
 
 SPLIT_DIRS = {"train": "training", "val": "validation"}
-ROBOT = RobotSpec(arm_dim=6, gripper_dim=1, gripper_state="binary")
-GRIPPER_CONVENTION = "1 = open (CALVIN +1 open / -1 close)"
+ROBOT, GRIPPER_CONVENTION = CALVIN_ROBOT, CALVIN_GRIPPER_CONVENTION  # shared with the simulator adapter
 FRAME_KEYS = ("rgb_static", "rgb_gripper", "robot_obs", "rel_actions")
 NORMALIZATIONS = ("identity", "minmax", "quantile")
 _NAME = re.compile(r"^(\D*?)(\d+)\.npz$")
@@ -167,11 +167,6 @@ def read_frame(path: Path, static_shape=None, wrist_shape=None):
             _check_image(path, "rgb_gripper", z["rgb_gripper"], wrist_shape),
             _check_vector(path, "robot_obs", z["robot_obs"], 15),
             _check_vector(path, "rel_actions", z["rel_actions"], 7))
-
-
-def to_state(robot_obs: np.ndarray) -> np.ndarray:
-    """(n, 15) robot_obs -> (n, 7) state: TCP pose + gripper (-1 closed / +1 open -> 0 / 1), as Seer does."""
-    return np.concatenate([robot_obs[:, :6], (robot_obs[:, 14:15] + 1) / 2], axis=1).astype(np.float32)
 
 
 class CalvinSplit:
@@ -319,7 +314,7 @@ class CalvinReader(EpisodeReader):
             frames = [read_frame(self.split.frame_path(f), self.static_shape, self.wrist_shape)
                       for f in range(first, first + stop - start)]
             static, wrist, obs, act = (np.stack(x) for x in zip(*frames))
-        return Frames(static=static, wrist=wrist, state=to_state(obs), action=act.astype(np.float32))
+        return Frames(static=static, wrist=wrist, state=calvin_state(obs), action=act.astype(np.float32))
 
     def all_actions(self, episodes: Sequence[int] | None = None) -> np.ndarray:
         """rel_actions of every annotated frame (every segment, whatever its length: statistics must not

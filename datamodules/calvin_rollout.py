@@ -12,8 +12,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from datamodules.calvin import ROBOT
 from vitavla.batch import RobotSpec
+from vitavla.layouts import CALVIN_ROBOT as ROBOT
 from vitavla.rollout.calvin_env import CalvinSimEnv, check_state_resolver, load_calvin_chains
 from vitavla.rollout.calvin_lightning import CalvinRolloutTestCallback
 from vitavla.rollout.calvin_protocol import EP_LEN, check_subtasks

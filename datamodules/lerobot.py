@@ -37,9 +37,10 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from datamodules.base import DataError, Episode, EpisodeReader, Frames, WindowDataModule
-from datamodules.normalization import Normalizer
+from datamodules.resumable import ResumableLoader
 from vitavla.batch import RobotSpec
 from vitavla.errors import UserFacingError
+from vitavla.normalizer import Normalizer
 
 INFO, TASKS, STATS, EPISODES_DIR = "meta/info.json", "meta/tasks.parquet", "meta/stats.json", "meta/episodes"
 INDEX_COLUMNS = ("index", "episode_index", "frame_index", "timestamp", "task_index")
@@ -551,6 +552,10 @@ class _ForkSafeLoader(DataLoader):
         return super()._get_iterator()
 
 
+class _ForkSafeResumableLoader(_ForkSafeLoader, ResumableLoader):
+    """The training loader: resumable (its state goes into the checkpoint) and fork-safe."""
+
+
 def _camera_key(name: str) -> str:
     return name if "." in name else f"observation.images.{name}"
 
@@ -613,7 +618,8 @@ class LeRobotDataModule(WindowDataModule):
         loader = super()._loader(ds, shuffle)
         # The base's loader as built (same arguments), plus closing this process's containers before the
         # workers fork (see _ForkSafeLoader); _ForkSafeLoader adds no state, only that one override.
-        loader.__class__ = _ForkSafeLoader
+        resumable = isinstance(loader, ResumableLoader)
+        loader.__class__ = _ForkSafeResumableLoader if resumable else _ForkSafeLoader
         return loader
 
     def fit_normalizer(self, reader: LeRobotReader) -> Normalizer:

@@ -1,8 +1,8 @@
 """LIBERO demonstration HDF5 files (the original 128px release and the 256px "no-noops" regenerations).
 
-One file per task, ``<task>_demo.hdf5``, with ``data/demo_N/{actions, obs/...}`` (layout in
-``specs/ecosystem-and-benchmarks.md`` §2.4/§2.5). :class:`LiberoReader` indexes a suite directory (or a
-list of files), checks every demo's layout once, and reads frame ranges lazily; :class:`LiberoDataModule`
+One file per task, ``<task>_demo.hdf5``, with ``data/demo_N/{actions, obs/...}`` (the layout of LIBERO's
+robomimic-style datasets, Liu et al. 2023, https://github.com/Lifelong-Robot-Learning/LIBERO).
+:class:`LiberoReader` indexes a suite directory (or a list of files), checks every demo's layout once, and reads frame ranges lazily; :class:`LiberoDataModule`
 plugs it into the shared windowing of :mod:`datamodules.base`.
 """
 
@@ -20,13 +20,9 @@ import numpy as np
 
 from datamodules.base import DataError, Episode, EpisodeReader, Frames, WindowDataModule
 from vitavla.batch import RobotSpec
+from vitavla.layouts import LIBERO_GRIPPER_ACTIONS, LIBERO_GRIPPER_STATES
 
-GRIPPER_STATES = ("width", "binary")
-GRIPPER_ACTIONS = {
-    # name -> (raw value mapped to target 0, raw value mapped to target 1, convention string in checkpoints)
-    "close_positive": (-1.0, 1.0, "1 = close (LIBERO -1 open / +1 close)"),
-    "open_positive": (1.0, -1.0, "1 = open (LIBERO -1 open / +1 close, flipped)"),
-}
+GRIPPER_STATES, GRIPPER_ACTIONS = LIBERO_GRIPPER_STATES, LIBERO_GRIPPER_ACTIONS  # shared with LiberoEnv
 IMAGE_KEYS = ("agentview_rgb", "eye_in_hand_rgb")
 """Static (third-person) view first, wrist view second: the order of Window.images."""
 ACTION_DIM = 7
@@ -54,10 +50,10 @@ class LiberoReader(EpisodeReader):
 
     Conventions (the rollout side must build its observations and decode actions the same way; they are
     stored as ``robot``, ``gripper_range`` and ``gripper_convention``, and the last two travel in checkpoints
-    through the fitted :class:`~datamodules.normalization.Normalizer`):
+    through the fitted :class:`~vitavla.normalizer.Normalizer`):
 
     - **State** (``arm_dim`` 6): ``obs/ee_states`` (or ``obs/ee_pos`` + ``obs/ee_ori``) = end-effector
-      position + **axis-angle**, as Seer trains (seer.md §3.3; Seer's own eval feeds Euler angles here).
+      position + **axis-angle**, as Seer's LIBERO training reads it (Seer's own eval feeds Euler angles here).
       Joint-space state is not offered: ``RobotSpec.arm_dim`` sizes state and action together, and LIBERO
       actions are 6-D end-effector deltas, so a 7-joint state would not fit the spec.
     - ``gripper_state="width"``: the 2 raw finger positions ``obs/gripper_states`` (``robot0_gripper_qpos``),

@@ -21,6 +21,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.resumable import resumable_loader
 from vitavla.batch import RobotSpec, collate_windows
 
 INSTRUCTIONS = ("move to the red square", "reach the green square", "go to the blue square",
@@ -200,10 +201,13 @@ class SyntheticWindowDataModule(LightningDataModule):
         return SyntheticWindows([self.episodes[i] for i in ids], self.num_steps, self.image_size, self._robot)
 
     def _loader(self, ids: list[int], shuffle: bool) -> DataLoader:
-        return DataLoader(self._dataset(ids), batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, collate_fn=collate_windows,
-                          persistent_workers=self.num_workers > 0,
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+        common = dict(batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_windows,
+                      persistent_workers=self.num_workers > 0)
+        if shuffle:
+            # The order of epoch e is a function of (seed, e) and the position is checkpointed: a resumed run
+            # continues with the next batch of the uninterrupted run (datamodules/resumable.py).
+            return resumable_loader(self._dataset(ids), self.trainer, self.seed, **common)
+        return DataLoader(self._dataset(ids), shuffle=False, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_episode_ids, shuffle=True)

@@ -111,7 +111,7 @@ def test_robot_of_student_teacher_and_data_is_alohas_both_arms(tmp_path, one_thr
     built from the config's student block and the teacher's overrides (tiny sizes, no weights) aligns on
     the config's windows."""
     from datamodules import AlohaDataModule
-    from tests.datamodules.test_aloha import write_dataset
+    from tests.conftest import write_dataset
     from vitavla.backbones.internvl import InternVLBackbone
     from vitavla.modules import DistillationModule
     from vitavla.student import VLAStudent

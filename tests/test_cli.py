@@ -61,6 +61,14 @@ def test_inconsistent_config_fails_with_one_clear_message(tmp_path):
     with pytest.raises(SystemExit, match="checkpoint not found: .*missing.ckpt"):
         main(["fit", "--config", str(CONFIGS / "tiny_finetune.yaml"), f"--trainer.default_root_dir={tmp_path}",
               f"--model.init_args.init_from={tmp_path / 'missing.ckpt'}", *FAST])
+    # Data images of another size than the backbone's: one line naming both keys (was a 35-line traceback).
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(CONFIGS / "tiny_align.yaml"), f"--trainer.default_root_dir={tmp_path}",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.init_args.image_size=64", *FAST])
+    assert str(e.value.code) == (
+        "vitavla: error: ConfigError: data.init_args.image_size: SyntheticWindowDataModule yields 64px "
+        "images but the student backbone is configured for 224px "
+        "(model.init_args.student.init_args.backbone.init_args.image_size); set both to the same size")
 
 
 SCRIPT = shutil.which("vitavla", path=str(Path(sys.executable).parent)) or shutil.which("vitavla")
@@ -116,6 +124,10 @@ def test_a_checkpoint_of_another_module_is_refused_by_every_loader(tmp_path):
         main(["validate", *finetune, *dirs(tmp_path / "validate")])
     with pytest.raises(SystemExit, match=refusal):  # before the optimizer's "parameter group" error
         main(["fit", *finetune, *dirs(tmp_path / "fit")])
+    with pytest.raises(SystemExit, match=refusal):  # export goes through the same check
+        main(["export", "--config", str(CONFIGS / "eval_tiny.yaml"), "--ckpt_path", str(stage1),
+              "--out", str(tmp_path / "policy")])
+    assert not (tmp_path / "policy" / "policy.json").exists()
     assert not list((tmp_path / "fit").rglob("*.ckpt"))
     # The teacher's export at the end of fit would write whatever weights were restored.
     with pytest.raises(SystemExit, match=rf"{stage1} does not fit TeacherModule"):

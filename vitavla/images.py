@@ -8,9 +8,12 @@ on both paths (tested in ``tests/rollout/test_train_eval_parity.py``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 
 def resize_uint8(frames: np.ndarray, size: int) -> torch.Tensor:
@@ -49,4 +52,20 @@ def upscale_nearest(frame: np.ndarray, min_size: int) -> np.ndarray:
     return np.repeat(np.repeat(frame, factor, axis=0), factor, axis=1)
 
 
-__all__ = ["resize_uint8", "upscale_nearest"]
+def normalize_images(images: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype) -> Tensor:
+    """uint8 (..., 3, H, W) -> ``dtype``, normalized per channel: ``(x / 255 - mean) / std`` (mean and std in
+    [0, 1] units). The one normalisation of model inputs: student backbones and teachers (Seer: CLIP's
+    statistics) both call it."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8, got {images.dtype}")
+    if images.dim() < 3 or images.shape[-3] != len(mean) or len(mean) != len(std):
+        raise ValueError(f"images (..., {len(mean)}, H, W) and per-channel mean/std expected, got images "
+                         f"{tuple(images.shape)}, {len(mean)} means, {len(std)} stds")
+    # (x / 255 - mean) / std as one fused multiply-add on x: two passes over the pixels instead of four
+    # (this was 30% of a tiny student's training step on CPU).
+    scale = torch.tensor([1.0 / (255.0 * v) for v in std], dtype=dtype, device=images.device).view(-1, 1, 1)
+    bias = torch.tensor([-m / v for m, v in zip(mean, std)], dtype=dtype, device=images.device).view(-1, 1, 1)
+    return torch.addcmul(bias, images.to(dtype), scale)
+
+
+__all__ = ["normalize_images", "resize_uint8", "upscale_nearest"]

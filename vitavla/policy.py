@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from teachers.base import ActionHead, ActionOutput
+from vitavla.action_head import ActionHead, ActionOutput
 from vitavla.batch import Window
 from vitavla.student import ActionMapper, VLAStudent
 

@@ -21,26 +21,17 @@ prefill every step, ``refill_block = max_steps`` restarts the history.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from teachers.base import ActionOutput
+from vitavla.action_head import ActionOutput
 from vitavla.batch import BatchError
+from vitavla.observation import Observation  # re-exported: vitavla.streaming.Observation keeps working
 from vitavla.policy import VLAPolicy
 from vitavla.sequence import ACTION, TEXT, TokenMeta, additive_mask, allowed_attention, positions_from_real
 from vitavla.student import StepBlocks
-
-
-@dataclass
-class Observation:
-    """One control step of B environments: images uint8 (B, V, 3, H, W), state (B, state_dim), B strings."""
-
-    images: Tensor
-    state: Tensor
-    instruction: list[str]
 
 
 def _batchable(streams: Sequence[StreamingPolicy], blocks: Sequence[StepBlocks]) -> bool:

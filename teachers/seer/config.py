@@ -1,6 +1,7 @@
 """Seer's hyper-parameters, with the three released configurations and a tiny one for CPU tests.
 
-Values come from the official eval scripts plus the argparse defaults they rely on (spec §0). In
+Values come from the official eval scripts (https://github.com/OpenRobotLab/Seer) plus the argparse
+defaults they rely on. In
 particular the foresight token count is 9 per camera for Seer: the ``SeerAgent`` constructor default (10) is
 never used by a released run.
 """
@@ -89,8 +90,8 @@ class SeerConfig:
             raise ValueError(f"SeerConfig.gripper_state_dim={n} must be a positive multiple of "
                              f"gripper_dim={g} (the same number of width values per gripper)")
 
-    # Token layout within one step (spec §1.6): group A = text, state, Nq primary, Nq wrist, 2 CLS;
-    # group B = No primary foresight, No wrist foresight, P action queries.
+    # Token layout within one step, as Seer's model builds it: group A = text, state, Nq primary, Nq wrist,
+    # 2 CLS; group B = No primary foresight, No wrist foresight, P action queries.
     @property
     def num_a_tokens(self) -> int:
         return 2 + 2 * self.num_resampler_queries + 2
@@ -158,7 +159,7 @@ PRESETS: dict[str, SeerConfig] = {
     ),
 }
 
-# Trainable parameters of each released checkpoint (measured on the official model, spec §0): everything
+# Trainable parameters of each released checkpoint (counted on the official model code): everything
 # except the frozen MAE ViT and CLIP and the fixed image-decoder position embedding.
 RELEASED_TRAINABLE_PARAMETERS = {
     "seer_calvin": 67_689_614,

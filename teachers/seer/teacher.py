@@ -24,6 +24,7 @@ from teachers.seer.modeling import SeerModel, SeerOutput
 from teachers.seer.text import CLIPTextEncoder
 from teachers.seer.training import SeerObjective, seer_training_loss
 from vitavla.batch import RobotSpec, Window
+from vitavla.images import normalize_images
 
 # CLIP's image normalisation (Seer uses CLIP's transform for both cameras, not ImageNet statistics).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -119,8 +120,6 @@ class SeerTeacher(Teacher):
         self.max_steps = cfg.sequence_length
         self.image_size = cfg.image_size
         self.robot = robot_spec(cfg)
-        self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(3, 1, 1), persistent=False)
 
     @property
     def action_head(self) -> ActionHead:
@@ -130,10 +129,7 @@ class SeerTeacher(Teacher):
     def normalize_images(self, images: Tensor) -> Tensor:
         """uint8 (..., 3, H, W) -> float CLIP-normalised, on the model's device and dtype."""
         ref = self.model.transformer_backbone_position_embedding
-        x = images.to(ref.device, non_blocking=True).to(ref.dtype)
-        # (x / 255 - mean) / std as one fused multiply-add: two passes over the frames instead of four.
-        scale = 1.0 / (255.0 * self.clip_std)
-        return torch.addcmul((-self.clip_mean / self.clip_std).to(ref.dtype), x, scale.to(ref.dtype))
+        return normalize_images(images.to(ref.device, non_blocking=True), CLIP_MEAN, CLIP_STD, ref.dtype)
 
     def forward(self, window: Window, predict_images: bool = False) -> SeerOutput:
         """Every Seer output for a window (T <= S steps); step t depends on steps <= t only."""

@@ -5,8 +5,8 @@ of every frame in training mode only (Seer shifts the CLIP-normalised frames; sh
 normalising gives the same values for a quarter of the bytes).
 
 Windows. Seer loads ``S + future_steps`` frames per training sample (``window_size`` 13 for CALVIN's
-S = 10, 10 for LIBERO's S = 7; seer spec §3.2) so that every one of its S steps has a frame
-``future_steps`` (3) ahead to predict (§1.12). :func:`seer_training_loss` takes such a window the same way:
+S = 10, 10 for LIBERO's S = 7, in the official training scripts) so that every one of its S steps has a
+frame ``future_steps`` (3) ahead to predict. :func:`seer_training_loss` takes such a window the same way:
 
 - ``T = S + future_steps`` (``S = teacher.max_steps``, Seer's ``sequence_length``): the model reads steps
   ``[0, S)`` (images, states, instruction, action labels and masks: ``Window.slice_steps(0, S)``) and the

@@ -322,3 +322,28 @@ def test_constructor_is_jsonargparse_friendly():
     cfg = parser.parse_args(["--backbone.tokens_per_image=16", "--backbone.image_mean=[0.1,0.2,0.3]"])
     built = parser.instantiate(cfg).backbone
     assert built.tokens_per_image == 16 and built.image_mean == (0.1, 0.2, 0.3)
+
+
+def test_kv_cache_uses_the_installed_transformers_argument(name):
+    # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns; it goes in 5.40): the backbone
+    # passes whichever the installed decoder takes, so streaming neither warns now nor breaks then.
+    import logging
+    import warnings
+
+    b = backbone(name)
+    emb, pos = torch.randn(1, 6, 64), positions(1, 6)
+    mask = allowed_to_additive(window_mask(1, 6))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            first = b(emb[:, :4], mask[..., :4, :4], pos[:, :4], use_cache=True)
+            second = b(emb[:, 4:], mask[..., 4:, :], pos[:, 4:], past_key_values=first.cache, use_cache=True)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+    assert not [m for m in said if "past_key_values" in m], said
+    assert second.cache is first.cache and second.cache.get_seq_length() == 6  # the cache went in, and grew

@@ -22,73 +22,10 @@ from vitavla.backbones.internvl import InternVLBackbone
 from vitavla.batch import RobotSpec, collate_windows
 from vitavla.modules import DistillationModule, PolicyModule
 from vitavla.student import VLAStudent
+from tests.conftest import CAMS, episode_arrays, jpeg, write_dataset, write_episode  # noqa: F401
 
-CAMS = ("cam_high", "cam_low", "cam_left_wrist", "cam_right_wrist")  # act-plus-plus order, not alphabetical
 COLS = {"left": [*range(7)], "right": [*range(7, 14)], "both": [*range(6), *range(7, 13), 6, 13]}
 
-
-
-def episode_arrays(t: int, width: int = 14, hw=(48, 64), cams=CAMS, seed: int = 0) -> dict:
-    """Smooth joint trajectories, gripper widths in [0, 0.04] and smooth, camera-distinct colour images."""
-    rng = np.random.default_rng(seed)
-    steps = np.arange(t)[:, None]
-    qpos = 0.8 * np.sin(0.3 * steps + np.arange(width) + seed) + rng.normal(0, 0.01, (t, width))
-    for g in range(6, width, 7):
-        qpos[:, g] = 0.02 + 0.02 * np.cos(0.4 * steps[:, 0] + g + seed)
-    action = qpos + rng.normal(0, 0.05, qpos.shape)
-    yy, xx = np.mgrid[: hw[0], : hw[1]]
-    images = {}
-    for c, cam in enumerate(cams):
-        frames = np.empty((t, *hw, 3), np.uint8)
-        for i in range(t):  # R: x ramp, G: y ramp, B: camera constant, so a channel swap shows
-            frames[i, ..., 0] = np.clip(xx * 200 / hw[1] + 3 * i + seed, 0, 255)
-            frames[i, ..., 1] = np.clip(yy * 180 / hw[0] + 20 * c, 0, 255)
-            frames[i, ..., 2] = 30 + 50 * c
-        images[cam] = frames
-    return {"qpos": qpos, "action": action, "images": images}
-
-
-def jpeg(rgb: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(rgb).save(out, format="JPEG", quality=50)
-    return out.getvalue()
-
-
-def write_episode(path, arrays: dict, compress: bool = False, attrs: dict | None = None) -> None:
-    with h5py.File(path, "w") as f:
-        f.attrs["sim"], f.attrs["compress"] = False, compress
-        for k, v in (attrs or {}).items():
-            f.attrs[k] = v
-        obs = f.create_group("observations")
-        obs["qpos"], obs["qvel"] = arrays["qpos"], np.zeros_like(arrays["qpos"])
-        f["action"] = arrays["action"]
-        img = obs.create_group("images")
-        if not compress:
-            for cam, fr in arrays["images"].items():
-                img.create_dataset(cam, data=fr, chunks=(1, *fr.shape[1:]))
-            return
-        # cv2.imencode(arr) reads arr as BGR: equivalent to an RGB encoder given arr[..., ::-1].
-        enc = {cam: [jpeg(fr[..., ::-1]) for fr in frs] for cam, frs in arrays["images"].items()}
-        padded = max(len(b) for bs in enc.values() for b in bs)
-        for cam, bs in enc.items():
-            buf = np.zeros((len(bs), padded), np.uint8)
-            for i, b in enumerate(bs):
-                buf[i, : len(b)] = np.frombuffer(b, np.uint8)
-            img.create_dataset(cam, data=buf, chunks=(1, padded))
-        lengths = [[len(b) for b in bs] for bs in enc.values()]
-        f.create_dataset("compress_len", data=np.array(lengths, np.float32))  # float, like act-plus-plus
-        arrays["jpeg"] = enc
-
-
-def write_dataset(root, lengths=(9, 10, 11), ids=(0, 2, 10), compress=False, **kw) -> list[dict]:
-    """Episodes numbered so that numeric and lexicographic order differ (0, 2, 10)."""
-    root.mkdir(parents=True, exist_ok=True)
-    out = []
-    for n, (i, t) in enumerate(zip(ids, lengths)):
-        arrays = episode_arrays(t, seed=n, **kw)
-        write_episode(root / f"episode_{i}.hdf5", arrays, compress)
-        out.append(arrays)
-    return out
 
 
 def datamodule(root, tmp_path, **kw) -> AlohaDataModule:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from cli import main
-from tests.datamodules.test_aloha import write_dataset
+from tests.conftest import write_dataset
 from tests.datamodules.test_calvin import write_split
-from tests.datamodules.test_libero import make_demo, write_libero
+from tests.conftest import make_demo, write_libero
 
 
 def _snapshot(root):

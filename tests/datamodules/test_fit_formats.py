@@ -2,18 +2,14 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from cli import main
-from tests.datamodules.test_aloha import write_dataset
+from tests.conftest import FAST, libero_fit_yaml, write_dataset
 from tests.datamodules.test_calvin import write_split
-from tests.datamodules.test_libero import make_demo, write_libero
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-FAST = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", "--trainer.num_sanity_val_steps=0"]
 
 
 def _calvin(tmp: Path) -> str:
@@ -24,21 +20,6 @@ def _calvin(tmp: Path) -> str:
   class_path: datamodules.CalvinDataModule
   init_args: {{root: {tmp / 'calvin'}, num_steps: 4, batch_size: 2, num_workers: 0,
               stats_cache_dir: {tmp / 'stats'}}}
-"""
-
-
-def _libero(tmp: Path) -> str:
-    rng = np.random.default_rng(0)
-    path = tmp / "KITCHEN_SCENE1_open_the_drawer_demo.hdf5"
-    write_libero(path, {f"demo_{i}": make_demo(10, 128, rng) for i in range(3)})
-    return f"""data:
-  class_path: datamodules.LiberoDataModule
-  init_args: {{root: {path}, num_steps: 4, batch_size: 2, num_workers: 0, val_fraction: 0.34,
-              stats_cache_dir: {tmp / 'stats'}, gripper_state: width}}
-model:
-  init_args:
-    student: {{init_args: {{gripper_state: width, gripper_state_dim: 2}}}}
-    teacher: {{init_args: {{overrides: {{gripper_width: true}}}}}}
 """
 
 
@@ -60,7 +41,7 @@ model:
 @pytest.mark.parametrize("fmt", ["calvin", "libero", "aloha"])
 def test_fit_both_stages(fmt, tmp_path):
     data_yaml = tmp_path / "data.yaml"
-    data_yaml.write_text({"calvin": _calvin, "libero": _libero, "aloha": _aloha}[fmt](tmp_path))
+    data_yaml.write_text({"calvin": _calvin, "libero": libero_fit_yaml, "aloha": _aloha}[fmt](tmp_path))
     ckpts = {}
     for stage, config in (("align", "tiny_align.yaml"), ("finetune", "tiny_finetune.yaml")):
         root = tmp_path / stage

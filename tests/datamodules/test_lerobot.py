@@ -332,7 +332,7 @@ def _same_windows(src_dm, dst_dm, image_tol: int) -> None:
 def test_convert_libero_round_trip(tmp_path, capsys):
     from cli import main
     from datamodules.libero import LiberoDataModule
-    from tests.datamodules.test_libero import make_demo, write_libero
+    from tests.conftest import make_demo, write_libero
 
     rng = np.random.default_rng(0)
     path = tmp_path / "KITCHEN_SCENE1_open_the_drawer_demo.hdf5"
@@ -358,7 +358,7 @@ def test_convert_libero_round_trip(tmp_path, capsys):
 def test_convert_aloha_bimanual_round_trip(tmp_path):
     from cli import main
     from datamodules.aloha import AlohaDataModule
-    from tests.datamodules.test_aloha import write_dataset
+    from tests.conftest import write_dataset
 
     write_dataset(tmp_path / "aloha", lengths=(6, 7, 5), ids=(0, 1, 2), hw=(32, 48))
     out = tmp_path / "aloha_lerobot"
@@ -446,7 +446,8 @@ def test_lerobot_configs_chain_their_checkpoints_and_data(robot):
 
 def test_fit_both_stages_on_lerobot(tmp_path):
     from cli import main
-    from tests.datamodules.test_fit_formats import CONFIGS, FAST
+    from tests.conftest import FAST
+    from tests.datamodules.test_fit_formats import CONFIGS
 
     write(tmp_path / "ds", lengths=(9, 10, 11))  # PiPer-style 6 joints + 1 gripper
     data_yaml = tmp_path / "data.yaml"
@@ -509,7 +510,7 @@ def test_open_videos_are_bounded_and_reopened(tmp_path):
 def test_convert_one_camera_and_bad_codec(tmp_path):
     from datamodules.aloha import AlohaReader
     from datamodules.lerobot_write import convert
-    from tests.datamodules.test_aloha import write_dataset
+    from tests.conftest import write_dataset
 
     src = write_dataset(tmp_path / "aloha", lengths=(5, 6), ids=(0, 1), hw=(32, 48))
     aloha = AlohaReader(tmp_path / "aloha", static_camera="cam_high", wrist_camera="cam_high",

@@ -1,6 +1,6 @@
-"""LiberoReader / LiberoDataModule on small HDF5 files written here in LIBERO's exact layout (spec
-§2.4/§2.5): windows against the source arrays, conventions, every bad-data message, and short fits of both
-stages."""
+"""LiberoReader / LiberoDataModule on small HDF5 files written here in LIBERO's exact layout (see
+datamodules/libero.py): windows against the source arrays, conventions, every bad-data message, and short
+fits of both stages."""
 
 from __future__ import annotations
 
@@ -17,47 +17,12 @@ import torch
 
 from datamodules.base import DataError, MemoryReader, WindowDataset, resize_uint8
 from datamodules.libero import LiberoDataModule, LiberoReader, instruction_from_filename
+from tests.conftest import make_demo, write_libero
 
 KITCHEN = "KITCHEN_SCENE3_turn_on_the_stove_and_put_the_moka_pot_on_it_demo.hdf5"
 LIVING = "LIVING_ROOM_SCENE2_put_both_the_alphabet_soup_and_the_tomato_sauce_in_the_basket_demo.hdf5"
 KITCHEN_TEXT = "Turn on the stove and put the moka pot on it"  # problem_info wins over the file name
 LIVING_TEXT = "put both the alphabet soup and the tomato sauce in the basket"  # from the file name
-
-
-def make_demo(length: int, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Source arrays of one demo with LIBERO's dtypes: uint8 images, float64 low-dim data and actions."""
-    grip = np.where(np.arange(length) < length // 2, -1.0, 1.0)  # open, then close halfway
-    return {
-        "agentview_rgb": rng.integers(0, 256, (length, size, size, 3), dtype=np.uint8),
-        "eye_in_hand_rgb": rng.integers(0, 256, (length, size, size, 3), dtype=np.uint8),
-        "ee_states": rng.normal(size=(length, 6)),
-        "gripper_states": rng.uniform(-0.04, 0.04, (length, 2)),
-        "joint_states": rng.normal(size=(length, 7)),
-        "actions": np.concatenate([rng.uniform(-0.9, 0.9, (length, 6)), grip[:, None]], axis=1),
-    }
-
-
-def write_libero(path: Path, demos: dict[str, dict[str, np.ndarray]], split_ee: bool = False,
-                 problem_info: str | None = None) -> None:
-    """``data/demo_N/{actions, obs/...}``; ``split_ee`` writes ee_pos + ee_ori like some regenerated files."""
-    with h5py.File(path, "w") as h:
-        data = h.create_group("data")
-        if problem_info is not None:
-            data.attrs["problem_info"] = problem_info
-        data.attrs["num_demos"] = len(demos)
-        for name, arrays in demos.items():
-            g = data.create_group(name)
-            g.create_dataset("actions", data=arrays["actions"])
-            g.create_dataset("dones", data=np.zeros(len(arrays["actions"]), np.uint8))
-            obs = g.create_group("obs")
-            for key, value in arrays.items():
-                if key == "actions":
-                    continue
-                if key == "ee_states" and split_ee:
-                    obs.create_dataset("ee_pos", data=value[:, :3])
-                    obs.create_dataset("ee_ori", data=value[:, 3:])
-                else:
-                    obs.create_dataset(key, data=value)
 
 
 @pytest.fixture(scope="module")

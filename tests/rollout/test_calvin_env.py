@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.calvin import to_state
-from teachers.base import ActionOutput
 from datamodules.calvin_rollout import CalvinRolloutDataModule
+from teachers.base import ActionOutput
 from vitavla.errors import ConfigError, MissingDependencyError
+from vitavla.layouts import calvin_state as to_state
 from vitavla.rollout import pyhash_compat
 from vitavla.rollout.calvin_env import (CalvinSimEnv, env_state, load_calvin_chains, load_instructions,
                                         load_task_oracle, main, write_chains)
@@ -570,3 +570,16 @@ def test_real_calvin_env_without_a_dataset(tmp_path, monkeypatch):
         sim = env._env
         env.close()
     assert env._env is None and sim.close() is None  # closed for good: a second close is a no-op
+
+
+def test_calvin_adapter_imports_stay_free_of_lightning():
+    # CALVIN simulator workers import this adapter; its state layout once came from datamodules.calvin, which
+    # pulled datamodules.base and Lightning into every worker. The layout now lives in vitavla.layouts.
+    import subprocess
+
+    code = ("import sys, vitavla.rollout.calvin_env; "
+            "print(sorted(m for m in ('lightning', 'datamodules') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

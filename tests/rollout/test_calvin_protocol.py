@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from teachers.base import ActionOutput
-from tests.vitavla.helpers import tiny_policy
+from tests.conftest import tiny_policy
 from vitavla.rollout.calvin_protocol import (Chain, ChainResult, average_length, calvin_oracle, chain_metrics,
                                              count_success, evaluate_calvin, load_chains, run_chain, summary)
 from vitavla.rollout.env import ScriptedStandInEnv

@@ -6,16 +6,16 @@ from pathlib import Path
 import pytest
 
 from cli import main
-from tests.datamodules.test_fit_formats import FAST, _libero
+from tests.conftest import FAST, libero_fit_yaml
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.sim
-def test_fit_then_vitavla_test_in_libero(tmp_path):
+def test_fit_then_vitavla_test_inlibero_fit_yaml(tmp_path):
     pytest.importorskip("libero.libero")
     data_yaml = tmp_path / "data.yaml"
-    data_yaml.write_text(_libero(tmp_path))
+    data_yaml.write_text(libero_fit_yaml(tmp_path))
     fit_root = tmp_path / "fit"
     main(["fit", "--config", str(CONFIGS / "tiny_finetune.yaml"), "--config", str(data_yaml),
           "--model.init_args.init_mode=only_finetune", "--model.init_args.init_from=null",

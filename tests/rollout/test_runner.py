@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from teachers.base import ActionOutput
-from tests.vitavla.helpers import tiny_policy
+from tests.conftest import tiny_policy
 from vitavla.rollout.env import ScriptedStandInEnv
 from vitavla.rollout.executors import ChunkExecutor, FirstActionExecutor, TemporalEnsembleExecutor
 from vitavla.rollout.runner import EpisodeSpec, evaluate, load_results, run_episode, shard, to_observation

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.sim
 
 def test_libero_env_and_runner():
     pytest.importorskip("libero.libero")
-    from tests.vitavla.helpers import tiny_policy
+    from tests.conftest import tiny_policy
     from vitavla.rollout.executors import FirstActionExecutor
     from vitavla.rollout.libero_env import LiberoEnv, quat2axisangle
     from vitavla.rollout.runner import EpisodeSpec, as_step_policy, run_episode

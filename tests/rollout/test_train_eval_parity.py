@@ -11,11 +11,11 @@ import torch
 
 import datamodules.base
 import vitavla.images
-import vitavla.rollout.runner
+import vitavla.rollout.episode
 from datamodules.base import WindowDataset
 from datamodules.libero import LiberoDataModule, LiberoReader
 from datamodules.normalization import Normalizer
-from tests.datamodules.test_libero import make_demo, write_libero
+from tests.conftest import make_demo, write_libero
 from vitavla.images import resize_uint8
 from vitavla.rollout.env import Obs
 from vitavla.rollout.runner import to_observation
@@ -33,7 +33,7 @@ def _windows(root, image_size: int, flip: bool, tmp_path) -> WindowDataset:
 @pytest.mark.parametrize("size", [24, 40, 64])  # down, same, up
 def test_training_and_rollout_resize_give_identical_bytes(tmp_path, size):
     # One function on both paths (not two that happen to agree today).
-    assert datamodules.base.resize_uint8 is vitavla.images.resize_uint8 is vitavla.rollout.runner.resize_uint8
+    assert datamodules.base.resize_uint8 is vitavla.images.resize_uint8 is vitavla.rollout.episode.resize_uint8
     rng = np.random.default_rng(size)
     demo = make_demo(5, 40, rng)
     path = tmp_path / "pick_up_the_cup_demo.hdf5"

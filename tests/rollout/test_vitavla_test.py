@@ -78,6 +78,45 @@ def test_vitavla_test_runs_rollouts_and_resumes_without_new_episodes(stage2_ckpt
     assert {k: again[k] for k in keys} == {k: res[k] for k in keys}
 
 
+def test_reused_out_dir_refuses_another_checkpoint_or_env_and_extends_with_the_same(stage2_ckpt, tmp_path):
+    """Issue 16 item 2: a rerun in the same out_dir with another checkpoint used to report the earlier
+    checkpoint's finished episodes as its own. Records are bound to checkpoint, policy, env and protocol."""
+    import torch
+
+    out = vitavla_test(stage2_ckpt, tmp_path, "--data.init_args.episodes_per_task=1")
+    binding = json.loads((out / "binding.json").read_text())
+    assert binding["checkpoint"]["path"] == str(stage2_ckpt) and len(binding["checkpoint"]["sha256"]) == 64
+    assert binding["env"]["init_args"]["steps"] == 4 and binding["protocol"]["executor"] == "ensemble"
+    before = (out / "episodes.rank0.jsonl").read_text()
+
+    other = tmp_path / "other.ckpt"  # the same checkpoint with one weight changed: another policy
+    ckpt = torch.load(stage2_ckpt, weights_only=True)
+    name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][name] = ckpt["state_dict"][name] + 1.0
+    torch.save(ckpt, other)
+    for ckpt_path, extra, named in [(other, (), "checkpoint sha256"),
+                                    (stage2_ckpt, ("--data.init_args.env.init_args.speed=0.5",),
+                                     "env.init_args.speed: now 0.5, recorded 0.25"),
+                                    (stage2_ckpt, ("--data.init_args.executor=first",),
+                                     "protocol.executor: now 'first', recorded 'ensemble'")]:
+        with pytest.raises(SystemExit) as e:
+            vitavla_test(ckpt_path, tmp_path, "--data.init_args.episodes_per_task=1", *extra)
+        assert str(e.value.code).startswith(
+            f"vitavla: error: UserFacingError: {out} holds episodes of another evaluation")
+        assert named in str(e.value.code) and "use a new data.init_args.out_dir" in str(e.value.code)
+        assert (out / "episodes.rank0.jsonl").read_text() == before  # nothing was run or appended
+
+    # The same evaluation with more episodes per task resumes: the first episodes are kept, the rest run.
+    vitavla_test(stage2_ckpt, tmp_path)
+    after = (out / "episodes.rank0.jsonl").read_text()
+    assert after.startswith(before) and lines(out) == 4
+
+    # Finished records without a binding (written before it existed) cannot be attributed: refused.
+    (out / "binding.json").unlink()
+    with pytest.raises(SystemExit, match="holds finished episodes .*without binding.json"):
+        vitavla_test(stage2_ckpt, tmp_path)
+
+
 def test_simulator_crashes_are_retried_once_and_never_counted(stage2_ckpt, tmp_path):
     out = vitavla_test(stage2_ckpt, tmp_path, "--data.init_args.env.init_args.crash_at=1",
                        "--data.init_args.episodes_per_task=1")

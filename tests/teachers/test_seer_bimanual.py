@@ -159,7 +159,7 @@ def test_teacher_aloha_config_builds_a_seer_for_the_aloha_datamodules_robot(tmp_
     import yaml
 
     from datamodules import AlohaDataModule
-    from tests.datamodules.test_aloha import write_dataset
+    from tests.conftest import write_dataset
 
     cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "teacher_aloha.yaml").read_text())
     teacher, data = cfg["model"]["init_args"]["teacher"], cfg["data"]

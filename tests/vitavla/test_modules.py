@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from teachers.transformer_teacher import TransformerTeacher
-from tests.vitavla.helpers import tiny_backbone, window
+from tests.conftest import tiny_backbone, window
 from vitavla.checkpoint_io import CheckpointMismatchError, read_state_dict
 from vitavla.modules import DistillationModule, OptimConfig, PolicyModule
 from vitavla.student import VLAStudent

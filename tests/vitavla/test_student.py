@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.vitavla.helpers import tiny_policy, window
+from tests.conftest import tiny_policy, window
 from vitavla.batch import BatchError, RobotSpec
 
 

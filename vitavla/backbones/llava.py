@@ -8,6 +8,8 @@ or building a tiny model, normalization, ``get_image_features`` unwrapping, and 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 from abc import abstractmethod
@@ -17,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitavla.backbones.base import Backbone, BackboneOutput, normalize_images, pool_tokens
+from vitavla.backbones.base import Backbone, BackboneOutput, pool_tokens
 from vitavla.backbones.tiny import default_image_stats, tiny_llava, tiny_llava_config
+from vitavla.images import normalize_images
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -45,6 +48,13 @@ def _side(size) -> int:
             raise ValueError(f"only square sizes are supported, got {tuple(size)}")
         return int(size[0])
     return int(size)
+
+
+@functools.cache
+def _cache_keyword(decoder: type) -> str:
+    """The name of the KV-cache argument of ``decoder.forward``: ``cache`` from transformers 5.24 on, where
+    the old ``past_key_values`` warns and is to be removed in 5.40; ``past_key_values`` in 5.20-5.23."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 class HFVLMBackbone(Backbone):
@@ -256,11 +266,14 @@ class HFVLMBackbone(Backbone):
         mask = self._additive_mask(attention_mask, inputs_embeds.dtype)
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache()
-        out = self.model.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache,
+        decoder = self.model.language_model
+        out = decoder(
+            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=use_cache,
+            **{_cache_keyword(type(decoder)): past_key_values},
         )
-        return BackboneOutput(hidden=out.last_hidden_state, cache=out.past_key_values if use_cache else None)
+        # The output field was renamed with the argument; a ModelOutput holds only the fields that are set.
+        cache = next((out[k] for k in ("cache", "past_key_values") if k in out.keys()), None) if use_cache else None
+        return BackboneOutput(hidden=out.last_hidden_state, cache=cache)
 
     @staticmethod
     def _additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:

@@ -277,9 +277,9 @@ class TaskResult:
 
 
 def _task_info(cfg: GenConfig, task: int) -> tuple[str, dict, dict, str]:
-    from vitavla.rollout.libero_env import _libero
+    from vitavla.rollout.libero_env import import_libero
 
-    benchmark, get_path, _ = _libero()
+    benchmark, get_path, _ = import_libero()
     bench = benchmark.get_benchmark_dict()[cfg.suite]()
     t = bench.get_task(task)
     bddl = os.path.join(get_path("bddl_files"), t.problem_folder, t.bddl_file)
@@ -303,13 +303,13 @@ def generate(cfg: GenConfig, log: Callable[[str], None] = print) -> list[TaskRes
     Attempts go to ``cfg.workers`` spawned processes (one LiberoEnv each) in order; the kept demos are the
     first successes in attempt order, so the output does not depend on the number of workers.
     """
-    from vitavla.rollout.libero_env import _libero, _set_gl
+    from vitavla.rollout.libero_env import import_libero, set_gl_backend
 
     if cfg.episodes < 1 or cfg.workers < 1 or cfg.image_size < 8 or cfg.max_steps < 1:
         raise ValueError(f"episodes, workers, max_steps must be >= 1 and image_size >= 8, got "
                          f"{cfg.episodes}, {cfg.workers}, {cfg.max_steps}, {cfg.image_size}")
-    _set_gl("egl")
-    benchmark, _, _ = _libero()
+    set_gl_backend("egl")
+    benchmark, _, _ = import_libero()
     suites = benchmark.get_benchmark_dict()
     if cfg.suite not in suites:
         raise ValueError(f"unknown LIBERO suite {cfg.suite!r}; available: {sorted(suites)}")

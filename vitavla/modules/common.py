@@ -10,6 +10,7 @@ from torch import nn
 
 from vitavla.batch import Window
 from vitavla.checkpoint_io import check_fit
+from vitavla.errors import ConfigError
 
 
 @dataclass
@@ -100,12 +101,19 @@ class WindowModule(L.LightningModule):
         data = getattr(self.trainer, "datamodule", None)
         robot = getattr(data, "robot", None)
         student = self.student_module()
+        # ConfigError (a UserFacingError): a mismatch of two config sections is a usage mistake, printed by
+        # the CLI as this one line, not as a traceback from inside Lightning's setup.
         if robot is not None:
-            robot.check_compatible(student.robot, f"data ({type(data).__name__})", "student")
+            try:
+                robot.check_compatible(student.robot, f"data ({type(data).__name__})", "student")
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
         size = getattr(data, "image_size", None)
         if size is not None and size != student.backbone.image_size:
-            raise ValueError(f"data ({type(data).__name__}) yields {size}px images but the student backbone "
-                             f"is configured for {student.backbone.image_size}px")
+            raise ConfigError(f"data.init_args.image_size: {type(data).__name__} yields {size}px images but "
+                              f"the student backbone is configured for {student.backbone.image_size}px "
+                              "(model.init_args.student.init_args.backbone.init_args.image_size); set both "
+                              "to the same size")
 
     def student_module(self):
         raise TypeError(f"{type(self).__name__} must define student_module()")
@@ -165,7 +173,9 @@ class WindowModule(L.LightningModule):
             stage = getattr(fn, "value", "predict")
             expected = {k: v for k, v in self.checkpoint_shapes().items()
                         if k in state or k not in self.optional_checkpoint_keys(stage)}
-            source = getattr(trainer, "ckpt_path", None) or "the checkpoint"
+            # Outside a Trainer (vitavla export) the reader sets loading_from, so the message names the file.
+            source = (getattr(trainer, "ckpt_path", None) or getattr(self, "loading_from", None)
+                      or "the checkpoint")
             check_fit(state, expected, source, f"{type(self).__name__} (its trainable parameters, which its "
                       "checkpoints hold)", max_listed=4,
                       notes=["a stage-1 (DistillationModule) checkpoint goes to PolicyModule's init_from, not "

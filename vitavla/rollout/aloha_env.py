@@ -21,13 +21,13 @@ import os
 
 import numpy as np
 
-from datamodules.aloha_layout import ARM_COLUMNS
+from vitavla.layouts import ALOHA_ARM_COLUMNS
 from vitavla.rollout.env import Obs, RolloutEnv
 
 TASKS = {"transfer_cube": ("gym_aloha/AlohaTransferCube-v0", "transfer the cube to the other arm"),
          "insertion": ("gym_aloha/AlohaInsertion-v0", "insert the peg into the socket")}
 # gym-aloha column -> model column, the datamodule's own bimanual reorder (one source of truth).
-TO_MODEL = np.array(ARM_COLUMNS[14]["both"])
+TO_MODEL = np.array(ALOHA_ARM_COLUMNS[14]["both"])
 TO_GYM = np.argsort(TO_MODEL)  # inverse permutation: model column -> gym-aloha column
 
 

@@ -29,7 +29,7 @@ What comes from where, as in ``calvin_agent/evaluation/evaluate_policy.py``:
 
 Observations match :class:`datamodules.CalvinDataModule`: static = ``rgb_static`` (200 x 200), wrist =
 ``rgb_gripper`` (84 x 84), state = ``robot_obs[0:6]`` (TCP position + Euler angles) and the previous gripper
-action ``robot_obs[14]`` mapped from -1 closed / +1 open to 0 / 1 (:func:`datamodules.calvin.to_state`).
+action ``robot_obs[14]`` mapped from -1 closed / +1 open to 0 / 1 (:func:`vitavla.layouts.calvin_state`, shared with the dataset reader).
 Actions are CALVIN ``rel_actions``: 6 values in [-1, 1] then the gripper, sent as exactly -1 or +1 (calvin_env
 asserts it).
 
@@ -54,8 +54,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from datamodules.calvin import to_state
 from vitavla.errors import ConfigError, MissingDependencyError
+from vitavla.layouts import calvin_state
 from vitavla.rollout import pyhash_compat
 from vitavla.rollout.calvin_protocol import NUM_SUBTASKS, Chain, Oracle, calvin_oracle, load_chains
 from vitavla.rollout.env import Obs
@@ -460,7 +460,7 @@ class CalvinSimEnv:
         if robot_obs.shape != (ROBOT_OBS_DIM,):
             raise ConfigError(f"calvin_env robot_obs has shape {robot_obs.shape}, expected ({ROBOT_OBS_DIM},) "
                              "(euler_obs: true, as in the CALVIN datasets)")
-        return Obs(static, wrist, to_state(robot_obs[None])[0], "")
+        return Obs(static, wrist, calvin_state(robot_obs[None])[0], "")
 
 
 def _closed() -> None:

@@ -68,7 +68,7 @@ class CalvinRolloutTestCallback(RolloutTestCallback):
         self.metrics = ChainCounts().to(pl_module.device)
         self.metrics.update(None)
 
-    def run(self, pl_module: LightningModule, spec: EpisodeSpec) -> dict:
+    def run(self, spec: EpisodeSpec) -> dict:
         """The final record of chain ``spec.episode_index``: from an earlier run if finished there, else run
         now; a crashed attempt is recorded, the env closed (it restarts on the next reset) and retried."""
         while not self.finished(spec):

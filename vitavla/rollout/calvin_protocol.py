@@ -1,4 +1,4 @@
-"""CALVIN long-horizon evaluation logic, simulator-free (ecosystem spec §3.5, seer spec §6.2).
+"""CALVIN long-horizon evaluation logic, simulator-free (the protocol of Mees et al., 2022, as Seer runs it).
 
 Mirrors ``calvin_agent/evaluation/evaluate_policy.py``: every chain starts from its initial scene state
 (the env is reset once per chain, never between subtasks), every subtask resets the policy, uses the
@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from datamodules.normalization import Normalizer
+from vitavla.normalizer import Normalizer
 from vitavla.rollout.env import Obs
+from vitavla.rollout.episode import EnvError, sim_call
 from vitavla.rollout.executors import ActionExecutor, FirstActionExecutor
-from vitavla.rollout.runner import (Controller, StepPolicy, _append, _EnvError, _final, _sim, as_step_policy,
-                                    load_results)
+from vitavla.rollout.runner import Controller, StepPolicy, _append, _final, as_step_policy, load_results
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def check_subtasks(chains: Sequence[Chain], instructions: Mapping[str, str] | Ca
 
 
 class _GuardedEnv:
-    """Times a :class:`CalvinEnv` and turns any exception it raises into ``_EnvError`` (a simulator crash),
+    """Times a :class:`CalvinEnv` and turns any exception it raises into ``EnvError`` (a simulator crash),
     so that :func:`run_chain_attempt` can tell crashes from policy bugs, which propagate."""
 
     def __init__(self, env: CalvinEnv):
@@ -197,7 +197,7 @@ class _GuardedEnv:
     def _call(self, fn, *args):
         start = time.perf_counter()
         try:
-            return _sim(fn, *args)
+            return sim_call(fn, *args)
         finally:
             self.seconds += time.perf_counter() - start
 
@@ -227,13 +227,13 @@ def run_chain_attempt(env: CalvinEnv, policy: StepPolicy, chain: Chain, index: i
     guarded = _GuardedEnv(env)
 
     def guarded_oracle(start: dict, current: dict, subtask: str) -> bool:
-        return _sim(oracle, start, current, subtask)
+        return sim_call(oracle, start, current, subtask)
 
     error, result = None, ChainResult(list(chain.subtasks), 0)
     try:
         result = run_chain(guarded, policy, chain, guarded_oracle, instructions, ep_len, executor, normalizer,
                            image_size)
-    except _EnvError as e:
+    except EnvError as e:
         error = str(e)
     return {"chain": index, "task": 0, "episode": index, "seed": seed, "subtasks": list(chain.subtasks),
             "completed": result.completed, "steps": result.steps, "success": result.completed == NUM_SUBTASKS,

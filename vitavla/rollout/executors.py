@@ -1,18 +1,20 @@
 """Action executors: which action of the predicted chunks is sent to the environment at step t.
 
 The policy predicts, at every step it is queried, a chunk of C future actions (arm in [-1, 1], gripper
-probability in [0, 1]). Benchmarks disagree on how that chunk is used (ecosystem spec §2.7), so the choice
-is an object of its own:
+probability in [0, 1]). Benchmarks disagree on how that chunk is used (Seer, OpenVLA-OFT and openpi each
+do it differently), so the choice is an object of its own:
 
-* :class:`FirstActionExecutor` - query every step, execute the first action (Seer on CALVIN, spec §3.6).
+* :class:`FirstActionExecutor` - query every step, execute the first action (Seer's CALVIN evaluation,
+  https://github.com/OpenRobotLab/Seer).
 * :class:`ChunkExecutor` - execute the chunk open-loop and query only every ``steps`` steps
   (OpenVLA-OFT executes all 8, openpi the first 5 of 10).
 * :class:`TemporalEnsembleExecutor` - query every step and average every prediction made for step t with
-  weights exp(-k i), i = 0 the oldest (Seer on LIBERO, seer spec §6.3).
+  weights exp(-k i), i = 0 the oldest (Seer's LIBERO evaluation; the temporal ensembling of ACT, Zhao et al.
+  2023).
 
 All executors work on B environments stepped in lockstep (the batch of one :class:`StreamingPolicy`) and
 never mix values across the batch. Their output is still normalized; :func:`to_env_action` maps it to raw
-env units with the dataset's :class:`~datamodules.normalization.Normalizer`.
+env units with the dataset's :class:`~vitavla.normalizer.Normalizer`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.normalization import Normalizer
-from teachers.base import ActionOutput
+from vitavla.action_head import ActionOutput
+from vitavla.normalizer import Normalizer
 
 GripperMode = Literal["binary", "continuous"]
 
@@ -65,7 +67,7 @@ class ActionExecutor(ABC):
         """Normalized action (B, arm_dim + g): arm in [-1, 1], gripper 0/1 (binary) or a probability."""
         arm, prob = self._select(t)
         if self.gripper_mode == "binary":
-            # Seer thresholds sigmoid > 0.5 (strictly), after any averaging (seer spec §6.1, §6.3).
+            # Seer's evaluation thresholds sigmoid > 0.5 (strictly), after any averaging (CALVIN and LIBERO).
             prob = (prob > self.threshold).to(prob.dtype)
         return torch.cat([arm, prob], dim=-1)
 

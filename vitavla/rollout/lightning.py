@@ -24,9 +24,12 @@ log ``test/success_task{t}`` and the ranks' collectives would no longer match.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -35,7 +38,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 
-from datamodules.normalization import Normalizer
+from vitavla.errors import UserFacingError
+from vitavla.normalizer import Normalizer
 from vitavla.rollout.runner import (EpisodeResult, EpisodeSpec, _append, _final, load_results, result_record,
                                    run_episode)
 from vitavla.rollout.stats import success_ci95
@@ -90,6 +94,149 @@ def _key(record: dict) -> tuple[int, int, int]:
     return record["task"], record["episode"], record["seed"]
 
 
+BINDING_FILE = "binding.json"
+"""In ``out_dir``: what produced its episode records (see :func:`evaluation_binding`)."""
+
+
+def _jsonable(value):
+    """``value`` as plain JSON (paths, sets and other objects by ``str``), for comparison across runs."""
+    return json.loads(json.dumps(value, sort_keys=True, default=lambda o: sorted(map(str, o))
+                                 if isinstance(o, (set, frozenset)) else str(o)))
+
+
+def _qualname(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def weights_sha256(ckpt_path: str | Path | None, module: torch.nn.Module) -> str:
+    """SHA-256 of the evaluated weights: of the checkpoint file (or every file of an exported policy
+    directory, names included) when there is one, else of the module's own tensors (weights that came from
+    config paths, e.g. a teacher's file, which can be rewritten in place between two runs)."""
+    h = hashlib.sha256()
+    path = Path(ckpt_path) if ckpt_path else None
+    if path is None and hasattr(module, "path") and Path(str(module.path)).is_dir():
+        path = Path(str(module.path))  # ExportedPolicyModule: the CLI passes the directory, not ckpt_path
+    if path is not None and path.exists():
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            h.update(str(f.relative_to(path)).encode() if path.is_dir() else b"")
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 23):
+                    h.update(chunk)
+        return h.hexdigest()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cli_config(trainer: Trainer):
+    """The resolved ``vitavla`` config of this run (LightningCLI's SaveConfigCallback holds it), or None
+    when the trainer was built in Python."""
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, SaveConfigCallback):
+            return cb.config
+    return None
+
+
+def _env_args(env) -> dict | None:
+    """The env's constructor arguments where they are known (adapters keep them in ``_args`` to rebuild
+    themselves in worker processes; dataclass envs have their init fields)."""
+    if isinstance(getattr(env, "_args", None), dict):
+        return dict(env._args)
+    if dataclasses.is_dataclass(env):
+        return {f.name: getattr(env, f.name) for f in dataclasses.fields(env) if f.init}
+    return None
+
+
+def evaluation_binding(trainer: Trainer, pl_module: LightningModule, env, policy) -> dict:
+    """What an evaluation's episode records depend on: the evaluated weights (SHA-256), the policy config
+    (the model section), the env config and the closed-loop protocol (executor, settling, normalizer use,
+    image size). The number of episodes, tasks, retries, parallelism and video settings are left out on
+    purpose: records are keyed by episode, so a rerun may extend or narrow the evaluation."""
+    dm = trainer.datamodule
+    config = _cli_config(trainer)
+    if config is not None and config.get("model") is not None:
+        model_config = config["model"].as_dict() if hasattr(config["model"], "as_dict") else config["model"]
+    else:
+        model_config = {"class_path": _qualname(pl_module),
+                        "hparams": dict(getattr(pl_module, "hparams", {}))}
+    env_config = None
+    if config is not None and config.get("data") is not None:
+        data = config["data"]
+        env_config = data.get("init_args", {}).get("env") if hasattr(data, "get") else None
+        env_config = env_config.as_dict() if hasattr(env_config, "as_dict") else env_config
+    if env_config is None:
+        env_config = {"class_path": _qualname(env), "init_args": _env_args(env)}
+    protocol = {name: getattr(dm, name, None) for name in
+                ("executor", "ensemble_k", "chunk_steps", "settle_steps", "allow_missing_normalizer")}
+    protocol.update(env_protocol=getattr(env, "protocol", None), image_size=int(policy.image_size))
+    return _jsonable({"checkpoint": {"sha256": weights_sha256(trainer.ckpt_path, pl_module),
+                                     "path": str(trainer.ckpt_path or getattr(pl_module, "path", "") or "")},
+                      "policy": model_config, "env": env_config, "protocol": protocol})
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def binding_differences(recorded: dict, current: dict) -> list[str]:
+    """``key: now X, recorded Y`` for each setting that differs (the checkpoint's path alone does not: the
+    same file may be evaluated from another place)."""
+    a, b = _flatten(recorded), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key == "checkpoint.path" or a.get(key) == b.get(key):
+            continue
+        if key == "checkpoint.sha256":
+            now, then = b.get("checkpoint.path") or "no file", a.get("checkpoint.path") or "no file"
+            diffs.append(f"checkpoint sha256 {str(b.get(key))[:12]} ({now}), "
+                         f"recorded {str(a.get(key))[:12]} ({then})")
+        else:
+            diffs.append(f"{key}: now {b.get(key)!r}, recorded {a.get(key)!r}")
+    return diffs
+
+
+def check_binding(out_dir: Path, binding: dict) -> None:
+    """Bind ``out_dir``'s episode records to ``binding``: refuse (naming the differences) when they were
+    produced by another checkpoint, policy, env or protocol, else record it (atomically) before any episode.
+
+    Records without a binding file come from a version before it existed; finished episodes among them
+    cannot be attributed, so they are refused too. Error-only records are harmless: errors are always re-run.
+    """
+    path = out_dir / BINDING_FILE
+    start_over = (f"use a new data.init_args.out_dir, or delete {out_dir}/episodes.rank*.jsonl and "
+                  f"{BINDING_FILE} to start over")
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text())
+        except ValueError as err:
+            raise UserFacingError(f"{path}: not valid JSON ({err}); {start_over}") from err
+        diffs = binding_differences(recorded, binding)
+        if diffs:
+            shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+            raise UserFacingError(f"{out_dir} holds episodes of another evaluation ({shown}); resuming would "
+                                  f"mix them into this one's results: {start_over}")
+        return
+    finished = [p.name for p in sorted(out_dir.glob("episodes.rank*.jsonl"))
+                if any(r.get("error") is None for r in _read_records(p))]
+    if finished:
+        raise UserFacingError(f"{out_dir} holds finished episodes ({', '.join(finished)}) without "
+                              f"{BINDING_FILE}, so nothing says which checkpoint and settings produced them; "
+                              f"{start_over}")
+    tmp = path.with_name(f".{BINDING_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(binding, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)  # every rank writes the same content; a reader never sees half a file
+
+
 def _report_module():
     """``vitavla.rollout.report`` (plots, videos, TensorBoard) when installed; evaluation never needs it."""
     if importlib.util.find_spec("vitavla.rollout.report") is None:
@@ -130,7 +277,9 @@ class RolloutTestCallback(Callback):
         self.videos_per_task = dm.record_videos_per_task
         self.first_episode = getattr(dm, "first_episode", 0)
         # Resume: every rank reads every rank's file, so a run restarted with another world size (hence
-        # other shards) still skips whatever any earlier process finished.
+        # other shards) still skips whatever any earlier process finished -- but only records of this same
+        # evaluation (checkpoint, policy, env, protocol): another checkpoint's episodes must never be reused.
+        check_binding(self.out_dir, evaluation_binding(trainer, pl_module, self.env, self.policy))
         self.by_key = {}
         for path in sorted(self.out_dir.glob("episodes.rank*.jsonl")):
             for r in (load_results(path) if path == self.path else _read_records(path)):
@@ -210,7 +359,7 @@ class RolloutTestCallback(Callback):
             self.reporter.save_videos([res], self.out_dir / "videos", per_task=self.videos_per_task,
                                       task_names=self.names)
 
-    def run(self, pl_module: LightningModule, spec: EpisodeSpec) -> dict:
+    def run(self, spec: EpisodeSpec) -> dict:
         """The final record of ``spec``: taken from an earlier run if finished there, else run now.
 
         A simulator crash is appended as an error record, the env is closed (its state is not trusted; the
@@ -224,12 +373,12 @@ class RolloutTestCallback(Callback):
                 self.env.close()
         return _final(self.by_key[spec.key])
 
-    def run_batch(self, pl_module: LightningModule, specs: list[EpisodeSpec]) -> list[dict]:
+    def run_batch(self, specs: list[EpisodeSpec]) -> list[dict]:
         """Final records of ``specs`` (in order). With ``num_envs > 1`` the unfinished ones run concurrently
         on the pool, in waves: a crashed spec with retries left runs again in the next wave, on a worker
         that rebuilt its env."""
         if self.num_envs <= 1:
-            return [self.run(pl_module, spec) for spec in specs]
+            return [self.run(spec) for spec in specs]
         if len(specs) > self.num_envs:
             raise ValueError(f"a rollout batch has {len(specs)} specs but num_envs={self.num_envs}; the "
                              "RolloutDataModule's batches hold at most num_envs specs")
@@ -333,7 +482,7 @@ def _callback(trainer: Trainer) -> RolloutTestCallback:
 def rollout_test_step(module: LightningModule, batch: list[EpisodeSpec]) -> None:
     """Run (or, on resume, look up) each spec's episode and count its final record on this rank."""
     cb = _callback(module.trainer)
-    for rec in cb.run_batch(module, batch):
+    for rec in cb.run_batch(batch):
         cb.metrics.update(rec)
         if rec["error"] is None:
             cb.ran += 1

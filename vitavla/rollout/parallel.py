@@ -34,13 +34,13 @@ from typing import Any, Callable, NamedTuple, Protocol, Sequence
 import numpy as np
 import torch
 
-from datamodules.normalization import Normalizer
-from teachers.base import ActionOutput
+from vitavla.action_head import ActionOutput
+from vitavla.normalizer import Normalizer
+from vitavla.observation import Observation
 from vitavla.rollout.env import Obs, RolloutEnv
 from vitavla.rollout.env_worker import worker_main
+from vitavla.rollout.episode import EpisodeResult, EpisodeSpec, to_observation
 from vitavla.rollout.executors import ActionExecutor, to_env_action
-from vitavla.rollout.runner import EpisodeResult, EpisodeSpec, to_observation
-from vitavla.streaming import Observation
 
 # Thread caps for worker processes, set in the environment before they start so that libraries initialised
 # at import (OpenMP, MKL, OpenBLAS) see them: N simulators with a thread pool each would oversubscribe cores.

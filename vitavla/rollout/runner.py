@@ -14,7 +14,8 @@ import json
 import os
 import pickle
 import time
-from dataclasses import dataclass, fields
+from collections import deque
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -23,14 +24,17 @@ import torch
 from torchmetrics.aggregation import SumMetric
 from tqdm.auto import tqdm
 
-from datamodules.normalization import Normalizer
-from teachers.base import ActionOutput
-from vitavla.errors import UserFacingError
-from vitavla.images import resize_uint8
+from vitavla.action_head import ActionOutput
+from vitavla.normalizer import Normalizer
+from vitavla.observation import Observation
 from vitavla.rollout.env import Obs, RolloutEnv
+# EpisodeSpec, EpisodeResult and to_observation live in episode.py (parallel.py needs them too, and runner.py
+# needs parallel.py); they are re-exported here, where callers have always imported them from.
+from vitavla.rollout.episode import EnvError, EpisodeResult, EpisodeSpec, sim_call, to_observation
 from vitavla.rollout.executors import ActionExecutor, to_env_action
+from vitavla.rollout.parallel import EnvPool, run_wave
 from vitavla.rollout.stats import success_ci95
-from vitavla.streaming import Observation, StreamingPolicy
+from vitavla.streaming import StreamingPolicy
 
 
 class StepPolicy(Protocol):
@@ -44,18 +48,6 @@ class StepPolicy(Protocol):
 def as_step_policy(policy) -> StepPolicy:
     """A :class:`~vitavla.policy.VLAPolicy` is wrapped in a :class:`StreamingPolicy`; others pass through."""
     return StreamingPolicy(policy) if hasattr(policy, "student") and not hasattr(policy, "reset") else policy
-
-
-def to_observation(obs: Obs, image_size: int, instruction: str | None = None,
-                   normalizer: Normalizer | None = None) -> Observation:
-    """One env observation -> a batch-of-one :class:`Observation` (views: static, wrist), resized by the same
-    :func:`~vitavla.images.resize_uint8` as the training windows; the state is standardised by ``normalizer``
-    exactly as the datamodule did in training (a no-op for a normalizer without state statistics)."""
-    images = torch.stack([resize_uint8(obs.static, image_size), resize_uint8(obs.wrist, image_size)])
-    state = torch.from_numpy(np.asarray(obs.state, dtype=np.float32))[None]
-    if normalizer is not None:
-        state = normalizer.normalize_state(state)
-    return Observation(images[None], state, [obs.instruction if instruction is None else instruction])
 
 
 class Controller:
@@ -83,57 +75,12 @@ class Controller:
         return action
 
 
-@dataclass(frozen=True)
-class EpisodeSpec:
-    task_index: int
-    episode_index: int
-    seed: int = 0
-
-    @property
-    def key(self) -> tuple[int, int, int]:
-        return self.task_index, self.episode_index, self.seed
-
-
-@dataclass
-class EpisodeResult:
-    """One episode attempt. ``frames`` (recorded episodes only): :attr:`Obs.frame` of every observation, the
-    one after reset through the one after the last step (``steps + 1`` frames). ``first_last`` (every
-    episode that reset): those two frames alone, cheap enough to keep for a contact sheet of all episodes.
-    Neither goes into results files (:func:`result_record`)."""
-
-    task: int
-    episode: int
-    success: bool
-    steps: int
-    error: str | None = None
-    frames: list | None = None
-    seconds_sim: float = 0.0
-    seconds_policy: float = 0.0
-    instruction: str | None = None
-    first_last: list | None = None
-
-
 IMAGE_FIELDS = ("frames", "first_last")
 
 
 def result_record(res: EpisodeResult) -> dict:
     """The JSON-able fields of a result (images left out; not ``asdict``, which would deep-copy them)."""
     return {f.name: getattr(res, f.name) for f in fields(res) if f.name not in IMAGE_FIELDS}
-
-
-class _EnvError(Exception):
-    """Wraps an exception raised inside the simulator, so policy bugs are not mistaken for sim crashes."""
-
-
-def _sim(fn, *args):
-    try:
-        return fn(*args)
-    except (ImportError, UserFacingError):
-        # A missing package or a setting that can never work fails every attempt the same way: it stops the
-        # run with its own message instead of being recorded (and retried) as a simulator crash.
-        raise
-    except Exception as e:  # any simulator failure: physics blow-up, renderer error, adapter bug
-        raise _EnvError(f"{type(e).__name__}: {e}") from e
 
 
 def run_episode(env: RolloutEnv, streaming_policy: StepPolicy, executor: ActionExecutor, spec: EpisodeSpec,
@@ -162,7 +109,7 @@ def run_episode(env: RolloutEnv, streaming_policy: StepPolicy, executor: ActionE
         nonlocal sim
         start = time.perf_counter()
         try:
-            return _sim(fn, *args)
+            return sim_call(fn, *args)
         finally:
             sim += time.perf_counter() - start
 
@@ -182,7 +129,7 @@ def run_episode(env: RolloutEnv, streaming_policy: StepPolicy, executor: ActionE
         if frames is not None:
             frames.append(first_last[1])  # the outcome: the state after the last action
         error = None
-    except _EnvError as e:
+    except EnvError as e:
         error, success = str(e), False
     return EpisodeResult(spec.task_index, spec.episode_index, bool(success), steps, error, frames, sim,
                          ctl.seconds, instruction, first_last)
@@ -321,10 +268,6 @@ def _evaluate_parallel(env_factory, env: RolloutEnv, policy, pending: list[Episo
                        add: Callable[[EpisodeSpec, EpisodeResult], bool], num_envs: int, *, timeout, **run):
     """Waves of up to ``num_envs`` specs on an :class:`~vitavla.rollout.parallel.EnvPool`; a crashed spec
     with retries left goes first into the next wave (its worker has rebuilt its env)."""
-    from collections import deque
-
-    from vitavla.rollout.parallel import EnvPool, run_wave
-
     try:
         pickle.dumps(env_factory)
         source = env_factory

@@ -1,7 +1,7 @@
 """A teacher as a closed-loop policy, so a distilled student can be compared with its teacher in the same sim.
 
-Seer's own inference wrapper (seer spec §6.1) keeps the last S frames and re-runs the whole model on them
-every control step; the action read out is the newest step's. :class:`WindowedTeacherPolicy` does the same
+Seer's own inference wrapper (its evaluation code, https://github.com/OpenRobotLab/Seer) keeps the last S
+frames and re-runs the whole model on them every control step; the action read out is the newest step's. :class:`WindowedTeacherPolicy` does the same
 for any :class:`~teachers.base.Teacher` through its :meth:`~teachers.base.Teacher.predict`. Seer right-pads
 a short history by repeating the newest frame; with its per-step causal mask that padding never reaches the
 newest step's outputs, so running on the frames seen so far (T < S) gives the same actions more cheaply.
@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from teachers.base import ActionOutput, Teacher
+from teachers.base import Teacher
+from vitavla.action_head import ActionOutput
 from vitavla.batch import BatchError, Window
-from vitavla.streaming import Observation
+from vitavla.observation import Observation
 
 
 class WindowedTeacherPolicy:

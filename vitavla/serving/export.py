@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from datamodules.normalization import Normalizer
-from teachers.base import ActionHead
+from vitavla.action_head import ActionHead
 from vitavla.batch import RobotSpec
 from vitavla.errors import UserFacingError
+from vitavla.normalizer import Normalizer
 from vitavla.policy import VLAPolicy
 
 FORMAT = "vitavla-policy"
@@ -342,6 +342,7 @@ def load_checkpoint_into(module: nn.Module, ckpt_path: str | Path) -> None:
     ckpt = torch_load(ckpt_path, LIGHTNING_CKPT_HINT, map_location="cpu")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ExportError(f"--ckpt_path {ckpt_path} has no state_dict; is it a `vitavla fit` checkpoint?")
+    module.loading_from = str(ckpt_path)  # named by the fit check's message (no Trainer holds the path here)
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"], strict=False)
 

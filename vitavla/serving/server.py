@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from vitavla.rollout.env import Obs
+from vitavla.rollout.episode import to_observation
 from vitavla.rollout.executors import to_env_action
-from vitavla.rollout.runner import to_observation
 from vitavla.serving.codec import ProtocolError, packb, unpackb
 from vitavla.serving.export import ExportedPolicy, load_policy_dir
 from vitavla.streaming import StreamingPolicy
