@@ -53,7 +53,7 @@ def test_quickstart_runs_every_step_in_libero(tmp_path):
     results = quickstart(["--out", str(out), "--demos", "2", "--teacher-steps", "2", "--align-steps", "2",
                           "--finetune-steps", "2", "--episodes", "1", "--max-steps", "3", "--workers", "1",
                           "--render-size", "32", "--batch-size", "4",
-                          "--modes", "freeze_vlm", "two_stage", "only_finetune"])
+                          "--modes", "freeze_vlm", "two_stage", "only_finetune", "--seed", "3"])
     assert list(results) == ["teacher", "two_stage", "only_finetune", "freeze_vlm"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["demos"]["kept"] == 2 and len(list((out / "demos").glob("*_demo.hdf5"))) == 1
@@ -61,6 +61,7 @@ def test_quickstart_runs_every_step_in_libero(tmp_path):
         assert math.isfinite(run["val"]["val/arm_mae"]) and 0 <= run["val"]["val/gripper_acc"] <= 1
         assert run["rollout"]["episodes"] + run["rollout"]["errors"] == 1 and run["rollout"]["errors"] == 0
         assert run["trainable"] > 0 and Path(run["checkpoint"]).is_file()
+        assert yaml.safe_load((Path(run["log_dir"]) / "config.yaml").read_text())["seed_everything"] == 3
         assert list((out / f"eval_{name}" / "rollout" / "videos").rglob("*.mp4")), name
     # freeze_vlm trains fewer parameters than the other student modes; the teacher export exists.
     runs = summary["runs"]

@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
                     help="rollouts per task and policy (held-out init states)")
     ap.add_argument("--max-steps", type=int, default=140, help="policy steps per rollout")
     ap.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="training seed of every stage (initialisation, batch order, augmentation); the demos "
+                         "and the rollouts' init states stay the same, so seeds compare training alone")
     ap.add_argument("--configs", default=None, help="folder holding the quickstart configs")
     ap.add_argument("--scale", default=None,
                     help="a folder of override configs layered over each step's config, e.g. "
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
     attempts_used = max(existing_demos(Path(r.path))[1] for r in gen)
 
     data = [f"--data.init_args.root={demos}", f"--data.init_args.batch_size={args.batch_size}",
-            f"--data.init_args.stats_cache_dir={out / 'stats'}"]
+            f"--data.init_args.stats_cache_dir={out / 'stats'}", f"--seed_everything={args.seed}"]
     # 2. Teacher.
     results: dict[str, RunResult] = {}
     results["teacher"] = _fit(layered("teacher.yaml"), out / "teacher", "teacher", args.teacher_steps, data)
