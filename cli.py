@@ -9,6 +9,7 @@
     vitavla export --config configs/eval_tiny.yaml --ckpt_path last.ckpt --out policies/tiny
     vitavla test --config configs/eval_tiny.yaml --ckpt_path policies/tiny   # an exported directory
     vitavla serve policies/tiny --port 8000   # openpi websocket protocol (docs/deploy.md)
+    vitavla plan --config configs/finetune_calvin.yaml --devices 8 --backbone_config paper   # memory per GPU
 
 Every part (teacher, student backbone, datamodule, strategy) is chosen by ``class_path`` in YAML.
 """
@@ -24,6 +25,7 @@ EXTRA_COMMANDS = {
     "data": "datamodules.check:main",
     "demos": "vitavla.demos.libero_scripted:main",
     "export": "vitavla.serving.export:main",
+    "plan": "vitavla.plan:main",
     "serve": "vitavla.serving.server:main",
 }
 

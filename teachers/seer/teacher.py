@@ -72,20 +72,32 @@ class SeerTeacher(Teacher):
         text_cache_size: distinct instructions whose text features are kept.
         objective: weights and augmentation of :meth:`training_loss` (default: Seer's released values, e.g.
             ``gripper_weight`` 0.01); only training reads it, so a teacher loads the same either way.
+        init: ``pretrained`` reads the files above; ``random`` reads none and builds the architecture with
+            random weights (the text tower at CLIP ViT-B/32's shape when ``clip_text`` is set), for memory
+            planning on the meta device (``vitavla plan``) where the checkpoints need not exist.
     """
 
     def __init__(self, preset: str = "seer_calvin", checkpoint: str | None = None,
                  vit_checkpoint: str | None = None, clip_text: str | None = None,
                  allow_history_truncation: bool = False, overrides: dict[str, Any] | None = None,
-                 seed: int = 0, text_cache_size: int = 4096, objective: SeerObjective | None = None):
+                 seed: int = 0, text_cache_size: int = 4096, objective: SeerObjective | None = None,
+                 init: str = "pretrained"):
         super().__init__()
+        if init not in ("pretrained", "random"):
+            raise ValueError(f"SeerTeacher.init must be 'pretrained' or 'random', got {init!r}")
         cfg = SeerConfig.preset(preset, **(overrides or {}))
         released = preset not in TEST_PRESETS
-        if released and vit_checkpoint is None:
+        if init == "random":
+            # Shapes only: the files would fill in weights, never change a shape.
+            checkpoint = None
+            vit_checkpoint = None
+            text_shape = "clip_b32" if clip_text is not None else "tiny"
+            clip_text = None
+        if init == "pretrained" and released and vit_checkpoint is None:
             raise ValueError(f"Seer preset {preset} needs vit_checkpoint: the MAE ViT-B/16 encoder file "
                              "(mae_pretrain_vit_base.pth, {'model': {...}}), which Seer's checkpoints do not "
                              "contain.")
-        if released and clip_text is None:
+        if init == "pretrained" and released and clip_text is None:
             raise ValueError(f"Seer preset {preset} needs clip_text: a local HF-format CLIP ViT-B/32 "
                              "directory (e.g. a copy of openai/clip-vit-base-patch32) for the instruction "
                              "encoder.")
@@ -102,10 +114,12 @@ class SeerTeacher(Teacher):
             load_mae_checkpoint(self.model.vision_encoder, vit_checkpoint)
         if checkpoint is not None:
             load_seer_checkpoint(self.model, checkpoint, allow_history_truncation)
-        elif released:
+        elif released and init == "pretrained":
             warnings.warn(f"SeerTeacher({preset}) has no checkpoint: its GPT-2, resampler and heads are "
                           "random", stacklevel=2)
-        if clip_text is None:
+        if init == "random" and text_shape == "clip_b32":
+            self.text_encoder = CLIPTextEncoder.clip_b32_shape(cfg.text_dim, seed=seed, cache_size=text_cache_size)
+        elif clip_text is None:
             self.text_encoder = CLIPTextEncoder.tiny(cfg.text_dim, seed=seed, cache_size=text_cache_size)
         else:
             self.text_encoder = CLIPTextEncoder.from_pretrained(clip_text, cache_size=text_cache_size)

@@ -66,6 +66,22 @@ class CLIPTextEncoder(nn.Module):
             model = CLIPTextModelWithProjection(config)
         return cls(model, tokenizer, cache_size)
 
+    @classmethod
+    def clip_b32_shape(cls, dim: int = 512, seed: int = 0, cache_size: int = 4096) -> CLIPTextEncoder:
+        """A random text tower with openai/clip-vit-base-patch32's shape (CLIPTextConfig's defaults: 12 layers,
+        width 512, vocabulary 49408) on the offline test tokenizer: for parameter and memory accounting."""
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+        from vitavla.tiny_tokenizer import tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        config = CLIPTextConfig(projection_dim=dim, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = CLIPTextModelWithProjection(config)
+        return cls(model, tokenizer, cache_size)
+
     def train(self, mode: bool = True) -> CLIPTextEncoder:
         # Frozen feature extractor: never switches to training behaviour.
         return super().train(False)

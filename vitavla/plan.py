@@ -1,0 +1,395 @@
+"""``vitavla plan``: will a training config fit on N GPUs? Model states under ZeRO and activations, per GPU.
+
+    vitavla plan --config configs/finetune_calvin.yaml --devices 8 --gpu_memory 80 --backbone_config paper
+
+The config's model is built on the meta device (no memory, no weights; checkpoint files need not exist), so
+the trainable / frozen split is the one the stage module sets after construction. From it:
+
+* **Model states** (ZeRO paper, Rajbhandari et al. 2020, mixed-precision Adam): each trainable parameter
+  costs ``p`` bytes of weights, ``g`` of gradients and ``o`` of optimizer states (fp32 master copy + Adam's
+  two moments); a frozen one costs its weight only. ZeRO-2 splits gradients and optimizer states over the
+  N ranks, ZeRO-3 the weights too; CPU offload moves the optimizer (ZeRO-2) or everything (ZeRO-3) to host
+  RAM, listed in its own column.
+* **Activations** per micro-batch: bytes autograd keeps from forward to backward in the LLM, counted op by
+  op for a Qwen2/LLaMA decoder block with fused SDPA attention (the method of Korthikanti et al. 2022,
+  §4.1, recounted for RMSNorm, rotary embeddings, grouped-query attention and a SwiGLU MLP); see
+  :func:`llm_activation_bytes`. The sequence length is the student's token layout per window.
+
+``tests/vitavla/test_plan.py`` checks both against tensor-level measurements of real CPU training steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitavla.errors import ConfigError
+
+GIB = 1024 ** 3
+BACKBONE_KEY = "model.init_args.student.init_args.backbone.init_args.path"
+# trainer.precision -> (trainable bytes: weights, gradients, optimizer states; frozen weight bytes or None =
+# the weight's own dtype; activation bytes or None = the LLM weights' dtype).
+PRECISIONS = {
+    # DeepSpeed bf16: module cast to bf16, bf16 gradients, fp32 master weights + Adam moments in the optimizer.
+    "bf16-mixed": ((2, 2, 12), 2, 2),
+    "16-mixed": ((2, 2, 12), 2, 2),
+    "bf16-true": ((2, 2, 4), 2, 2),  # torch AdamW keeps its moments in the parameter dtype
+    "16-true": ((2, 2, 4), 2, 2),
+    "32-true": ((4, 4, 8), None, None),
+}
+_PRECISION_ALIASES = {"bf16": "bf16-mixed", "16": "16-mixed", "32": "32-true", "64-true": "32-true"}
+
+
+def _precision(value) -> str:
+    key = str(value if value is not None else "32-true")
+    key = _PRECISION_ALIASES.get(key, key)
+    if key not in PRECISIONS:
+        raise ConfigError(f"trainer.precision: vitavla plan knows {sorted(PRECISIONS)}, got {value!r}")
+    return key
+
+
+# ---- building the config's module on the meta device ------------------------------------------------------
+def _import(class_path: str, key: str):
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{key}.class_path: cannot import {class_path!r} ({err})") from err
+
+
+def _backbone_dir(path: str, backbone_config: str | None, tmp: Path) -> str:
+    """A directory holding the backbone's config.json: the configured one, or ``--backbone_config``."""
+    if backbone_config is None:
+        if path == "tiny" or (Path(path).expanduser() / "config.json").is_file():
+            return path
+        raise ConfigError(f"{BACKBONE_KEY}: {path!r} holds no config.json, so the backbone's shape is unknown; "
+                          "download the checkpoint (only config.json is read) or pass --backbone_config paper "
+                          "(VITA-1.5's shape: InternViT-300M + Qwen2.5-7B) or --backbone_config DIR")
+    if backbone_config == "paper":
+        from vitavla.backbones.tiny import paper_internvl_config
+
+        (tmp / "config.json").write_text(json.dumps(paper_internvl_config().to_dict()))
+        return str(tmp)
+    root = Path(backbone_config).expanduser()
+    root = root.parent if root.name == "config.json" else root
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"--backbone_config: {backbone_config!r} is neither 'paper' nor a directory with a "
+                          "config.json")
+    return str(root)
+
+
+def _build(node, key: str, overrides: dict | None = None):
+    """Instantiate a ``{class_path, init_args}`` node; plain values pass through."""
+    if not (isinstance(node, dict) and "class_path" in node):
+        return node
+    cls = _import(node["class_path"], key)
+    args = dict(node.get("init_args") or {})
+    args.update(overrides or {})
+    try:
+        return cls(**args)
+    except (TypeError, ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"{key}: {cls.__name__} cannot be built for planning: {err}") from err
+
+
+def build_planned_module(config: dict, backbone_config: str | None = None, device: str = "meta") -> nn.Module:
+    """The config's stage module with random-init backbone and teacher (no weights file read), on the meta
+    device; ``device="cpu"`` builds the same module with real tensors (the plan's tests measure it)."""
+    from vitavla.modules.common import OptimConfig
+    from vitavla.modules.finetune import PolicyModule
+
+    model = config.get("model")
+    if not isinstance(model, dict) or "class_path" not in model:
+        raise ConfigError("model.class_path: the config has no model section to plan")
+    module_cls = _import(model["class_path"], "model")
+    args = dict(model.get("init_args") or {})
+    student_node = args.get("student") or {}
+    student_args = dict(student_node.get("init_args") or {})
+    backbone_node = student_args.get("backbone")
+    if not isinstance(backbone_node, dict):
+        raise ConfigError("model.init_args.student.init_args.backbone: missing")
+    with tempfile.TemporaryDirectory() as tmp, torch.device(device):
+        bb_args = dict(backbone_node.get("init_args") or {})
+        bb_args["path"] = _backbone_dir(str(bb_args.get("path", "tiny")), backbone_config, Path(tmp))
+        if bb_args["path"] != "tiny":
+            bb_args["init"] = "random"
+        backbone = _build({"class_path": backbone_node["class_path"], "init_args": bb_args},
+                          "model.init_args.student.init_args.backbone")
+        student_args["backbone"] = backbone
+        student = _build({"class_path": student_node["class_path"], "init_args": student_args},
+                         "model.init_args.student")
+        teacher_node = args.get("teacher")
+        teacher_cls = _import(teacher_node["class_path"], "model.init_args.teacher")
+        params = inspect.signature(teacher_cls).parameters
+        # Weights files fill values, never shapes: plan without them.
+        extra = {"init": "random"} if "init" in params else {}
+        if "checkpoint" in params:
+            extra["checkpoint"] = None
+        teacher = _build(teacher_node, "model.init_args.teacher", extra)
+        args["student"], args["teacher"] = student, teacher
+        if isinstance(args.get("optim"), dict):
+            args["optim"] = OptimConfig(**args["optim"])
+        if issubclass(module_cls, PolicyModule) and args.get("init_from") is not None:
+            # The stage-1 file only fills the state encoder, action token and mapper: same shapes, same
+            # trainable set, so planning skips reading it.
+            module_cls = type(module_cls.__name__, (module_cls,), {"load_alignment": lambda self, path: None})
+        try:
+            return module_cls(**args)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model: {module_cls.__name__} cannot be built for planning: {err}") from err
+
+
+# ---- activations -------------------------------------------------------------------------------------------
+@dataclass
+class LLMShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+    @classmethod
+    def of(cls, config) -> LLMShape:
+        return cls(int(config.num_hidden_layers), int(config.hidden_size), int(config.num_attention_heads),
+                   int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
+                   int(config.intermediate_size))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def layer_activation_bytes(shape: LLMShape, e: int, trainable: bool) -> float:
+    """Bytes one decoder block keeps for backward, per token, with activations of ``e`` bytes.
+
+    Counted op by op on transformers' Qwen2 block (SDPA; measured with saved-tensor hooks):
+      - each RMSNorm upcasts to fp32 and keeps its fp32 input and 1/rms: 4h + 4; with a trainable weight
+        also the normalized activation, e*h;
+      - attention keeps q, k, v (k and v expanded to all heads: transformers repeats KV heads whenever a
+        custom mask is passed) and the output, 4*e*h, plus the fp32 log-sum-exp per head, 4*heads. The fused
+        kernels (flash, memory-efficient, CPU flash) keep no (L x L) score matrix;
+      - the SwiGLU MLP keeps gate, silu(gate) and up, 3*e*i;
+      - with trainable weights, every Linear also keeps its input for the weight gradient: the q/k/v input
+        (shared), the MLP input (shared by gate and up) and the down-projection input, e*(2h + i); the
+        attention output, which o_proj reads, is already kept by SDPA.
+    """
+    h, i = shape.hidden, shape.intermediate
+    norms = 2 * (4 * h + 4 + (e * h if trainable else 0))
+    attention = 4 * e * h + 4 * shape.heads
+    mlp = 3 * e * i
+    weight_inputs = e * (2 * h + i) if trainable else 0
+    return norms + attention + mlp + weight_inputs
+
+
+@dataclass
+class ActivationEstimate:
+    per_layer: float
+    """Bytes one block keeps, whole micro-batch."""
+    shared: float
+    """Kept once per forward: the additive mask, rotary tables and the final norm."""
+    checkpoint: float
+    """What activation checkpointing keeps per block: its input."""
+    layers: int
+
+    @property
+    def saved(self) -> float:
+        return self.layers * self.per_layer + self.shared
+
+    @property
+    def saved_checkpointed(self) -> float:
+        return self.layers * self.checkpoint + self.shared
+
+    @property
+    def peak_checkpointed(self) -> float:
+        # Backward recomputes one block at a time, whose activations then live next to the checkpoints.
+        return self.saved_checkpointed + self.per_layer
+
+
+def llm_activation_bytes(shape: LLMShape, batch: int, seq: int, e: int, trainable: bool) -> ActivationEstimate:
+    tokens = batch * seq
+    norm = 4 * shape.hidden + 4 + (e * shape.hidden if trainable else 0)
+    shared = batch * seq * seq * e + 2 * tokens * shape.head_dim * e + tokens * norm
+    return ActivationEstimate(per_layer=tokens * layer_activation_bytes(shape, e, trainable), shared=shared,
+                              checkpoint=tokens * e * shape.hidden, layers=shape.layers)
+
+
+def window_tokens(student, num_steps: int, instruction_tokens: int) -> dict[str, int]:
+    """The student's sequence for one window (see ``VLAStudent.forward``), by kind."""
+    per_step = {"image": student.num_views * student.backbone.tokens_per_image, "state": 1,
+                "action": student.robot.action_chunk}
+    text = min(instruction_tokens, student.max_instruction_tokens)
+    out = {k: v * num_steps for k, v in per_step.items()}
+    out["instruction"] = text * num_steps if student.instruction_per_step else text
+    out["total"] = sum(out.values())
+    return out
+
+
+# ---- the plan ---------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    module: str
+    precision: str
+    devices: int
+    batch: int
+    tokens: dict[str, int]
+    parts: dict[str, dict[str, int]]
+    trainable: int
+    frozen_bytes: float
+    activations: ActivationEstimate
+    checkpointing_configured: bool
+    llm_trainable: bool
+    gpu_memory_gib: float | None = None
+    rows: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _frozen_bytes(module: nn.Module, frozen_dtype_bytes: int | None) -> float:
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) in seen or p.requires_grad:
+            continue
+        seen.add(id(p))
+        total += p.numel() * (frozen_dtype_bytes or p.element_size())
+    return total
+
+
+def model_state_rows(trainable: int, frozen_bytes: float, precision: str, devices: int) -> dict[str, dict]:
+    """GPU bytes of weights, gradients and optimizer states per rank (and host RAM per rank)."""
+    (p, g, o), _, _ = PRECISIONS[precision]
+    n = devices
+    t = trainable
+    return {
+        "ZeRO-0 (DDP)": dict(params=p * t + frozen_bytes, grads=g * t, optim=o * t, cpu=0.0),
+        "ZeRO-2": dict(params=p * t + frozen_bytes, grads=g * t / n, optim=o * t / n, cpu=0.0),
+        "ZeRO-3": dict(params=(p * t + frozen_bytes) / n, grads=g * t / n, optim=o * t / n, cpu=0.0),
+        # Offloaded gradients reach the host through the reduce buckets (not counted); the host holds the
+        # optimizer's fp32 gradient partition next to its states.
+        "ZeRO-2 + CPU offload": dict(params=p * t + frozen_bytes, grads=0.0, optim=0.0, cpu=(o + 4) * t / n),
+        "ZeRO-3 + CPU offload": dict(params=0.0, grads=0.0, optim=0.0,
+                                     cpu=(p * t + frozen_bytes) / n + (o + 4) * t / n),
+    }
+
+
+def make_plan(config: dict, devices: int | None = None, backbone_config: str | None = None,
+              instruction_tokens: int | None = None, gpu_memory_gib: float | None = None) -> Plan:
+    from vitavla.modules.common import count_parameters
+
+    trainer = config.get("trainer") or {}
+    precision = _precision(trainer.get("precision"))
+    if devices is None:
+        devices = trainer.get("devices") if isinstance(trainer.get("devices"), int) else 1
+    if devices < 1:
+        raise ConfigError(f"--devices must be >= 1, got {devices}")
+    module = build_planned_module(config, backbone_config)
+    student = module.student_module()
+    backbone = student.backbone
+    data_args = (config.get("data") or {}).get("init_args") or {}
+    batch = int(data_args.get("batch_size", 1))
+    steps = int(data_args.get("num_steps", student.max_steps))
+    text = student.max_instruction_tokens if instruction_tokens is None else instruction_tokens
+    tokens = window_tokens(student, steps, text)
+    llm = backbone.language_model()
+    llm_config = getattr(llm, "config", None)
+    if llm_config is None:
+        raise ConfigError(f"{BACKBONE_KEY}: the backbone's language model has no transformers config to "
+                          "read layers and widths from")
+    attn = getattr(llm_config, "_attn_implementation", "sdpa")
+    if attn not in ("sdpa", None):
+        raise ConfigError(f"model.init_args.student.init_args.backbone.init_args.attn_implementation: the plan "
+                          f"models fused SDPA attention, got {attn!r}")
+    _, frozen_size, act_size = PRECISIONS[precision]
+    llm_trainable = any(p.requires_grad for p in llm.parameters())
+    e = act_size or next(llm.parameters()).element_size()
+    acts = llm_activation_bytes(LLMShape.of(llm_config), batch, tokens["total"], e, llm_trainable)
+    trainable = sum(p.numel() for p in {id(p): p for p in module.parameters() if p.requires_grad}.values())
+    parts = count_parameters(module.parameter_groups())
+    plan = Plan(type(module).__name__, precision, devices, batch, tokens, parts, trainable,
+                _frozen_bytes(module, frozen_size), acts, bool(getattr(llm, "gradient_checkpointing", False)),
+                llm_trainable, gpu_memory_gib)
+    plan.rows = model_state_rows(trainable, plan.frozen_bytes, precision, devices)
+    return plan
+
+
+def format_plan(plan: Plan, config_name: str = "") -> str:
+    lines = [f"vitavla plan: {config_name} ({plan.module}) on {plan.devices} GPU(s), precision {plan.precision}"]
+    lines.append(f"{'part':<18}{'trainable':>16}{'frozen':>16}")
+    for name, c in plan.parts.items():
+        lines.append(f"{name:<18}{c['trainable']:>16,}{c['frozen']:>16,}")
+    tok = plan.tokens
+    lines.append(f"sequence per window: {tok['total']} tokens (image {tok['image']}, instruction "
+                 f"{tok['instruction']}, state {tok['state']}, action {tok['action']}); micro-batch {plan.batch}")
+    acts = plan.activations
+    a_plain, a_ckpt = acts.saved, acts.peak_checkpointed
+    fit = plan.gpu_memory_gib
+    # Tiny configs in MiB, so that their figures are not all 0.00.
+    big = max(r["params"] + r["grads"] + r["optim"] for r in plan.rows.values()) + a_plain >= GIB
+    unit, uname = (GIB, "GiB") if big else (1024 ** 2, "MiB")
+
+    def _gib(x: float) -> str:
+        return f"{x / unit:,.2f}"
+
+    head = (f"{uname + ' per GPU':<22}{'params':>9}{'grads':>9}{'optim':>9}{'states':>9}{'+ acts':>9}"
+            f"{'+ acts ckpt':>12}{'host RAM':>10}")
+    if fit:
+        head += f"  fits {fit:g} GiB (plain / ckpt)"
+    lines += ["", head]
+    for name, r in plan.rows.items():
+        states = r["params"] + r["grads"] + r["optim"]
+        row = (f"{name:<22}{_gib(r['params']):>9}{_gib(r['grads']):>9}{_gib(r['optim']):>9}{_gib(states):>9}"
+               f"{_gib(states + a_plain):>9}{_gib(states + a_ckpt):>12}{_gib(r['cpu']):>10}")
+        if fit:
+            marks = ["yes" if (states + a) / GIB <= fit else "no" for a in (a_plain, a_ckpt)]
+            row += f"  {marks[0]:>4} / {marks[1]}"
+        lines.append(row)
+    ck = "on" if plan.checkpointing_configured else "off"
+    lines += ["",
+              f"activations per micro-batch: {_gib(a_plain)} {uname} without checkpointing, {_gib(a_ckpt)} {uname} with "
+              f"(checkpoints {_gib(acts.saved_checkpointed)} + one recomputed block {_gib(acts.per_layer)}); "
+              f"this config has checkpointing {ck} (backbone gradient_checkpointing)",
+              "assumes: " + _assumptions(plan)]
+    return "\n".join(lines)
+
+
+def _assumptions(plan: Plan) -> str:
+    (p, g, o), frozen, act = PRECISIONS[plan.precision]
+    weights = f"{frozen}-byte" if frozen else "own-dtype"
+    return (f"{plan.precision}: trainable parameters cost {p} B weights + {g} B gradients + {o} B AdamW states "
+            f"(fp32 master + 2 moments under mixed precision), frozen ones {weights} weights; activations in "
+            f"{act or 'the LLM weight'}-byte dtype, LLM blocks only ({'trainable' if plan.llm_trainable else 'frozen'} "
+            "weights), fused SDPA attention, no dropout; instruction at its token cap unless --instruction_tokens; "
+            "not counted: DeepSpeed buckets, CUDA context (~0.5-1 GiB), allocator fragmentation, frozen "
+            "vision/teacher forward temporaries.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import yaml
+
+    ap = argparse.ArgumentParser(prog="vitavla plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="a training YAML (stage 1 or stage 2)")
+    ap.add_argument("--devices", type=int, default=None, help="GPUs (default: trainer.devices, else 1)")
+    ap.add_argument("--gpu_memory", type=float, default=None, help="GiB per GPU: adds a fits column")
+    ap.add_argument("--backbone_config", default=None,
+                    help="'paper' (VITA-1.5's shape) or a directory with config.json, when the config's backbone "
+                         "path is not on this machine")
+    ap.add_argument("--instruction_tokens", type=int, default=None,
+                    help="instruction length in tokens (default: the student's cap, max_instruction_tokens)")
+    args = ap.parse_args(argv)
+    path = Path(args.config)
+    if not path.is_file():
+        raise SystemExit(f"vitavla plan: error: --config {path} not found")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+        plan = make_plan(config, args.devices, args.backbone_config, args.instruction_tokens, args.gpu_memory)
+    except ConfigError as err:
+        raise SystemExit(f"vitavla plan: error: {path}: {err}") from None
+    print(format_plan(plan, str(path)))
+
+
+if __name__ == "__main__":
+    main()
