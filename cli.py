@@ -10,13 +10,19 @@
     vitavla test --config configs/eval_tiny.yaml --ckpt_path policies/tiny   # an exported directory
     vitavla serve policies/tiny --port 8000   # openpi websocket protocol (docs/deploy.md)
 
+Third-party warnings and log records (Lightning, jsonargparse, transformers, robosuite) go to a log file of
+the run (``<save_dir>/vitavla-<subcommand>.log``, ``<out>/quickstart.log``); ``--verbose`` leaves them on the
+console instead (:mod:`vitavla.console`).
+
 Every part (teacher, student backbone, datamodule, strategy) is chosen by ``class_path`` in YAML.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 EXTRA_COMMANDS = {
@@ -107,6 +113,7 @@ def vita_cli_class() -> type:
 
         def _run_subcommand(self, subcommand: str) -> None:
             _check_output_dirs(self.trainer)
+            _attach_run_log(self.trainer, subcommand)
             super()._run_subcommand(subcommand)
 
     return VitaCLI
@@ -146,6 +153,26 @@ def _check_output_dirs(trainer) -> None:
     for key, path in dirs.items():
         if "://" not in str(path):  # remote storage: nothing to probe locally
             writable_dir(path, key)
+
+
+def run_log_path(trainer, subcommand: str) -> Path:
+    """``<save_dir>/vitavla-<subcommand>.log``: the logger's ``save_dir`` (else ``trainer.default_root_dir``),
+    ``.rank<N>`` added on ranks other than 0."""
+    root = getattr(trainer.logger, "save_dir", None) if trainer.logger is not None else None
+    root = root or trainer.default_root_dir
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+    return Path(root) / f"vitavla-{subcommand}{f'.rank{rank}' if rank else ''}.log"
+
+
+def _attach_run_log(trainer, subcommand: str) -> None:
+    """Third-party output of ``vitavla fit|test|...`` (held since the command started) into the run's log."""
+    from vitavla import console
+
+    router = console.active()
+    if router is None or router.path is not None or "://" in str(trainer.default_root_dir):
+        return
+    path = router.attach(run_log_path(trainer, subcommand))
+    print(f"third-party warnings and logs: {path} (--verbose shows them here)")
 
 
 def _short_parse_error(message: str) -> str:
@@ -200,6 +227,10 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from vitavla import console
+
+    if argv is None:  # the process's command: __del__ errors at interpreter exit go to the run's log too
+        console.route_unraisable_at_exit()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in EXTRA_COMMANDS:
         import importlib
@@ -207,8 +238,12 @@ def main(argv: list[str] | None = None) -> None:
         module, func = EXTRA_COMMANDS[argv[0]].split(":")
         getattr(importlib.import_module(module), func)(argv[1:])
         return
+    # --verbose (anywhere): third-party warnings and logs on the console rather than in the run's log.
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
     try:
-        build_cli(argv)
+        with console.routed(verbose=verbose):
+            build_cli(argv)
     except Exception as e:
         message = _user_message(e)
         if message is None:
