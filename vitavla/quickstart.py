@@ -30,6 +30,7 @@ from pathlib import Path
 from lightning.pytorch.utilities import disable_possible_user_warnings
 
 from vitavla import console
+from vitavla.lightning_cli import build_cli
 
 MODES = ("two_stage", "only_finetune", "freeze_vlm")
 INIT_STATES = 50  # fixed init states per LIBERO task
@@ -54,8 +55,6 @@ class RunResult:
 
 
 def _cli(configs: list[Path], overrides: list[str]):
-    from cli import build_cli
-
     args = [a for c in configs for a in ("--config", str(c))] + overrides
     return build_cli(args, run=False)
 
