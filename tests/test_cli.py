@@ -235,3 +235,14 @@ def test_step_bounded_runs_get_a_progress_label_without_a_negative_epoch_bound(t
     assert [type(b) for b in configured] == [TQDMProgressBar]
     _, none = bars("--trainer.enable_progress_bar=false")
     assert none == []
+
+
+def test_fit_sends_third_party_output_to_the_run_log_and_verbose_keeps_it_on_the_console(tmp_path, capsys):
+    """Lightning's "GPU available", "Seed set" and tips go to <save_dir>/vitavla-fit.log, not the console."""
+    fit("tiny_align.yaml", tmp_path / "quiet", "--seed_everything=1")
+    out = capsys.readouterr()
+    log = tmp_path / "quiet" / "vitavla-fit.log"
+    assert "GPU available" in log.read_text() and "Seed set" in log.read_text()
+    assert "GPU available" not in out.out + out.err and str(log) in out.out
+    fit("tiny_align.yaml", tmp_path / "verbose", "--seed_everything=1", "--verbose")
+    assert not (tmp_path / "verbose" / "vitavla-fit.log").exists()

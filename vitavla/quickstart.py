@@ -11,7 +11,8 @@
 
 It prints one table (held-out action error and rollout success per policy) and writes it to
 ``<out>/summary.md`` and ``summary.json``; videos land in ``<out>/eval_<policy>/rollout/videos`` and TensorBoard
-logs in every run folder (``tensorboard --logdir <out>``). Re-running with the same ``--out`` reuses the
+logs in every run folder (``tensorboard --logdir <out>``), third-party warnings and logs in ``<out>/quickstart.log``
+(``--verbose`` shows them on the console). Re-running with the same ``--out`` reuses the
 demonstrations already recorded.
 
 The configs are small on purpose; ``docs/quickstart.md`` gives the GPU-sized ones.
@@ -27,6 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lightning.pytorch.utilities import disable_possible_user_warnings
+
+from vitavla import console
+from vitavla.lightning_cli import build_cli
 
 MODES = ("two_stage", "only_finetune", "freeze_vlm")
 INIT_STATES = 50  # fixed init states per LIBERO task
@@ -51,8 +55,6 @@ class RunResult:
 
 
 def _cli(configs: list[Path], overrides: list[str]):
-    from cli import build_cli
-
     args = [a for c in configs for a in ("--config", str(c))] + overrides
     return build_cli(args, run=False)
 
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
     ap.add_argument("--scale", default=None,
                     help="a folder of override configs layered over each step's config, e.g. "
                          "configs/quickstart/gpu (bigger teacher and student, bf16 on one GPU)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show third-party warnings and logs on the console rather than in <out>/quickstart.log")
     args = ap.parse_args(argv)
     if args.demos < 2 or not 1 <= args.episodes <= INIT_STATES:
         # The held-out action error needs at least one demonstration kept out of training.
@@ -138,6 +142,14 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
         extra = scale / name if scale is not None else None
         return [cfg / name] + ([extra] if extra is not None and extra.is_file() else [])
     out = Path(args.out)
+    with console.routed(out / "quickstart.log", verbose=args.verbose) as router:
+        results = _run(args, out, layered)
+        if router is not None:
+            print(f"third-party warnings and logs: {router.path} (--verbose shows them here)")
+    return results
+
+
+def _run(args: argparse.Namespace, out: Path, layered) -> dict[str, RunResult]:
     wall = time.perf_counter()
 
     # 1. Demonstrations (reused when already there).

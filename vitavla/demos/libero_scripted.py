@@ -257,6 +257,9 @@ _WORKER: _Worker | None = None
 
 def _init_worker(cfg: GenConfig) -> None:
     global _WORKER
+    from vitavla.console import route_from_env
+
+    route_from_env()  # third-party output into the parent's log file, as in the parent
     _WORKER = _Worker(cfg)
 
 
@@ -277,10 +280,12 @@ class TaskResult:
 
 
 def _task_info(cfg: GenConfig, task: int) -> tuple[str, dict, dict, str]:
+    from vitavla.console import third_party_stdout
     from vitavla.rollout.libero_env import import_libero
 
     benchmark, get_path, _ = import_libero()
-    bench = benchmark.get_benchmark_dict()[cfg.suite]()
+    with third_party_stdout():  # LIBERO prints its task order
+        bench = benchmark.get_benchmark_dict()[cfg.suite]()
     t = bench.get_task(task)
     bddl = os.path.join(get_path("bddl_files"), t.problem_folder, t.bddl_file)
     from libero.libero.envs.bddl_utils import get_problem_info
@@ -303,6 +308,7 @@ def generate(cfg: GenConfig, log: Callable[[str], None] = print) -> list[TaskRes
     Attempts go to ``cfg.workers`` spawned processes (one LiberoEnv each) in order; the kept demos are the
     first successes in attempt order, so the output does not depend on the number of workers.
     """
+    from vitavla.console import third_party_stdout
     from vitavla.rollout.libero_env import import_libero, set_gl_backend
 
     if cfg.episodes < 1 or cfg.workers < 1 or cfg.image_size < 8 or cfg.max_steps < 1:
@@ -313,7 +319,8 @@ def generate(cfg: GenConfig, log: Callable[[str], None] = print) -> list[TaskRes
     suites = benchmark.get_benchmark_dict()
     if cfg.suite not in suites:
         raise ValueError(f"unknown LIBERO suite {cfg.suite!r}; available: {sorted(suites)}")
-    n_tasks = suites[cfg.suite]().n_tasks
+    with third_party_stdout():  # LIBERO prints its task order
+        n_tasks = suites[cfg.suite]().n_tasks
     for t in cfg.tasks:
         if not 0 <= t < n_tasks:
             raise ValueError(f"task {t} outside [0, {n_tasks}) of {cfg.suite}")

@@ -17,6 +17,7 @@ import traceback
 
 import numpy as np
 
+from vitavla.console import route_from_env
 from vitavla.rollout.env import RolloutEnv
 
 
@@ -68,6 +69,7 @@ def _close_quietly(env: RolloutEnv | None) -> None:
 def worker_main(conn, payload: bytes) -> None:
     """Worker main loop: build the env, then answer commands until ``close`` or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes the pool
+    route_from_env()  # third-party output into the parent's log file, as in the parent
     try:
         env = _build(payload)
         info = (env.num_tasks, env.max_steps, env.action_dim)

