@@ -118,8 +118,14 @@ def test_reused_out_dir_refuses_another_checkpoint_or_env_and_extends_with_the_s
 
 
 def test_simulator_crashes_are_retried_once_and_never_counted(stage2_ckpt, tmp_path):
-    out = vitavla_test(stage2_ckpt, tmp_path, "--data.init_args.env.init_args.crash_at=1",
-                       "--data.init_args.episodes_per_task=1")
+    # Every episode crashes: the results are still written, and the run fails instead of exiting 0.
+    with pytest.raises(SystemExit) as e:
+        vitavla_test(stage2_ckpt, tmp_path, "--data.init_args.env.init_args.crash_at=1",
+                     "--data.init_args.episodes_per_task=1")
+    out = tmp_path / "rollout"
+    assert str(e.value.code) == (f"vitavla: error: UserFacingError: all 2 episodes ended in an error, so nothing "
+                                 f"was evaluated; the errors are in {out / 'results.json'} (error_details), and "
+                                 f"a rerun retries those episodes")
     res = json.loads((out / "results.json").read_text())
     assert res["errors"] == 2 and res["episodes"] == 0 and res["success_rate"] is None
     assert lines(out) == 4  # two attempts per episode, both recorded

@@ -101,6 +101,7 @@ class CalvinRolloutTestCallback(RolloutTestCallback):
         trainer.strategy.barrier("calvin_results")  # every rank's records are on disk before rank 0 reads
         if trainer.is_global_zero:
             self.write(trainer, results)
+        self.check_evaluated(results["chains"], results["errors"], "chains")
 
     def write(self, trainer: Trainer, results: dict) -> None:
         dm = trainer.datamodule

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from torchmetrics import Metric
 
 from vitavla.errors import UserFacingError
 from vitavla.normalizer import Normalizer
+from vitavla.rollout import report
 from vitavla.rollout.runner import (EpisodeResult, EpisodeSpec, _append, _final, load_results, result_record,
                                    run_episode)
 from vitavla.rollout.stats import success_ci95
@@ -237,13 +237,6 @@ def check_binding(out_dir: Path, binding: dict) -> None:
     os.replace(tmp, path)  # every rank writes the same content; a reader never sees half a file
 
 
-def _report_module():
-    """``vitavla.rollout.report`` (plots, videos, TensorBoard) when installed; evaluation never needs it."""
-    if importlib.util.find_spec("vitavla.rollout.report") is None:
-        return None
-    return importlib.import_module("vitavla.rollout.report")
-
-
 class RolloutTestCallback(Callback):
     """Per-run state of a rollout test: policy wrapper, executor, normalizer, resume records, metrics.
 
@@ -254,7 +247,6 @@ class RolloutTestCallback(Callback):
     def __init__(self):
         self.metrics: EpisodeCounts | None = None
         self.by_key: dict[tuple, list[dict]] = {}
-        self.reporter = None
         self.pool = None  # EnvPool of num_envs simulator processes, created on the first batch that needs it
 
     # -- test start: reset metrics, load what earlier runs finished ------------------------------------
@@ -288,9 +280,6 @@ class RolloutTestCallback(Callback):
         self.metrics = EpisodeCounts(self.env.num_tasks).to(pl_module.device)  # NCCL reduces on the GPU
         self.metrics.update(None)
         self.ran = self.wins = 0
-        self.reporter = _report_module()
-        if self.videos_per_task and self.reporter is None:
-            rank_zero_info("vitavla.rollout.report is not installed: no episode videos, only results.json")
 
     @staticmethod
     def _policy(pl_module: LightningModule):
@@ -338,7 +327,7 @@ class RolloutTestCallback(Callback):
         return any(r["error"] is None for r in recs) or this_run > self.retries
 
     def _records_video(self, spec: EpisodeSpec) -> bool:
-        return spec.episode_index - self.first_episode < self.videos_per_task and self.reporter is not None
+        return spec.episode_index - self.first_episode < self.videos_per_task
 
     def _add(self, spec: EpisodeSpec, res: EpisodeResult) -> None:
         """Append one attempt (fsync'd); save its first/last frames and, for a recorded episode, its video."""
@@ -349,15 +338,13 @@ class RolloutTestCallback(Callback):
         self.by_key.setdefault(spec.key, []).append(rec)
         if res.error is not None:
             log.warning("episode %s crashed (attempt %d): %s", spec, rec["attempt"], res.error)
-        if self.reporter is None:
-            return
         # On disk per episode (a few KB), not in memory: rank 0 builds first_last.png from every rank's
         # files at the end, and a resumed run still shows the episodes an earlier run finished.
-        self.reporter.save_first_last(res, self.out_dir / "first_last")
+        report.save_first_last(res, self.out_dir / "first_last")
         if res.error is None and res.frames is not None:
             # Written now, not at the end: a few hundred frames per episode add up over a suite.
-            self.reporter.save_videos([res], self.out_dir / "videos", per_task=self.videos_per_task,
-                                      task_names=self.names)
+            report.save_videos([res], self.out_dir / "videos", per_task=self.videos_per_task,
+                               task_names=self.names)
 
     def run(self, spec: EpisodeSpec) -> dict:
         """The final record of ``spec``: taken from an earlier run if finished there, else run now.
@@ -425,6 +412,16 @@ class RolloutTestCallback(Callback):
         trainer.strategy.barrier("rollout_results")  # every rank's records are on disk before rank 0 reads
         if trainer.is_global_zero:
             self.write(trainer, results)
+        self.check_evaluated(results["episodes"], results["errors"], "episodes")
+
+    def check_evaluated(self, evaluated: int, errors: int, unit: str) -> None:
+        """On every rank (the counts are the synced ones), after the results are written: a run whose every
+        episode ended in an error evaluated nothing and must not exit 0 as if it had; a script that reads
+        the exit code would otherwise take "success n/a" for a result."""
+        if errors and not evaluated:
+            raise UserFacingError(f"all {errors} {unit} ended in an error, so nothing was evaluated; the errors "
+                                  f"are in {self.out_dir / 'results.json'} (error_details), and a rerun retries "
+                                  f"those {unit}")
 
     def summary(self, counts: torch.Tensor) -> dict:
         per_task, total = {}, dict.fromkeys(KINDS, 0)
@@ -457,13 +454,12 @@ class RolloutTestCallback(Callback):
                                      for r in finals if r["error"] is not None],
                    "seconds_sim": sum(r["seconds_sim"] for r in finals),
                    "seconds_policy": sum(r["seconds_policy"] for r in finals)}
-        if self.reporter is not None:
-            # report.py draws success_per_task.png; the results.json it also writes is replaced just below by
-            # this one (same numbers from the same final records, plus the torchmetrics cross-process totals).
-            self.reporter.write_report({k: v for k, v in results.items() if k not in KINDS}, self.out_dir /
-                                       "episodes.jsonl", self.out_dir)
-            if isinstance(trainer.logger, TensorBoardLogger):
-                self.reporter.log_to_tensorboard(trainer.logger, results, step=0)
+        # report.py draws success_per_task.png; the results.json it also writes is replaced just below by
+        # this one (same numbers from the same final records, plus the torchmetrics cross-process totals).
+        report.write_report({k: v for k, v in results.items() if k not in KINDS}, self.out_dir / "episodes.jsonl",
+                            self.out_dir)
+        if isinstance(trainer.logger, TensorBoardLogger):
+            report.log_to_tensorboard(trainer.logger, results, step=0)
         (self.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         rate = results["success_rate"]
         shown = "n/a" if rate is None else f"{rate:.3f}"
