@@ -40,6 +40,12 @@ def vitavla(*args: str, timeout: int = 170) -> str:
     return text
 
 
+def with_run_logs(console: str, root: Path) -> str:
+    """The console plus the run's third-party log files, where Lightning's launch lines go (one file per rank:
+    ``vitavla-<cmd>.log``, ``vitavla-<cmd>.rank1.log``)."""
+    return console + "".join(p.read_text() for p in sorted(root.glob("vitavla-*.log")))
+
+
 @pytest.mark.slow
 def test_fit_and_test_on_two_cpu_processes_from_the_command_line(tmp_path):
     fit_root = tmp_path / "fit"
@@ -49,6 +55,8 @@ def test_fit_and_test_on_two_cpu_processes_from_the_command_line(tmp_path):
                   "--model.init_args.init_mode=only_finetune", "--model.init_args.init_from=null",
                   "--data.init_args.num_episodes=4", "--data.init_args.episode_length=6",
                   "--data.init_args.batch_size=2", *QUIET)
+    assert f"third-party warnings and logs: {fit_root / 'vitavla-fit.log'}" in log
+    log = with_run_logs(log, fit_root)
     # Rank 1 was started by Lightning from the re-built command line and joined the process group.
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log, log[-3000:]
     assert 'expected "subcommand"' not in log
@@ -61,6 +69,7 @@ def test_fit_and_test_on_two_cpu_processes_from_the_command_line(tmp_path):
                   f"--trainer.logger.init_args.save_dir={tmp_path / 'test'}", f"--data.init_args.out_dir={out}",
                   "--data.init_args.episodes_per_task=1", "--data.init_args.env.init_args.steps=2",
                   "--data.init_args.record_videos_per_task=0", *QUIET)
+    log = with_run_logs(log, tmp_path / "test")
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log, log[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["world_size"] == 2 and res["episodes"] + res["errors"] == 2
