@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
     ap.add_argument("--finetune-steps", type=int, default=6000, help="stage-2 steps per mode")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=["two_stage"],
                     help="stage-2 modes to train and evaluate; the paper's ablations only_finetune and "
-                         "freeze_vlm add about 8 min each on 2 cores")
+                         "freeze_vlm add about 9 min each on 2 cores")
     ap.add_argument("--episodes", type=int, default=10,
                     help="rollouts per task and policy (held-out init states)")
     ap.add_argument("--max-steps", type=int, default=140, help="policy steps per rollout")
