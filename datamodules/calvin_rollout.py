@@ -35,7 +35,8 @@ class CalvinRolloutDataModule(LightningDataModule):
     def __init__(self, env: CalvinSimEnv, chains: str | None = None, num_chains: int | None = 1000,
                  ep_len: int = EP_LEN, executor: ExecutorName = "first", ensemble_k: float = 0.01,
                  chunk_steps: int | None = None, out_dir: str = "runs/eval_calvin/rollout", seed: int = 0,
-                 retries: int = 1, allow_missing_normalizer: bool = False):
+                 retries: int = 1, allow_missing_normalizer: bool = False, num_envs: int = 1,
+                 env_timeout: float | None = None, record_videos: int = 2):
         """
         Args:
             env: the simulator adapter with its task oracle and instructions, by class_path
@@ -56,6 +57,14 @@ class CalvinRolloutDataModule(LightningDataModule):
             retries: re-runs of a chain whose simulator crashed; a crashed chain is reported, never counted.
             allow_missing_normalizer: accept a checkpoint without an action normalizer (only for envs that take
                 normalized actions; CalvinSimEnv takes CALVIN's raw rel_actions).
+            num_envs: simulators run in parallel per process, each in its own worker process, with one batched
+                policy call per control step. ``num_envs`` chains start together and advance in subtask waves
+                (a chain that finishes a subtask early waits for the others); the next chains start when all
+                of them ended. Records equal those of ``num_envs: 1``.
+            env_timeout: with ``num_envs > 1``, seconds one reset or step may take before the simulator
+                process counts as hung: it is restarted and the chain recorded as crashed (null: no limit).
+            record_videos: the first ``record_videos`` chains are saved as annotated videos
+                (``videos/chainNNNN_Kof5.mp4``, every subtask's instruction and outcome on the frames).
         """
         super().__init__()
         if executor not in ("first", "chunk", "ensemble"):
@@ -64,6 +73,12 @@ class CalvinRolloutDataModule(LightningDataModule):
             raise ValueError(f"ep_len must be >= 1, got {ep_len}")
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+        if env_timeout is not None and env_timeout <= 0:
+            raise ValueError(f"env_timeout must be positive seconds or null, got {env_timeout!r}")
+        if not isinstance(record_videos, int) or record_videos < 0:
+            raise ValueError(f"record_videos must be an integer >= 0, got {record_videos!r}")
         for attr in ("oracle", "instructions", "num_tasks", "task_name", "action_dim"):
             if not hasattr(env, attr):
                 raise TypeError(f"env {type(env).__name__} has no {attr!r}; use vitavla.rollout.calvin_env."
@@ -79,7 +94,8 @@ class CalvinRolloutDataModule(LightningDataModule):
         self.out_dir, self.seed, self.retries = out_dir, seed, retries
         self.allow_missing_normalizer = allow_missing_normalizer
         self.settle_steps = 0  # a chain starts from its initial state as calvin_env resets it: no settling
-        self.record_videos_per_task = 0  # videos of 5-subtask chains are not recorded
+        self.record_videos_per_task = record_videos  # one task whose episodes are chains: the first N chains
+        self.num_envs, self.env_timeout = num_envs, env_timeout
         self.make_executor()  # fail at config time on bad executor settings
 
     @property
@@ -108,15 +124,15 @@ class CalvinRolloutDataModule(LightningDataModule):
             trainer.callbacks.append(CalvinRolloutTestCallback())
 
     def test_dataloader(self) -> DataLoader:
-        """Chains of this process, one per batch; with several processes each chain goes to exactly one
-        (an unrepeated sampler: a padding one would run and count a chain twice)."""
+        """Chains of this process, ``num_envs`` per batch (run concurrently); with several processes each chain
+        goes to exactly one (an unrepeated sampler: a padding one would run and count a chain twice)."""
         specs = self.specs()
         trainer = self.trainer
         sampler = None
         if trainer is not None and trainer.world_size > 1:
             sampler = UnrepeatedDistributedSampler(specs, num_replicas=trainer.world_size,
                                                    rank=trainer.global_rank, shuffle=False)
-        return DataLoader(specs, batch_size=1, sampler=sampler, shuffle=False, collate_fn=_collate)
+        return DataLoader(specs, batch_size=self.num_envs, sampler=sampler, shuffle=False, collate_fn=_collate)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         return batch  # host-side specs; observations go to the policy's device in the rollout loop

@@ -566,6 +566,23 @@ def test_real_calvin_env_without_a_dataset(tmp_path, monkeypatch):
         assert obs.state[6] == 1.0
         # Nothing was pressed or moved: the oracle reports no subtask done.
         assert not any(env.oracle(start, info, t) for t in ("turn_off_led", "close_drawer", "move_slider_right"))
+        # A scripted press of the LED button, driven through env.step with relative actions (at most 2 cm per
+        # step): above the button, then down onto it. The oracle must report turn_off_led, and nothing else.
+        button = env._env.scene.buttons[0]
+        target = np.array(env._env.p.getLinkState(button.uid, button.joint_index,
+                                                  physicsClientId=env._env.cid)[0])
+        start, pressed = env.get_info(), None
+        for t in range(120):
+            goal = target + [0, 0, 0.06 if t < 60 else -0.03]
+            action = np.zeros(7)
+            action[:3], action[6] = np.clip((goal - obs.state[:3]) / 0.02, -1, 1), -1
+            obs, info = env.step(action)
+            if env.oracle(start, info, "turn_off_led"):
+                pressed = t
+                break
+        assert pressed is not None and pressed >= 60, "the oracle never saw the LED turned off by the press"
+        assert not any(env.oracle(start, info, t) for t in ("turn_on_led", "close_drawer", "move_slider_right"))
+        assert np.asarray(env._env.get_obs()["scene_obs"])[5] == 0.0  # scene_obs[5]: the LED (green light), off
     finally:
         sim = env._env
         env.close()

@@ -78,12 +78,13 @@ def test_eval_calvin_data_section_instantiates_over_a_fake_calvin_env(tmp_path, 
         forget()
 
 
-def calvin_test(ckpt, tmp_path, paths, out, chains=None):
+def calvin_test(ckpt, tmp_path, paths, out, chains=None, **data_args):
     cfg = load("eval_tiny.yaml")
     cfg["data"] = {"class_path": "datamodules.calvin_rollout.CalvinRolloutDataModule", "init_args": {
         "env": {"class_path": "vitavla.rollout.calvin_env.CalvinSimEnv",
                 "init_args": {"dataset_path": str(paths["dataset"]), "conf_dir": str(paths["conf"])}},
-        "chains": None if chains is None else str(chains), "num_chains": 3, "ep_len": 3, "out_dir": str(out), "allow_missing_normalizer": True}}
+        "chains": None if chains is None else str(chains), "num_chains": 3, "ep_len": 3, "out_dir": str(out),
+        "allow_missing_normalizer": True, **data_args}}
     path = tmp_path / "eval_calvin_tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     main(["test", "--config", str(path), "--ckpt_path", str(ckpt), f"--trainer.default_root_dir={tmp_path}",
@@ -122,6 +123,42 @@ def test_vitavla_test_runs_calvin_chains_resumes_and_survives_a_crash(stage2_ckp
     finally:
         forget()
 
+
+def test_parallel_calvin_chains_equal_one_simulator_and_write_videos_plot_and_sheet(stage2_ckpt, tmp_path,
+                                                                                   monkeypatch):  # noqa: F811
+    import av
+
+    # Progress is 2 x the first action value per step: four subtasks are done at their first step, one
+    # depends on the policy's actions, one (2.0 in 3 steps) never; chains end at different depths.
+    easy = dict.fromkeys(["open_drawer", "lift_blue_block_table", "push_red_block_left", "turn_on_led"], -10.0)
+    paths = build_fake(tmp_path, progress={**easy, "close_drawer": 0.0})
+    install_fake(monkeypatch, paths)  # on sys.path, so the spawned simulator workers import the fake too
+    try:
+        one = calvin_test(stage2_ckpt, tmp_path, paths, tmp_path / "one", num_chains=4, record_videos=1)
+        two = calvin_test(stage2_ckpt, tmp_path, paths, tmp_path / "two", num_chains=4, num_envs=2,
+                          record_videos=1)
+    finally:
+        forget()
+
+    def finals(name):
+        return [json.loads(x) for x in (tmp_path / name / "episodes.jsonl").read_text().splitlines()]
+
+    keys = ("chain", "subtasks", "completed", "steps", "error")
+    assert [{k: r[k] for k in keys} for r in finals("two")] == [{k: r[k] for k in keys} for r in finals("one")]
+    assert two["num_envs"] == 2 and one["num_envs"] == 1 and two["chains"] == 4 and two["errors"] == 0
+    assert {k: two[k] for k in ("avg_seq_len", "chain_sr", "task_info")} == {
+        k: one[k] for k in ("avg_seq_len", "chain_sr", "task_info")}
+    assert any(r["completed"] > 0 for r in finals("two"))  # the subtask waves went past the first subtask
+    for name in ("one", "two"):
+        out = tmp_path / name
+        rec = finals(name)[0]
+        (video,) = (out / "videos").glob("*.mp4")  # record_videos=1: chain 0 only
+        assert video.name == f"chain0000_{rec['completed']}of5.mp4"
+        with av.open(str(video)) as f:
+            n_frames = sum(1 for _ in f.decode(video=0))
+            assert n_frames == sum(rec["steps"]) + 1  # the reset frame, then one per step, every subtask
+        assert len(list((out / "first_last").glob("*.png"))) == 4  # every chain's first and last frame
+        assert (out / "chain_sr.png").is_file() and (out / "first_last.png").is_file()
 
 
 def test_a_broken_install_stops_vitavla_test_with_the_hint_and_a_rerun_retries_earlier_errors(
@@ -217,3 +254,23 @@ def test_vitavla_test_against_the_real_calvin_env(real_calvin, stage2_ckpt, tmp_
     first = (out / "episodes.rank0.jsonl").read_text()
     main(args)  # resume: both chains are finished, nothing runs again
     assert (out / "episodes.rank0.jsonl").read_text() == first
+    # What a person looks at: the chain_sr plot, every chain's first/last frame, and the recorded chains'
+    # videos at >= 256 px (CALVIN's 200 px static camera, enlarged 2x under the instruction banner).
+    import av
+    from PIL import Image
+
+    assert (out / "chain_sr.png").is_file() and (out / "first_last.png").is_file()
+    videos = sorted((out / "videos").glob("*.mp4"))
+    assert [v.name for v in videos] == ["chain0000_0of5.mp4", "chain0001_0of5.mp4"]
+    with av.open(str(videos[0])) as f:
+        frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
+    assert len(frames) == 3 and frames[0].shape[1] == 400 and frames[0].shape[0] > 400
+    with Image.open(out / "first_last.png") as sheet:
+        assert sheet.height > 128
+    # Two simulators in parallel (worker processes, batched policy calls): the same records.
+    cfg["data"]["init_args"].update(out_dir=str(tmp_path / "rollout2"), num_envs=2)
+    path.write_text(yaml.safe_dump(cfg))
+    main(args)
+    two = [json.loads(x) for x in (tmp_path / "rollout2" / "episodes.rank0.jsonl").read_text().splitlines()]
+    keys = ("chain", "completed", "steps", "error", "subtasks")
+    assert [{k: r[k] for k in keys} for r in two] == [{k: r[k] for k in keys} for r in recs]

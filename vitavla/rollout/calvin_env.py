@@ -371,6 +371,10 @@ class CalvinSimEnv:
     def __init__(self, dataset_path: str | None = None, conf_dir: str | None = None,
                  tasks_config: str | None = None, annotations_config: str | None = None, show_gui: bool = False,
                  check_cameras: bool = True, scene: str = "calvin_scene_D"):
+        # Kept to rebuild the env in simulator worker processes (and recorded in an evaluation's binding).
+        self._args = {"dataset_path": dataset_path, "conf_dir": conf_dir, "tasks_config": tasks_config,
+                      "annotations_config": annotations_config, "show_gui": show_gui,
+                      "check_cameras": check_cameras, "scene": scene}
         if dataset_path is None:
             found = compose_sim_config(scene)
         else:
@@ -398,6 +402,11 @@ class CalvinSimEnv:
         # rather than in every rollout as if the simulator had crashed.
         _import("calvin_env.envs.play_table_env", "CalvinSimEnv")
         self._env = None
+
+    def __reduce__(self):
+        # The task oracle holds closures and the simulator a PyBullet connection: neither pickles, so a
+        # worker process (EnvPool) builds its own env from the constructor arguments.
+        return _rebuild, (self._args,)
 
     def task_name(self, task_index: int) -> str:
         """The whole benchmark is one task whose episodes are chains (rollout-callback bookkeeping)."""
@@ -461,6 +470,10 @@ class CalvinSimEnv:
             raise ConfigError(f"calvin_env robot_obs has shape {robot_obs.shape}, expected ({ROBOT_OBS_DIM},) "
                              "(euler_obs: true, as in the CALVIN datasets)")
         return Obs(static, wrist, calvin_state(robot_obs[None])[0], "")
+
+
+def _rebuild(args: dict) -> CalvinSimEnv:
+    return CalvinSimEnv(**args)
 
 
 def _closed() -> None:

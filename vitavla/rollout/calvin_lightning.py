@@ -6,8 +6,10 @@
 only what differs for chains: how one spec is run, what is counted, and what is reported.
 
 Overridden :class:`~vitavla.rollout.lightning.RolloutTestCallback` methods: ``on_test_start`` (extends it:
-CALVIN metric, chains, oracle, instructions), ``run`` (a chain instead of an episode), ``summary``,
-``on_test_epoch_end`` and ``write`` (CALVIN's ``avg_seq_len`` / ``chain_sr`` instead of per-task success).
+CALVIN metric, chains, oracle, instructions), ``run`` and ``run_batch`` (a chain instead of an episode;
+``num_envs`` chains at once in subtask waves), ``summary``, ``on_test_epoch_end`` and ``write`` (CALVIN's
+``avg_seq_len`` / ``chain_sr`` instead of per-task success, ``chain_sr.png``, the first/last sheet of every
+chain, and videos of the first ``record_videos`` chains).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 
-from vitavla.rollout.calvin_protocol import (NUM_SUBTASKS, chain_metrics, run_chain_attempt, summarize_chains,
-                                             _close_quietly)
+from vitavla.rollout import report
+from vitavla.rollout.calvin_protocol import (NUM_SUBTASKS, ChainResult, chain_metrics, run_chain_attempt,
+                                             run_chain_wave, summarize_chains, _close_quietly)
+from vitavla.rollout.episode import EpisodeResult
 from vitavla.rollout.lightning import RolloutTestCallback, _key, _read_records
 from vitavla.rollout.runner import EpisodeSpec, _append, _final
 
@@ -72,17 +76,54 @@ class CalvinRolloutTestCallback(RolloutTestCallback):
         """The final record of chain ``spec.episode_index``: from an earlier run if finished there, else run
         now; a crashed attempt is recorded, the env closed (it restarts on the next reset) and retried."""
         while not self.finished(spec):
-            rec = run_chain_attempt(self.env, self.policy, self.chains[spec.episode_index], spec.episode_index,
-                                    self.oracle, self.instructions, attempt=len(self.by_key.get(spec.key, [])),
-                                    seed=spec.seed, ep_len=self.ep_len, executor=self.make_executor(),
-                                    normalizer=self.normalizer, image_size=self.image_size)
-            rec["task_name"] = self.names[0]
-            _append(self.path, rec)
-            self.by_key.setdefault(spec.key, []).append(rec)
+            rec, res = run_chain_attempt(self.env, self.policy, self.chains[spec.episode_index], spec.episode_index,
+                                         self.oracle, self.instructions, attempt=len(self.by_key.get(spec.key, [])),
+                                         seed=spec.seed, ep_len=self.ep_len, executor=self.make_executor(),
+                                         normalizer=self.normalizer, image_size=self.image_size,
+                                         record_frames=self._records_video(spec))
+            self._add_chain(spec, rec, res)
             if rec["error"] is not None:
-                log.warning("chain %d crashed (attempt %d): %s", spec.episode_index, rec["attempt"], rec["error"])
                 _close_quietly(self.env)
         return _final(self.by_key[spec.key])
+
+    def run_batch(self, specs: list[EpisodeSpec]) -> list[dict]:
+        """Final records of ``specs`` (in order). With ``num_envs > 1`` the unfinished chains run concurrently
+        on the pool in subtask waves (:func:`run_chain_wave`); a crashed chain with retries left runs again
+        in the next wave, on a worker that rebuilt its simulator."""
+        if self.num_envs <= 1:
+            return [self.run(spec) for spec in specs]
+        if len(specs) > self.num_envs:
+            raise ValueError(f"a rollout batch has {len(specs)} chains but num_envs={self.num_envs}")
+        from vitavla.rollout.parallel import acquire_pool
+
+        while todo := [s for s in specs if not self.finished(s)]:
+            if self.pool is None:
+                self.pool = acquire_pool(self.env, self.num_envs, timeout=self.env_timeout)
+            items = [(s.episode_index, self.chains[s.episode_index], len(self.by_key.get(s.key, []))) for s in todo]
+            done = run_chain_wave(self.pool, self.policy, items, self.instructions, seed=todo[0].seed,
+                                  ep_len=self.ep_len, executor_factory=self.make_executor,
+                                  normalizer=self.normalizer, image_size=self.image_size,
+                                  record_frames=[self._records_video(s) for s in todo])
+            for spec, (rec, res) in zip(todo, done):
+                self._add_chain(spec, rec, res)
+        return [_final(self.by_key[s.key]) for s in specs]
+
+    def _add_chain(self, spec: EpisodeSpec, rec: dict, res: ChainResult) -> None:
+        """Append one chain attempt (fsync'd); save its first/last frames and, when recorded, its video."""
+        rec["task_name"] = self.names[0]
+        _append(self.path, rec)
+        self.by_key.setdefault(spec.key, []).append(rec)
+        if rec["error"] is not None:
+            log.warning("chain %d crashed (attempt %d): %s", spec.episode_index, rec["attempt"], rec["error"])
+        if res.first_last is not None:
+            report.save_first_last(EpisodeResult(0, spec.episode_index, rec["success"], sum(rec["steps"]),
+                                                 rec["error"], first_last=res.first_last),
+                                   self.out_dir / "first_last")
+        if rec["error"] is None and res.frames is not None:
+            frames = report.chain_video_frames(res.frames, res.instructions, rec["steps"], rec["completed"],
+                                               title=f"chain {spec.episode_index}")
+            name = f"chain{spec.episode_index:04d}_{rec['completed']}of{NUM_SUBTASKS}.mp4"
+            report.write_video(frames, self.out_dir / "videos" / name, fps=30)  # CALVIN's control rate
 
     def summary(self, counts: torch.Tensor) -> dict:
         out = chain_metrics(counts[: NUM_SUBTASKS + 1].tolist())
@@ -117,8 +158,13 @@ class CalvinRolloutTestCallback(RolloutTestCallback):
                    "seconds_sim": details["seconds_sim"], "seconds_policy": details["seconds_policy"],
                    "env": type(self.env).__name__, "protocol": getattr(self.env, "protocol", None),
                    "ep_len": self.ep_len, "executor": dm.executor, "ckpt_path": trainer.ckpt_path,
-                   "world_size": trainer.world_size}
+                   "world_size": trainer.world_size, "num_envs": self.num_envs}
         (self.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        report.chain_chart(results["chain_sr"]).save(self.out_dir / "chain_sr.png")
+        labelled = [{**r, "outcome": report.chain_outcome(r["completed"], r["error"])} for r in finals]
+        sheet = report.first_last_sheet(labelled, self.out_dir / "first_last", {0: "CALVIN chains"})
+        if sheet is not None:
+            sheet.save(self.out_dir / "first_last.png")
         avg = results["avg_seq_len"]
         shown = "n/a" if avg is None else f"{avg:.3f}"
         rates = "" if results["chain_sr"] is None else " ".join(

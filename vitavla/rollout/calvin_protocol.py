@@ -66,8 +66,16 @@ class ChainResult:
     """Subtasks done in a row before the first failure (0..5): the number ``count_success`` reads."""
     steps: list[int] = field(default_factory=list)
     """Steps used by each attempted subtask (the failed one included)."""
+    seconds_sim: float = 0.0
+    """Time spent in the simulator (resets, steps, oracle)."""
     seconds_policy: float = 0.0
     """Time spent in the policy (queries and executor), for throughput reports."""
+    instructions: list[str] = field(default_factory=list)
+    """The instruction of each attempted subtask."""
+    frames: list | None = None
+    """Recorded chains only: :attr:`Obs.frame` after the reset and after every step (all subtasks)."""
+    first_last: list | None = None
+    """The first frame and the last one (every chain that reset), for the evaluation's contact sheet."""
 
 
 def load_chains(source: str | Path | list) -> list[Chain]:
@@ -101,24 +109,32 @@ def calvin_oracle(task_oracle) -> Oracle:
 def run_chain(env: CalvinEnv, policy: StepPolicy, chain: Chain, oracle: Oracle,
               instructions: Mapping[str, str] | Callable[[str], str], ep_len: int = EP_LEN,
               executor: ActionExecutor | None = None, normalizer: Normalizer | None = None,
-              image_size: int = 224) -> ChainResult:
+              image_size: int = 224, record_frames: bool = False, result: ChainResult | None = None) -> ChainResult:
     """Roll out one chain. ``instructions`` maps a subtask to its text (official: ``val_annotations[t][0]``).
 
     The default executor is Seer's: the first action of each predicted chunk, gripper thresholded.
+    ``result``: filled in place as the chain runs (so a caller keeps the frames of a chain cut short by a
+    simulator crash); a new one by default.
     """
     if ep_len < 1:
         raise ValueError(f"ep_len must be >= 1, got {ep_len}")
     ctl = Controller(as_step_policy(policy), executor or FirstActionExecutor(), normalizer, image_size)
     text = instructions if callable(instructions) else instructions.__getitem__
     obs = env.reset(chain.initial_state)
-    result = ChainResult(list(chain.subtasks), 0)
+    result = result if result is not None else ChainResult(list(chain.subtasks), 0)
+    result.first_last = [obs.frame.copy()] * 2
+    result.frames = [result.first_last[0]] if record_frames else None
     for subtask in chain.subtasks:
         ctl.reset()  # model.reset(): no history carries over from the previous subtask
         start_info = env.get_info()
         instruction = text(subtask)
+        result.instructions.append(instruction)
         done = False
         for t in range(ep_len):
             obs, info = env.step(ctl.act(t, obs, instruction))
+            result.first_last[1] = obs.frame.copy()
+            if result.frames is not None:
+                result.frames.append(result.first_last[1])
             if oracle(start_info, info, subtask):
                 done = True
                 break
@@ -214,8 +230,10 @@ class _GuardedEnv:
 def run_chain_attempt(env: CalvinEnv, policy: StepPolicy, chain: Chain, index: int, oracle: Oracle,
                       instructions: Mapping[str, str] | Callable[[str], str], *, attempt: int = 0, seed: int = 0,
                       ep_len: int = EP_LEN, executor: ActionExecutor | None = None,
-                      normalizer: Normalizer | None = None, image_size: int = 224) -> dict:
-    """One attempt at chain ``index`` as a JSON-ready record.
+                      normalizer: Normalizer | None = None, image_size: int = 224,
+                      record_frames: bool = False) -> tuple[dict, ChainResult]:
+    """One attempt at chain ``index``: its JSON-ready record and the :class:`ChainResult` (with the frames
+    when ``record_frames``).
 
     An exception from the env or the oracle (which reads the simulator's info dicts) is a simulator crash:
     the record then has ``error`` set and ``completed`` 0, and must never be counted. A policy exception is a
@@ -231,14 +249,73 @@ def run_chain_attempt(env: CalvinEnv, policy: StepPolicy, chain: Chain, index: i
 
     error, result = None, ChainResult(list(chain.subtasks), 0)
     try:
-        result = run_chain(guarded, policy, chain, guarded_oracle, instructions, ep_len, executor, normalizer,
-                           image_size)
+        run_chain(guarded, policy, chain, guarded_oracle, instructions, ep_len, executor, normalizer, image_size,
+                  record_frames, result)
     except EnvError as e:
         error = str(e)
+    result.seconds_sim = guarded.seconds
+    return chain_record(index, chain, seed, attempt, result, error), result
+
+
+def chain_record(index: int, chain: Chain, seed: int, attempt: int, result: ChainResult, error: str | None) -> dict:
+    """The JSON line of one chain attempt. A crashed attempt counts nothing: ``completed`` 0, no steps."""
+    crashed = error is not None
     return {"chain": index, "task": 0, "episode": index, "seed": seed, "subtasks": list(chain.subtasks),
-            "completed": result.completed, "steps": result.steps, "success": result.completed == NUM_SUBTASKS,
-            "error": error, "attempt": attempt, "seconds_sim": guarded.seconds,
-            "seconds_policy": result.seconds_policy}
+            "completed": 0 if crashed else result.completed, "steps": [] if crashed else list(result.steps),
+            "success": not crashed and result.completed == NUM_SUBTASKS, "error": error, "attempt": attempt,
+            "seconds_sim": result.seconds_sim, "seconds_policy": result.seconds_policy}
+
+
+def run_chain_wave(pool, policy, chains: Sequence[tuple[int, Chain, int]],
+                   instructions: Mapping[str, str] | Callable[[str], str], *, seed: int = 0, ep_len: int = EP_LEN,
+                   executor_factory: Callable[[], ActionExecutor] = FirstActionExecutor,
+                   normalizer: Normalizer | None = None, image_size: int = 224,
+                   record_frames: bool | Sequence[bool] = False) -> list[tuple[dict, ChainResult]]:
+    """Run ``chains`` (``(index, chain, attempt)``, at most ``pool.size``) concurrently on an
+    :class:`~vitavla.rollout.parallel.EnvPool` of CALVIN envs, chain ``k`` on worker ``k``, with one batched
+    policy call per control step; returns what :func:`run_chain_attempt` returns, per chain, in order.
+
+    Chains advance in subtask waves: subtask ``j`` of every chain still going starts together (the policy is
+    reset, as run_chain does per subtask, since a streaming batch shares one timeline) and the next starts
+    when all have finished it. A chain that finishes a subtask early waits, its simulator untouched, so each
+    chain runs exactly as it would alone (records equal run_chain_attempt's for deterministic envs and
+    policies). The oracle runs in the workers. A chain whose simulator crashes is recorded with its error and
+    leaves the batch; its worker rebuilds the env. Seeding: each worker seeds numpy with ``seed + index``
+    before its reset, as run_chain_attempt; torch is seeded once per wave.
+    """
+    from vitavla.rollout.parallel import WaveRows, check_wave, lockstep, record_flags
+
+    n = check_wave(pool, policy, len(chains))
+    rows = WaveRows.new(n, record_flags(record_frames, n))
+    text = instructions if callable(instructions) else instructions.__getitem__
+    torch.manual_seed(seed)
+    results = [ChainResult(list(chain.subtasks), 0) for _, chain, _ in chains]
+    going = rows.take_reset(pool.run({k: ("chain_reset", (chain.initial_state, (seed + i) % 2**32))
+                                      for k, (i, chain, _) in enumerate(chains)}))
+    for j in range(NUM_SUBTASKS):
+        if not going:
+            break
+        subtask = {k: chains[k][1].subtasks[j] for k in going}
+        going = rows.take_reset(pool.run({k: ("subtask", (subtask[k], text(subtask[k]))) for k in going}))
+        policy.reset()  # model.reset() per subtask, for the whole batch at once
+        for k in going:
+            results[k].instructions.append(rows.obs[k].instruction)
+            rows.executors[k] = executor_factory()
+            rows.executors[k].reset()
+            rows.steps[k], rows.success[k] = 0, False
+        lockstep(pool, policy, rows, going, ep_len, normalizer, image_size)
+        going = [k for k in going if rows.errors[k] is None and rows.success[k]]
+        for k in subtask:
+            if rows.errors[k] is None:
+                results[k].steps.append(rows.steps[k])
+                results[k].completed += int(rows.success[k])
+    out = []
+    for k, (i, chain, attempt) in enumerate(chains):
+        res = results[k]
+        res.frames, res.first_last = rows.frames[k], rows.first_last[k]
+        res.seconds_sim, res.seconds_policy = rows.sim[k], rows.pol[k]
+        out.append((chain_record(i, chain, seed, attempt, res, rows.errors[k]), res))
+    return out
 
 
 def summarize_chains(records: Sequence[dict]) -> dict:
@@ -320,7 +397,7 @@ def evaluate_calvin(env_factory: Callable[[], CalvinEnv], policy, chains: Sequen
     try:
         for i in pending:
             while True:
-                rec = run_chain_attempt(env, policy, chains[i], i, oracle, instructions,
+                rec, _ = run_chain_attempt(env, policy, chains[i], i, oracle, instructions,
                                         attempt=len(by_chain.get(i, [])), seed=seed, ep_len=ep_len,
                                         executor=make_executor(), normalizer=normalizer, image_size=image_size)
                 _append(path, rec)

@@ -21,12 +21,48 @@ from vitavla.console import route_from_env
 from vitavla.rollout.env import RolloutEnv
 
 
-def _build(payload: bytes) -> RolloutEnv:
+def is_chain_env(obj) -> bool:
+    """A CALVIN-style env (:class:`~vitavla.rollout.calvin_protocol.CalvinEnv` with its task ``oracle``):
+    reset from a chain's initial state, stepped subtask by subtask."""
+    return all(callable(getattr(obj, name, None)) for name in ("reset", "step", "get_info", "oracle"))
+
+
+def _build(payload: bytes):
     obj = pickle.loads(payload)
-    env = obj if isinstance(obj, RolloutEnv) else obj()
-    if not isinstance(env, RolloutEnv):
-        raise TypeError(f"EnvPool env factory returned {type(env).__name__}, expected a RolloutEnv")
+    env = obj if isinstance(obj, RolloutEnv) or is_chain_env(obj) else obj()
+    if not (isinstance(env, RolloutEnv) or is_chain_env(env)):
+        raise TypeError(f"EnvPool env factory returned {type(env).__name__}, expected a RolloutEnv or a CALVIN "
+                        "env (reset, step, get_info, oracle)")
     return env
+
+
+class _Chain:
+    """A worker's CALVIN chain in progress: the current subtask, its instruction, the env info at its start
+    (what the oracle compares against) and the latest observation. The oracle runs here, next to the
+    simulator, so its info dicts never cross the pipe."""
+
+    def __init__(self):
+        self.subtask = self.instruction = self.start = self.obs = None
+
+    def handle(self, env, cmd: str, arg):
+        if cmd == "chain_reset":  # (initial_state, seed)
+            initial_state, seed = arg
+            _seed(seed)
+            self.subtask = self.start = None
+            self.obs = env.reset(initial_state)
+            return self.obs
+        if cmd == "subtask":  # (subtask, instruction): the latest observation, now with that instruction
+            self.subtask, self.instruction = arg
+            self.start = env.get_info()
+            self.obs.instruction = self.instruction
+            return self.obs
+        if cmd == "step":
+            if self.subtask is None:
+                raise RuntimeError("EnvPool chain step before a subtask was set")
+            self.obs, info = env.step(arg)
+            self.obs.instruction = self.instruction
+            return self.obs, False, bool(env.oracle(self.start, info, self.subtask))
+        raise ValueError(f"unknown EnvPool command {cmd!r} for a CALVIN env")
 
 
 def _seed(seed: int) -> None:
@@ -38,7 +74,9 @@ def _seed(seed: int) -> None:
         torch.manual_seed(seed)
 
 
-def _handle(env: RolloutEnv, cmd: str, arg):
+def _handle(env, cmd: str, arg, chain: _Chain):
+    if not isinstance(env, RolloutEnv):
+        return chain.handle(env, cmd, arg)
     if cmd == "reset":
         task, episode, seed, settle_steps, settle_action, record = arg
         _seed(seed)
@@ -57,7 +95,7 @@ def _handle(env: RolloutEnv, cmd: str, arg):
     raise ValueError(f"unknown EnvPool command {cmd!r}")
 
 
-def _close_quietly(env: RolloutEnv | None) -> None:
+def _close_quietly(env) -> None:
     if env is None:
         return
     try:
@@ -72,7 +110,8 @@ def worker_main(conn, payload: bytes) -> None:
     route_from_env()  # third-party output into the parent's log file, as in the parent
     try:
         env = _build(payload)
-        info = (env.num_tasks, env.max_steps, env.action_dim)
+        info = (env.num_tasks, getattr(env, "max_steps", None), env.action_dim)
+        chain = _Chain()
     except BaseException:
         conn.send(("fatal", traceback.format_exc()))
         return
@@ -88,11 +127,11 @@ def worker_main(conn, payload: bytes) -> None:
         try:
             if env is None:  # rebuilt lazily after a crash: its state is not trusted
                 env = _build(payload)
-            reply = ("ok", _handle(env, cmd, arg), time.perf_counter() - start)
+            reply = ("ok", _handle(env, cmd, arg, chain), time.perf_counter() - start)
         except Exception as e:  # any simulator failure: physics blow-up, renderer error, adapter bug
             reply = ("error", f"{type(e).__name__}: {e}", time.perf_counter() - start)
             _close_quietly(env)
-            env = None
+            env, chain = None, _Chain()
         try:
             conn.send(reply)
         except (BrokenPipeError, OSError):

@@ -332,6 +332,98 @@ def release_pool(pool: EnvPool, *, broken: bool = False) -> None:
     pool.close()
 
 
+@dataclass
+class WaveRows:
+    """Per-episode state of a wave, indexed like its specs: what :func:`lockstep` reads and updates.
+
+    ``frames`` (recorded rows only): :attr:`Obs.frame` after the reset and after every step since;
+    ``first_last``: the first frame and the latest one; ``steps`` and ``success``: of the current
+    :func:`lockstep` call (a CALVIN chain resets them per subtask); ``sim`` / ``pol``: seconds so far.
+    """
+
+    obs: list
+    executors: list
+    frames: list
+    first_last: list
+    sim: list
+    pol: list
+    steps: list
+    success: list
+    errors: list
+
+    @classmethod
+    def new(cls, n: int, record: Sequence[bool]) -> WaveRows:
+        return cls([None] * n, [None] * n, [[] if on else None for on in record], [None] * n, [0.0] * n,
+                   [0.0] * n, [0] * n, [False] * n, [None] * n)
+
+    def take_reset(self, replies: dict[int, Reply]) -> list[int]:
+        """Store the reset (or new-subtask) observations of ``replies``; returns the rows that can go on."""
+        ok = []
+        for k, r in sorted(replies.items()):
+            self.sim[k] += r.seconds
+            if not r.ok:
+                self.errors[k] = r.value
+                continue
+            self.obs[k] = r.value
+            ok.append(k)
+            if self.first_last[k] is None:  # the episode's first frame
+                self.first_last[k] = [r.value.frame.copy()] * 2
+                if self.frames[k] is not None:
+                    self.frames[k].append(self.first_last[k][0])
+        return ok
+
+
+def lockstep(pool: EnvPool, policy: BatchPolicy, rows: WaveRows, active: list[int], max_steps: int,
+             normalizer: Normalizer | None = None, image_size: int = 224) -> list[int]:
+    """Step rows ``active`` together for up to ``max_steps`` control steps: each step sends every running
+    row's action (the simulators step in parallel) and makes ONE policy call on the batch of running rows,
+    whose instructions come from their observations. A row stops when its env reports done or success, or
+    crashes (``errors``; it leaves the batch via ``policy.select``); ``rows.executors`` must be fresh and the
+    policy reset. Returns the rows still running after ``max_steps`` (they failed by time-out)."""
+    in_policy: list[int] | None = None  # row index of each row of the policy's batch
+    for t in range(max_steps):
+        if not active:
+            break
+        start = time.perf_counter()
+        need = [rows.executors[k].needs_query(t) for k in active]
+        if any(need):
+            if not all(need):
+                raise RuntimeError(f"executors disagree on querying the policy at step {t}; batched "
+                                   "episodes must use executors that query at the same steps")
+            if in_policy is not None and in_policy != active:
+                policy.select([in_policy.index(k) for k in active])
+            obs = [to_observation(rows.obs[k], image_size, normalizer=normalizer) for k in active]
+            batch = Observation(torch.cat([o.images for o in obs]), torch.cat([o.state for o in obs]),
+                                [s for o in obs for s in o.instruction])
+            prep = time.perf_counter()
+            out = policy.step(batch)
+            shared = (time.perf_counter() - prep) / len(active)
+            in_policy = list(active)
+            for row, k in enumerate(active):
+                rows.pol[k] += shared + (prep - start) / len(active)  # the batch's building is shared too
+                rows.executors[k].update(t, ActionOutput(out.arm[row:row + 1], out.gripper_logit[row:row + 1]))
+        commands = {}
+        for k in active:
+            a0 = time.perf_counter()
+            commands[k] = ("step", to_env_action(rows.executors[k].act(t), normalizer)[0])
+            rows.pol[k] += time.perf_counter() - a0
+        still = []
+        for k, r in pool.run(commands).items():
+            rows.sim[k] += r.seconds
+            if not r.ok:
+                rows.errors[k], rows.success[k] = r.value, False
+                continue
+            rows.obs[k], done, rows.success[k] = r.value
+            rows.steps[k] = t + 1
+            rows.first_last[k][1] = rows.obs[k].frame.copy()
+            if rows.frames[k] is not None:
+                rows.frames[k].append(rows.first_last[k][1])
+            if not (done or rows.success[k]):
+                still.append(k)
+        active = still
+    return active
+
+
 def run_wave(pool: EnvPool, policy: BatchPolicy, specs: Sequence[EpisodeSpec],
              executor_factory: Callable[[], ActionExecutor], normalizer: Normalizer | None = None,
              image_size: int = 224, settle_steps: int = 0, record_frames: bool | Sequence[bool] = False,
@@ -339,8 +431,9 @@ def run_wave(pool: EnvPool, policy: BatchPolicy, specs: Sequence[EpisodeSpec],
     """Run ``specs`` (at most ``pool.size``) concurrently, spec ``k`` on worker ``k``; results in spec order.
 
     Per episode this is :func:`~vitavla.rollout.runner.run_episode`: reset and ``settle_steps`` no-op actions
-    (in the worker), then up to ``pool.max_steps`` policy steps, each with its own executor; the results
-    (success, steps, error, frames) equal run_episode's for deterministic envs and policies. Differences:
+    (in the worker), then up to ``pool.max_steps`` policy steps (:func:`lockstep`), each with its own
+    executor; the results (success, steps, error, frames) equal run_episode's for deterministic envs and
+    policies. Differences:
 
     * Seeding: each worker seeds numpy/torch with its spec's seed before reset (the simulator side, as
       run_episode). The policy is shared, so the main process seeds torch/numpy once per wave, with the
@@ -351,95 +444,42 @@ def run_wave(pool: EnvPool, policy: BatchPolicy, specs: Sequence[EpisodeSpec],
     * A crashed episode (simulator error, dead or hung worker) leaves the batch via ``policy.select``; its
       worker rebuilds its env. Policy exceptions propagate.
     """
-    n = len(specs)
-    if not 1 <= n <= pool.size:
-        raise ValueError(f"run_wave needs 1 to pool.size={pool.size} specs, got {n}")
-    if n > 1 and not callable(getattr(policy, "select", None)):
-        raise TypeError(f"{type(policy).__name__} has no select(rows): batched evaluation must drop finished "
-                        "episodes from the policy's batch")
-    frames_on = [record_frames] * n if isinstance(record_frames, bool) else list(record_frames)
-    if len(frames_on) != n:
-        raise ValueError(f"record_frames has {len(frames_on)} entries for {n} specs")
+    n = check_wave(pool, policy, len(specs))
+    frames_on = record_flags(record_frames, n)
     torch.manual_seed(specs[0].seed)
     np.random.seed(specs[0].seed % 2**32)
     noop = np.zeros(pool.action_dim, dtype=np.float32) if settle_action is None else np.asarray(settle_action)
     policy.reset()
-    executors = [executor_factory() for _ in range(n)]
-    for ex in executors:
+    rows = WaveRows.new(n, frames_on)
+    rows.executors = [executor_factory() for _ in range(n)]
+    for ex in rows.executors:
         ex.reset()
-    obs: list[Obs | None] = [None] * n
-    sim, pol = [0.0] * n, [0.0] * n
-    steps, success = [0] * n, [False] * n
-    errors: list[str | None] = [None] * n
-    frames = [[] if on else None for on in frames_on]
-    first_last: list[list | None] = [None] * n
-    instructions: list[str | None] = [None] * n
-
-    replies = pool.run({k: ("reset", (s.task_index, s.episode_index, s.seed, settle_steps, noop, on))
-                        for k, (s, on) in enumerate(zip(specs, frames_on))})
-    active = []
-    for k, r in replies.items():
-        sim[k] += r.seconds
-        if r.ok:
-            obs[k] = r.value
-            active.append(k)
-            # As run_episode: the first frame, and (updated every step) the last one.
-            first_last[k], instructions[k] = [obs[k].frame.copy()] * 2, obs[k].instruction
-        else:
-            errors[k] = r.value
-    in_policy: list[int] | None = None  # spec index of each row of the policy's batch
-    for t in range(pool.max_steps):
-        if not active:
-            break
-        start = time.perf_counter()
-        need = [executors[k].needs_query(t) for k in active]
-        if any(need):
-            if not all(need):
-                raise RuntimeError(f"executors disagree on querying the policy at step {t}; batched "
-                                   "episodes must use executors that query at the same steps")
-            if in_policy is not None and in_policy != active:
-                policy.select([in_policy.index(k) for k in active])
-            rows = [to_observation(obs[k], image_size, normalizer=normalizer) for k in active]
-            batch = Observation(torch.cat([o.images for o in rows]), torch.cat([o.state for o in rows]),
-                                [s for o in rows for s in o.instruction])
-            prep = time.perf_counter()
-            out = policy.step(batch)
-            shared = (time.perf_counter() - prep) / len(active)
-            in_policy = list(active)
-            for row, k in enumerate(active):
-                pol[k] += shared
-                executors[k].update(t, ActionOutput(out.arm[row:row + 1], out.gripper_logit[row:row + 1]))
-            per_row = (prep - start) / len(active)  # building the batch: shared evenly too
-            for k in active:
-                pol[k] += per_row
-        commands = {}
-        for k in active:
-            if frames[k] is not None:
-                frames[k].append(first_last[k][1] if t == 0 else obs[k].frame.copy())
-            a0 = time.perf_counter()
-            commands[k] = ("step", to_env_action(executors[k].act(t), normalizer)[0])
-            pol[k] += time.perf_counter() - a0
-        replies = pool.run(commands)
-        still = []
-        for k, r in replies.items():
-            sim[k] += r.seconds
-            if not r.ok:
-                errors[k], success[k] = r.value, False
-                continue
-            obs[k], done, success[k] = r.value
-            steps[k] = t + 1
-            first_last[k][1] = obs[k].frame.copy()
-            if not (done or success[k]):
-                still.append(k)
-            elif frames[k] is not None:
-                frames[k].append(first_last[k][1])  # the outcome: the state after the last action
-        active = still
-    for k in active:  # ran to max_steps without done: their outcome frame too
-        if frames[k] is not None:
-            frames[k].append(first_last[k][1])
-    return [EpisodeResult(s.task_index, s.episode_index, bool(success[k]) and errors[k] is None, steps[k],
-                          errors[k], frames[k], sim[k], pol[k], instructions[k], first_last[k])
+    active = rows.take_reset(pool.run({k: ("reset", (s.task_index, s.episode_index, s.seed, settle_steps, noop, on))
+                                       for k, (s, on) in enumerate(zip(specs, frames_on))}))
+    instructions = [None if o is None else o.instruction for o in rows.obs]
+    lockstep(pool, policy, rows, active, pool.max_steps, normalizer, image_size)
+    return [EpisodeResult(s.task_index, s.episode_index, bool(rows.success[k]) and rows.errors[k] is None,
+                          rows.steps[k], rows.errors[k], rows.frames[k], rows.sim[k], rows.pol[k], instructions[k],
+                          rows.first_last[k])
             for k, s in enumerate(specs)]
+
+
+def check_wave(pool: EnvPool, policy, n: int) -> int:
+    """``n`` if a wave of ``n`` episodes fits ``pool`` and ``policy`` can drop rows, else a ValueError/TypeError."""
+    if not 1 <= n <= pool.size:
+        raise ValueError(f"a wave needs 1 to pool.size={pool.size} episodes, got {n}")
+    if n > 1 and not callable(getattr(policy, "select", None)):
+        raise TypeError(f"{type(policy).__name__} has no select(rows): batched evaluation must drop finished "
+                        "episodes from the policy's batch")
+    return n
+
+
+def record_flags(record_frames: bool | Sequence[bool], n: int) -> list[bool]:
+    """One record-frames flag per episode of a wave."""
+    flags = [record_frames] * n if isinstance(record_frames, bool) else list(record_frames)
+    if len(flags) != n:
+        raise ValueError(f"record_frames has {len(flags)} entries for {n} specs")
+    return flags
 
 
 def default_workers(requested: int | None = None) -> int:
@@ -452,5 +492,5 @@ def default_workers(requested: int | None = None) -> int:
     return max(1, cores or 1)
 
 
-__all__ = ["BatchPolicy", "EnvPool", "EnvPoolError", "Reply", "acquire_pool", "default_workers", "release_pool",
-           "run_wave", "shared_pools"]
+__all__ = ["BatchPolicy", "EnvPool", "EnvPoolError", "Reply", "WaveRows", "acquire_pool", "check_wave",
+           "default_workers", "lockstep", "record_flags", "release_pool", "run_wave", "shared_pools"]

@@ -300,7 +300,8 @@ def first_last_sheet(records: list[dict], pair_dir: str | Path, task_names: dict
     """One image of every episode with a saved pair (:func:`save_first_last`): a row block per task, titled
     with its name, of cells [first | last] scaled to ``thumb`` px high, each labelled ``ep 3  SUCCESS in 37
     steps`` on the outcome's colour (green / red; amber for a simulator error). ``records``: final records
-    (task, episode, success, steps, error). None when no episode has a pair."""
+    (task, episode, success, steps, error; optionally ``outcome``, the label's text). None when no episode
+    has a pair."""
     pair_dir = Path(pair_dir)
     by_task: dict[int, list[tuple[dict, Image.Image]]] = {}
     for r in sorted(records, key=lambda r: (int(r["task"]), int(r["episode"]))):
@@ -322,7 +323,8 @@ def first_last_sheet(records: list[dict], pair_dir: str | Path, task_names: dict
             for i, (r, im) in enumerate(cells[start:start + columns]):
                 x = gap + i * (cell_w + gap)
                 ok, error = bool(r.get("success")), r.get("error")
-                text = f"ep {r['episode']}  {outcome_text(ok, int(r.get('steps', 0)), error)}"
+                # A record may bring its own outcome text (a CALVIN chain: "3/5 subtasks").
+                text = f"ep {r['episode']}  {r.get('outcome') or outcome_text(ok, int(r.get('steps', 0)), error)}"
                 # One line: a label too long for a narrow cell is cut rather than pushing the frames down.
                 label = text_strip([text], cell_w, _outcome_color(ok, error), size=11)[:LABEL_H]
                 row.paste(Image.fromarray(np.ascontiguousarray(label)), (x, 0))
@@ -348,3 +350,40 @@ def log_to_tensorboard(logger, results: dict, step: int = 0, prefix: str = "roll
     chart = np.asarray(success_chart(per_task))
     writer.add_image(f"{prefix}/success_per_task", chart, step, dataformats="HWC")
     writer.flush()
+
+
+# -- CALVIN chains --------------------------------------------------------------------------------------
+def chain_outcome(completed: int, error: str | None = None, subtasks: int = 5) -> str:
+    """``3/5 subtasks`` (``ERROR`` for a simulator crash): a chain's label on the contact sheet."""
+    return "ERROR" if error is not None else f"{completed}/{subtasks} subtasks"
+
+
+def chain_chart(chain_sr: dict | None) -> Image.Image:
+    """CALVIN's figure: the fraction of chains with at least k subtasks done in a row, k = 1..5 (bars labelled
+    1..5); no bars ("n/a") when no chain was evaluated."""
+    per_k = {int(k): {"success_rate": sr} for k, sr in (chain_sr or {}).items()}
+    return success_chart(per_k or {k: {"success_rate": None} for k in range(1, 6)})
+
+
+def chain_video_frames(frames: list, instructions: list[str], steps: list[int], completed: int, title: str,
+                       min_size: int = VIDEO_MIN_SIZE) -> list[np.ndarray]:
+    """One video of a whole chain: the frames of each attempted subtask (``steps[j] + 1`` of them, sharing
+    the boundary frame with the next subtask) annotated with ``(j/5) instruction`` and that subtask's outcome
+    (:func:`annotate_frames`); banners are padded to one height so the video keeps one frame size."""
+    if len(frames) != sum(steps) + 1 or len(instructions) < len(steps):
+        raise ValueError(f"a chain video needs sum(steps) + 1 = {sum(steps) + 1} frames and one instruction per "
+                         f"subtask, got {len(frames)} frames, {len(instructions)} instructions, steps {steps}")
+    segments, start = [], 0
+    for j, n in enumerate(steps):
+        seg = annotate_frames(frames[start:start + n + 1], f"({j + 1}/{len(steps)}) {instructions[j]}",
+                              j < completed, n, title=title, min_size=min_size)
+        segments.append(seg if j == 0 else seg[1:])  # the boundary frame is the previous segment's last
+        start += n
+    height = max(seg[0].shape[0] for seg in segments if seg)
+    out = []
+    for seg in segments:
+        for f in seg:
+            pad = np.empty((height - f.shape[0], f.shape[1], 3), dtype=np.uint8)
+            pad[:] = TEXT_BG
+            out.append(np.concatenate([pad, f], axis=0))
+    return out
