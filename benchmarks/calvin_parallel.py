@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,13 +25,10 @@ from vitavla.rollout.calvin_protocol import EP_LEN, run_chain_attempt, run_chain
 from vitavla.rollout.executors import FirstActionExecutor
 from vitavla.rollout.parallel import EnvPool
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: its sibling's policy builder
+from rollout_parallel import tiny_random_policy  # noqa: E402
+
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "calvin" / "official_chains_first20.json"
-
-
-def tiny_random_policy():
-    from benchmarks.rollout_parallel import tiny_random_policy as build
-
-    return build()
 
 
 def run(args) -> None:

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from vitavla.rollout.report import (BAR_COLOR, ERROR_COLOR, FAILURE_COLOR, LABEL_H, PLOT_H, SUCCESS_COLOR,
-                                    TEXT_BG, annotate_frames, first_last_sheet, log_to_tensorboard, save_first_last,
+                                    TEXT_BG, annotate_frames, chain_chart, chain_video_frames, first_last_sheet, log_to_tensorboard, save_first_last,
                                     save_videos, write_report, write_video)
 from vitavla.rollout.runner import EpisodeResult
 from vitavla.rollout.stats import wilson_interval
@@ -226,3 +226,21 @@ def test_first_last_sheet_labels_every_episode(tmp_path):
     # Three task blocks, each titled on the dark title strip.
     assert len(_runs(np.flatnonzero(np.all(sheet[:, 0] == TEXT_BG, axis=-1)))) == 3
     assert first_last_sheet([], tmp_path / "pairs") is None
+
+
+def test_chain_chart_has_one_bar_per_k_and_a_chain_video_shows_each_subtask(tmp_path):
+    chain_chart({1: 0.75, 2: 0.5, 3: 0.25, 4: 0.25, 5: 0.0}, 1.75, 4).save(tmp_path / "sr.png")
+    assert _bar_heights(tmp_path / "sr.png") == [round(r * PLOT_H) for r in (0.75, 0.5, 0.25, 0.25)]
+    chain_chart(None).save(tmp_path / "none.png")
+    assert _bar_heights(tmp_path / "none.png") == []
+    # A chain: subtask 1 done in 2 steps, subtask 2 failed after 3; 1 + 2 + 3 frames.
+    frames = [np.full((64, 64, 3), 40 * i, dtype=np.uint8) for i in range(6)]
+    out = chain_video_frames(frames, ["open the drawer", "push the red block all the way to the left " * 3],
+                             [2, 3], 1, title="chain 7")
+    assert len(out) == 6 and len({f.shape for f in out}) == 1  # one frame size across subtasks
+    banner = out[0].shape[0] - 256
+    for f, src in zip(out, frames):  # every frame once, in order, under its banner
+        np.testing.assert_array_equal(f[banner:], np.repeat(np.repeat(src, 4, 0), 4, 1))
+    assert _band_rows(out[2], SUCCESS_COLOR) > 0 and _band_rows(out[3], FAILURE_COLOR) > 0
+    with pytest.raises(ValueError, match="sum\\(steps\\) \\+ 1 = 6 frames"):
+        chain_video_frames(frames[:5], ["a", "b"], [2, 3], 1, title="")

@@ -160,7 +160,8 @@ class CalvinRolloutTestCallback(RolloutTestCallback):
                    "ep_len": self.ep_len, "executor": dm.executor, "ckpt_path": trainer.ckpt_path,
                    "world_size": trainer.world_size, "num_envs": self.num_envs}
         (self.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        report.chain_chart(results["chain_sr"]).save(self.out_dir / "chain_sr.png")
+        chart = report.chain_chart(results["chain_sr"], results["avg_seq_len"], results["chains"])
+        chart.save(self.out_dir / "chain_sr.png")
         labelled = [{**r, "outcome": report.chain_outcome(r["completed"], r["error"])} for r in finals]
         sheet = report.first_last_sheet(labelled, self.out_dir / "first_last", {0: "CALVIN chains"})
         if sheet is not None:

@@ -358,11 +358,15 @@ def chain_outcome(completed: int, error: str | None = None, subtasks: int = 5) -
     return "ERROR" if error is not None else f"{completed}/{subtasks} subtasks"
 
 
-def chain_chart(chain_sr: dict | None) -> Image.Image:
+def chain_chart(chain_sr: dict | None, avg_seq_len: float | None = None, chains: int = 0) -> Image.Image:
     """CALVIN's figure: the fraction of chains with at least k subtasks done in a row, k = 1..5 (bars labelled
-    1..5); no bars ("n/a") when no chain was evaluated."""
+    1..5), captioned with Avg. Len. and the number of chains; no bars ("n/a") when no chain was evaluated."""
     per_k = {int(k): {"success_rate": sr} for k, sr in (chain_sr or {}).items()}
-    return success_chart(per_k or {k: {"success_rate": None} for k in range(1, 6)})
+    img = success_chart(per_k or {k: {"success_rate": None} for k in range(1, 6)})
+    shown = "n/a" if avg_seq_len is None else f"{avg_seq_len:.2f}"
+    ImageDraw.Draw(img).text((MARGIN + 8, 8), f"chains with >= k subtasks done in a row (k = 1..5); Avg. Len. "
+                             f"{shown} over {chains} chains", fill=(0, 0, 0), font=_font(12))
+    return img
 
 
 def chain_video_frames(frames: list, instructions: list[str], steps: list[int], completed: int, title: str,
