@@ -3,6 +3,7 @@
     vitavla fit --config configs/align_calvin.yaml
     vitavla fit --config configs/finetune_calvin.yaml --model.init_from runs/align/.../last.ckpt
     vitavla quickstart            # both stages on tiny models, CPU, a few minutes
+    vitavla evidence              # the quickstart over seeds and tasks, with learning curves (docs/quickstart.md)
     vitavla data check PATH --format calvin|libero|aloha|lerobot
     vitavla data convert PATH --format libero --to lerobot --out DIR
     vitavla demos libero --suite libero_object --tasks 0 --episodes 20 --out data/demos --image-size 64
@@ -32,6 +33,7 @@ from vitavla.lightning_cli import (  # noqa: F401 - the public names `from cli i
 
 EXTRA_COMMANDS = {
     "quickstart": "vitavla.quickstart:main",
+    "evidence": "vitavla.evidence:main",
     "data": "datamodules.check:main",
     "demos": "vitavla.demos.libero_scripted:main",
     "export": "vitavla.serving.export:main",

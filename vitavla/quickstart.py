@@ -52,6 +52,8 @@ class RunResult:
     seconds: float
     val: dict[str, float]
     rollout: dict = field(default_factory=dict)
+    curve: list[dict] = field(default_factory=list)
+    """Learning curve (``vitavla evidence``): ``{"step", "checkpoint", "val", "rollout"}`` per saved step."""
 
 
 def _cli(configs: list[Path], overrides: list[str]):
@@ -59,18 +61,36 @@ def _cli(configs: list[Path], overrides: list[str]):
     return build_cli(args, run=False)
 
 
-def _fit(configs: list[Path], run_dir: Path, name: str, steps: int, overrides: list[str]) -> RunResult:
-    """Train one stage and validate it on the held-out demonstrations."""
+def _fit(configs: list[Path], run_dir: Path, name: str, steps: int, overrides: list[str],
+         curve_every: int = 0) -> RunResult:
+    """Train one stage and validate it on the held-out demonstrations. ``curve_every`` > 0 also saves a
+    checkpoint every that many steps and validates each one afterwards (``RunResult.curve``)."""
     cli = _cli(configs, [f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}",
                          f"--trainer.max_steps={steps}", "--trainer.enable_model_summary=false", *overrides])
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    curve_dir = Path(trainer.log_dir) / "curve"
+    if curve_every > 0:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        # Intermediate weights for learning curves; validated after training, since validating inside
+        # the training loop would change its batch order and its timing.
+        trainer.callbacks.append(ModelCheckpoint(dirpath=curve_dir, filename="{step}", every_n_train_steps=curve_every,
+                                                 save_top_k=-1, save_last=False))
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start
-    val = trainer.validate(model, datamodule=data, verbose=False)[0]
+    # Read now: validating from a curve checkpoint restores the callbacks' state saved in it (an empty path).
+    last = trainer.checkpoint_callback.last_model_path
+    val = trainer.validate(model, datamodule=data, verbose=False)[0]  # the final weights, before any reload
+    curve = []
+    saved = sorted(curve_dir.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1])) if curve_every else []
+    for ckpt in saved:
+        point = trainer.validate(model, datamodule=data, ckpt_path=str(ckpt), verbose=False)[0]
+        curve.append({"step": int(ckpt.stem.split("=")[1]), "checkpoint": str(ckpt),
+                      "val": {k: float(v) for k, v in point.items()}})
     trainable = sum(c["trainable"] for c in model.parameter_counts().values())
-    return RunResult(name, trainer.checkpoint_callback.last_model_path, trainer.log_dir, trainable, seconds,
-                     {k: float(v) for k, v in val.items()})
+    return RunResult(name, last, trainer.log_dir, trainable, seconds, {k: float(v) for k, v in val.items()},
+                     curve=curve)
 
 
 def _rollout(configs: list[Path], ckpt: str, run_dir: Path, overrides: list[str]) -> dict:
@@ -93,8 +113,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     """The module doc as written, and every option's default in ``--help``."""
 
 
-def main(argv: list[str] | None = None) -> dict[str, RunResult]:
-    ap = argparse.ArgumentParser(prog="vitavla quickstart", description=__doc__, formatter_class=_HelpFormatter)
+def build_parser(prog: str = "vitavla quickstart", description: str | None = __doc__) -> argparse.ArgumentParser:
+    """The quickstart's options (``vitavla evidence`` adds its own to them)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_HelpFormatter)
     ap.add_argument("--out", default="runs/quickstart", help="run directory (demos, checkpoints, logs, videos)")
     ap.add_argument("--suite", default="libero_object", help="LIBERO suite of the task")
     ap.add_argument("--tasks", type=int, nargs="+", default=[0],
@@ -127,20 +148,30 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
                          "configs/quickstart/gpu (bigger teacher and student, bf16 on one GPU)")
     ap.add_argument("--verbose", action="store_true",
                     help="show third-party warnings and logs on the console rather than in <out>/quickstart.log")
+    return ap
+
+
+def parse(ap: argparse.ArgumentParser, argv: list[str] | None):
+    """``(args, layered)``: the checked options and ``layered(name)``, a step's config followed by the
+    same-named override from ``--scale`` when there is one."""
     args = ap.parse_args(argv)
     if args.demos < 2 or not 1 <= args.episodes <= INIT_STATES:
         # The held-out action error needs at least one demonstration kept out of training.
         ap.error(f"--demos must be >= 2 and --episodes in [1, {INIT_STATES}]")
-    disable_possible_user_warnings()
     cfg = Path(args.configs) if args.configs else _config_dir()
     scale = Path(args.scale) if args.scale else None
     if scale is not None and not scale.is_dir():
         ap.error(f"--scale {scale}: not a folder of override configs")
 
     def layered(name: str) -> list[Path]:
-        """The step's config, then the same-named override from --scale when there is one."""
         extra = scale / name if scale is not None else None
         return [cfg / name] + ([extra] if extra is not None and extra.is_file() else [])
+    return args, layered
+
+
+def main(argv: list[str] | None = None) -> dict[str, RunResult]:
+    args, layered = parse(build_parser(), argv)
+    disable_possible_user_warnings()
     out = Path(args.out)
     with console.routed(out / "quickstart.log", verbose=args.verbose) as router:
         results = _run(args, out, layered)
@@ -149,10 +180,21 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
     return results
 
 
-def _run(args: argparse.Namespace, out: Path, layered) -> dict[str, RunResult]:
-    wall = time.perf_counter()
+@dataclass
+class Demos:
+    """The recorded demonstrations: their folder, how many attempts they used (attempt k starts from init
+    state k, so rollouts start after those), whether this run generated them, and how long that took."""
 
-    # 1. Demonstrations (reused when already there).
+    path: Path
+    kept: int
+    attempts_used: int
+    generated: bool
+    seconds: float
+
+
+def record_demos(args: argparse.Namespace, out: Path) -> Demos:
+    """Step 1: the scripted expert's demonstrations under ``out/demos`` (reused when already there)."""
+    from vitavla.demos.libero_hdf5 import existing_demos
     from vitavla.demos.libero_scripted import GenConfig, generate
 
     demos = out / "demos"
@@ -160,43 +202,53 @@ def _run(args: argparse.Namespace, out: Path, layered) -> dict[str, RunResult]:
     gen = generate(GenConfig(suite=args.suite, tasks=tuple(args.tasks), episodes=args.demos, out=str(demos),
                              image_size=args.render_size, workers=args.workers, start_offset=args.start_offset,
                              noise=args.noise))
-    demo_seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     if any(r.kept < args.demos for r in gen):
         raise SystemExit(f"the scripted expert kept {[r.kept for r in gen]} demos of {args.demos}; "
                          "choose other --tasks (single pick-and-place goals)")
-    # Init states the demos started from: attempt k used init state k (demos reused from an earlier run
-    # count too, so the file's own record of its attempts is read, not this run's).
-    from vitavla.demos.libero_hdf5 import existing_demos
+    # Demos reused from an earlier run count too, so the file's own record of its attempts is read.
+    attempts = max(existing_demos(Path(r.path))[1] for r in gen)
+    return Demos(demos, args.demos, attempts, any(r.attempted for r in gen), seconds)
 
-    attempts_used = max(existing_demos(Path(r.path))[1] for r in gen)
 
-    data = [f"--data.init_args.root={demos}", f"--data.init_args.batch_size={args.batch_size}",
-            f"--data.init_args.stats_cache_dir={out / 'stats'}", f"--seed_everything={args.seed}"]
-    # 2. Teacher.
+def train(args: argparse.Namespace, out: Path, layered, demos: Demos, seed: int,
+          curve_every: int = 0, curve_modes: tuple[str, ...] = ()) -> tuple[dict[str, RunResult], RunResult, list[str]]:
+    """Steps 2-4 under ``out``: the teacher, stage 1 and stage 2 in ``args.modes`` (the paper's order), all
+    with training seed ``seed``. Returns the policies (teacher first), the stage-1 run, and the overrides
+    that point a student's config at this teacher."""
+    data = [f"--data.init_args.root={demos.path}", f"--data.init_args.batch_size={args.batch_size}",
+            f"--data.init_args.stats_cache_dir={out / 'stats'}", f"--seed_everything={seed}"]
     results: dict[str, RunResult] = {}
     results["teacher"] = _fit(layered("teacher.yaml"), out / "teacher", "teacher", args.teacher_steps, data)
     teacher_file = Path(results["teacher"].log_dir) / "teacher.safetensors"
     if not teacher_file.is_file():
         raise SystemExit(f"teacher training finished without writing {teacher_file}")
     teacher = [f"--model.init_args.teacher.init_args.checkpoint={teacher_file}"]
-    # 3. Stage 1.
     align = _fit(layered("align.yaml"), out / "align", "align", args.align_steps, data + teacher)
-    # 4. Stage 2, in the chosen modes (the paper's order).
     for mode in [m for m in MODES if m in args.modes]:
         init = f"--model.init_args.init_from={align.checkpoint if mode != 'only_finetune' else 'null'}"
         results[mode] = _fit(layered("finetune.yaml"), out / f"finetune_{mode}", mode, args.finetune_steps,
-                             data + teacher + [f"--model.init_args.init_mode={mode}", init])
+                             data + teacher + [f"--model.init_args.init_mode={mode}", init],
+                             curve_every if mode in curve_modes else 0)
+    return results, align, teacher
 
-    # 5. Rollouts from init states the demos never started from (demo attempts use 0, 1, ...).
+
+def evaluate(args: argparse.Namespace, out: Path, layered, demos: Demos, results: dict[str, RunResult],
+             teacher: list[str], curve_episodes: int = 0) -> None:
+    """Step 5: ``vitavla test`` of every policy (and, with ``curve_episodes``, of every learning-curve
+    checkpoint) from init states the demos never started from; fills ``rollout``."""
     first = INIT_STATES - args.episodes
-    if first < attempts_used:
+    if first < demos.attempts_used:
         print(f"note: rollouts reuse init states {first}..{INIT_STATES - 1}, some of which demos started from")
     env = [f"--data.init_args.env.init_args.suite={args.suite}",
            f"--data.init_args.tasks=[{','.join(map(str, args.tasks))}]",
            f"--data.init_args.env.init_args.render_size={args.render_size}",
            f"--data.init_args.env.init_args.max_steps={args.max_steps}",
-           f"--data.init_args.episodes_per_task={args.episodes}", f"--data.init_args.first_episode={first}",
            f"--data.init_args.num_envs={args.workers}"]
+    held_out = [f"--data.init_args.episodes_per_task={args.episodes}", f"--data.init_args.first_episode={first}"]
+    # Curve points use the last `curve_episodes` of the same held-out init states.
+    curve_held_out = [f"--data.init_args.episodes_per_task={curve_episodes}",
+                      f"--data.init_args.first_episode={INIT_STATES - curve_episodes}"]
     from vitavla.rollout.parallel import shared_pools
 
     with shared_pools():  # one set of simulator processes serves every evaluation
@@ -205,11 +257,20 @@ def _run(args: argparse.Namespace, out: Path, layered) -> dict[str, RunResult]:
             model = [] if name == "teacher" else teacher + ["--model.init_args.init_mode=only_finetune",
                                                              "--model.init_args.init_from=null"]
             run.rollout = _rollout(train_cfg + layered("eval.yaml"), run.checkpoint, out / f"eval_{name}",
-                                   env + model)
+                                   env + held_out + model)
+            for point in run.curve if curve_episodes else []:
+                point["rollout"] = _rollout(train_cfg + layered("eval.yaml"), point["checkpoint"],
+                                            out / f"curve_{name}" / f"step{point['step']}",
+                                            env + curve_held_out + model)
 
-    summary = {"demos": {"kept": args.demos, "attempted": attempts_used, "seconds": demo_seconds,
-                         "generated": any(r.attempted for r in gen),
-                         "path": str(demos)},
+
+def _run(args: argparse.Namespace, out: Path, layered) -> dict[str, RunResult]:
+    wall = time.perf_counter()
+    demos = record_demos(args, out)
+    results, align, teacher = train(args, out, layered, demos, args.seed)
+    evaluate(args, out, layered, demos, results, teacher)
+    summary = {"demos": {"kept": demos.kept, "attempted": demos.attempts_used, "seconds": demos.seconds,
+                         "generated": demos.generated, "path": str(demos.path)},
                "align": asdict(align), "runs": {k: asdict(v) for k, v in results.items()},
                "wall_seconds": time.perf_counter() - wall}
     table = format_table(results, align, summary)

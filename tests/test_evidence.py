@@ -1,0 +1,99 @@
+"""`vitavla evidence`: aggregation over seeds, the ordering verdict, learning curves, and the whole run at toy
+scale in the real simulator."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitavla.evidence import aggregate, curve_series, mean_std, verdict, write_curves
+from vitavla.plots import SERIES_COLORS
+
+
+def run(successes: int, episodes: int = 10, mae: float = 0.1, curve=()):
+    return {"rollout": {"successes": successes, "episodes": episodes}, "val": {"val/arm_mae": mae},
+            "curve": [{"step": s, "val": {"val/arm_mae": m}, "rollout": {"successes": w, "episodes": 10}}
+                      for s, m, w in curve]}
+
+
+def per_seed():
+    # Three seeds; two_stage clearly above only_finetune, which is about freeze_vlm's level.
+    table = {"teacher": [9, 8, 9], "two_stage": [8, 8, 7], "only_finetune": [2, 3, 1], "freeze_vlm": [1, 3, 2]}
+    out = {}
+    for i, seed in enumerate((0, 1, 2)):
+        out[seed] = {p: run(v[i], mae=0.05 * (i + 1)) for p, v in table.items()}
+        out[seed]["two_stage"]["curve"] = run(0, curve=[(100, 0.3, 2), (200, 0.2, 6 + i)])["curve"]
+        out[seed]["only_finetune"]["curve"] = run(0, curve=[(100, 0.5, 0), (200, 0.4, i)])["curve"]
+    return out
+
+
+def test_mean_std_and_aggregate_over_seeds():
+    assert mean_std([0.8, 0.8, 0.7]) == pytest.approx((0.7666667, 0.0577350), abs=1e-6)
+    assert mean_std([0.5]) == (0.5, 0.0)
+    with pytest.raises(ValueError):
+        mean_std([])
+    agg = aggregate(per_seed())
+    assert list(agg) == ["teacher", "two_stage", "only_finetune", "freeze_vlm"]
+    assert agg["two_stage"]["success"] == [0.8, 0.8, 0.7] and agg["two_stage"]["seeds"] == [0, 1, 2]
+    assert agg["only_finetune"]["mean"] == pytest.approx(0.2) and agg["only_finetune"]["std"] == pytest.approx(0.1)
+    assert agg["teacher"]["arm_mae_mean"] == pytest.approx(0.1) and agg["freeze_vlm"]["episodes"] == [10] * 3
+
+
+def test_verdict_says_whether_the_ordering_holds_beyond_seed_noise():
+    lines = verdict(aggregate(per_seed()))
+    assert lines[0] == "two_stage is +10 points below the teacher (within the 10-point target)."
+    # 0.767 - 0.2 over SE sqrt(0.0577^2/3 + 0.1^2/3) = 0.0667: 8.5 SE.
+    assert lines[1] == ("two_stage >= only_finetune: holds (difference +57 points; 8.5 standard errors, beyond "
+                        "seed noise).")
+    assert lines[2] == ("only_finetune > freeze_vlm: does not hold (difference +0 points; 0.0 standard errors, "
+                        "within seed noise).")
+    one = aggregate({0: {"two_stage": run(3), "only_finetune": run(5)}})
+    assert verdict(one) == ["two_stage >= only_finetune: does not hold (difference -20 points; one seed, so no "
+                            "estimate of seed noise)."]
+
+
+def test_learning_curves_average_seeds_and_draw_both_modes(tmp_path):
+    series = curve_series(per_seed(), "success")
+    assert series["two_stage"] == [pytest.approx((100, 0.2, 0.2, 0.2)), pytest.approx((200, 0.7, 0.6, 0.8))]
+    assert series["only_finetune"][1] == pytest.approx((200, 0.1, 0.0, 0.2))
+    assert curve_series(per_seed(), "arm_mae")["only_finetune"] == [pytest.approx((100, 0.5, 0.5, 0.5)),
+                                                                    pytest.approx((200, 0.4, 0.4, 0.4))]
+    path = write_curves(per_seed(), tmp_path / "curves.png")
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape == (320, 960, 3)
+    for half in (img[:, :480], img[:, 480:]):  # both panels draw both modes in their colours
+        for color in SERIES_COLORS[:2]:
+            assert np.all(half == color, axis=-1).sum() > 20
+
+
+@pytest.mark.sim
+@pytest.mark.slow
+def test_evidence_runs_seeds_curves_and_summary_in_libero(tmp_path):
+    pytest.importorskip("libero.libero")
+    from vitavla.evidence import main as evidence
+
+    out = tmp_path / "ev"
+    summary = evidence(["--out", str(out), "--tasks", "0", "--demos", "2", "--teacher-steps", "2",
+                        "--align-steps", "2", "--finetune-steps", "4", "--curve-points", "2", "--curve-episodes",
+                        "1", "--episodes", "1", "--max-steps", "3", "--workers", "1", "--render-size", "32",
+                        "--batch-size", "4", "--seeds", "0", "1", "--modes", "two_stage", "only_finetune"])
+    per_seed = json.loads((out / "per_seed.json").read_text())
+    assert sorted(per_seed) == ["0", "1"]
+    for runs in per_seed.values():
+        assert list(runs) == ["teacher", "two_stage", "only_finetune"]
+        for mode in ("two_stage", "only_finetune"):
+            curve = runs[mode]["curve"]
+            assert [p["step"] for p in curve] == [2, 4] and all(Path(p["checkpoint"]).is_file() for p in curve)
+            assert all(math.isfinite(p["val"]["val/arm_mae"]) for p in curve)
+            assert all(p["rollout"]["episodes"] + p["rollout"]["errors"] == 1 for p in curve)
+            # The step-4 checkpoint holds the final weights: the same held-out error as the run's own.
+            assert curve[-1]["val"]["val/arm_mae"] == pytest.approx(runs[mode]["val"]["val/arm_mae"], rel=1e-5)
+        assert runs["teacher"]["curve"] == []
+    assert summary["policies"]["two_stage"]["seeds"] == [0, 1] and len(summary["verdict"]) == 2
+    table = (out / "summary.md").read_text()
+    assert "| two_stage |" in table and "| teacher |" in table and "- two_stage >= only_finetune: " in table
+    assert Image.open(out / "curves.png").size == (960, 320)
+    assert len(list((out / "demos").glob("*_demo.hdf5"))) == 1  # one set of demos serves every seed
