@@ -191,6 +191,45 @@ def test_checkpoint_paths_that_are_not_checkpoints_are_named(tiny_export, tmp_pa
     assert not (tmp_path / "p").exists()
 
 
+def test_loading_a_policy_dir_draws_no_random_weights(tiny_export):
+    """The policy is built with its parameters on the meta device and the file's tensors become them:
+    no random-number op runs on a real tensor, and the global RNG is untouched (a real build draws)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vitavla.serving.export import instantiate, read_spec
+
+    class RandomOps(TorchDispatchMode):
+        """Records every random-number op and the devices of its tensors."""
+
+        NAMES = {"normal", "normal_", "uniform_", "randn", "rand", "randint", "random_", "bernoulli",
+                 "bernoulli_", "exponential_", "randperm", "multinomial", "rand_like", "randn_like"}
+
+        def __init__(self):
+            super().__init__()
+            self.real = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.__name__.split(".")[0] in self.NAMES:
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]  # in-place ops: the target first
+                device = tensors[0].device if tensors else torch.device(kwargs.get("device") or "cpu")
+                if device.type != "meta":
+                    self.real.append(func.__name__)
+            return func(*args, **kwargs)
+
+    out, _, module = tiny_export
+    rng = torch.get_rng_state()
+    with RandomOps() as ops:
+        exported = load_policy_dir(out)
+    assert ops.real == [] and torch.equal(rng, torch.get_rng_state())
+    ref = module.policy.state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in exported.policy.state_dict().items())
+    assert all(t.device.type == "cpu" for t in [*exported.policy.parameters(), *exported.policy.buffers()])
+    with RandomOps() as ops:  # the recorder sees a build that initialises for real
+        instantiate(read_spec(out)["policy"], "policy", out)
+    assert len(ops.real) > 10 and not torch.equal(rng, torch.get_rng_state())
+
+
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed extra not installed")
 

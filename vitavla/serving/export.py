@@ -23,6 +23,7 @@ import importlib
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -305,15 +306,55 @@ def read_spec(root: str | Path) -> dict:
     return doc
 
 
+@contextmanager
+def parameters_on_meta():
+    """While active, every parameter a module registers is put on the meta device: no storage, and the
+    init that follows registration (``reset_parameters``, transformers' ``_init_weights``) computes nothing
+    and draws no random numbers. Buffers stay real: non-persistent ones (rotary frequencies) are computed
+    at construction and are not in the weights file. As ``accelerate.init_empty_weights(include_buffers=
+    False)``; a parameter created from a real tensor is allocated for that one call, then dropped.
+    Process-wide while active: build nothing else in another thread meanwhile."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def assign_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Make the tensors of ``state`` the parameters and persistent buffers of ``module`` (built under
+    :func:`parameters_on_meta`): strict, no copy (``assign=True``), each cast to the dtype the module was
+    built with where it differs. Fails naming the first tensor still on the meta device afterwards."""
+    from vitavla.checkpoint_io import check_fit
+
+    own = module.state_dict()
+    check_fit(state, {k: v.shape for k, v in own.items()}, source, type(module).__name__)
+    state = {k: v if v.dtype == own[k].dtype else v.to(own[k].dtype) for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.device.type == "meta":
+            raise ExportError(f"{source}: {name} is neither in the file nor computed at construction (it is "
+                              "still on the meta device)")
+
+
 def load_policy_dir(root: str | Path, device: str | torch.device = "cpu",
                     verify: bool = True) -> ExportedPolicy:
     """Build the policy of ``root`` from ``policy.json`` and load ``model.safetensors`` into it (strict).
 
+    The policy is built with its parameters on the meta device (:func:`parameters_on_meta`) and the file's
+    tensors become its parameters (``assign=True``): a 7B policy is never materialised with random weights
+    first, and the weights are in memory once, read straight to ``device``.
+
     ``verify``: check the weights file against the sha256 recorded at export (a truncated or swapped file
     is named instead of loading wrong weights)."""
     from safetensors.torch import load_file
-
-    from vitavla.checkpoint_io import load_strict
 
     root = Path(root)
     doc = read_spec(root)
@@ -324,7 +365,8 @@ def load_policy_dir(root: str | Path, device: str | torch.device = "cpu",
     if verify and recorded and sha256_file(weights) != recorded:
         raise ExportError(f"{weights} does not match the sha256 recorded in {SPEC_FILE} at export "
                           "(corrupted or replaced); re-export the policy")
-    policy = instantiate(doc["policy"], "policy", root)
+    with parameters_on_meta():
+        policy = instantiate(doc["policy"], "policy", root)
     if not isinstance(policy, VLAPolicy):
         raise ExportError(f"{root / SPEC_FILE}: policy.class_path must build a VLAPolicy, got "
                           f"{type(policy).__name__}")
@@ -332,8 +374,8 @@ def load_policy_dir(root: str | Path, device: str | torch.device = "cpu",
     if robot != policy.robot:
         raise ExportError(f"{root / SPEC_FILE}: robot {robot} differs from the built student's "
                           f"{policy.robot}")
-    load_strict(policy, load_file(str(weights), device="cpu"), str(weights))
-    policy.to(device).eval().requires_grad_(False)
+    assign_weights(policy, load_file(str(weights), device=str(torch.device(device))), str(weights))
+    policy.to(device).eval().requires_grad_(False)  # moves the buffers computed at construction
     norm = doc.get("normalizer")
     normalizer = None if norm is None else Normalizer.from_state_dict(norm)
     doc["obs_keys"] = check_obs_keys(doc["obs_keys"], policy.student.num_views,
