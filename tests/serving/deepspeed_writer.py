@@ -1,8 +1,9 @@
 """One rank of a DeepSpeed run that saves the tiny stage-2 module as Lightning's DeepSpeed strategy does.
 
 ``python -m tests.serving.deepspeed_writer OUT RANK WORLD PORT`` (one process per rank, all at once) writes
-``OUT/zero2.ckpt`` and ``OUT/zero3.ckpt``: the module of :func:`trained_module` (the same in every process,
-seeded) under ZeRO stages 2 and 3, sharded over WORLD ranks. The save is the call Lightning's
+``OUT/zero2.ckpt`` and ``OUT/zero3.ckpt``, the stage-2 module of :func:`trained_module` (the same in every
+process, seeded) under ZeRO stages 2 and 3, and ``OUT/zero2_align.ckpt``, the stage-1 module (tiny_align.yaml)
+under ZeRO 2, each sharded over WORLD ranks. The save is the call Lightning's
 ``DeepSpeedStrategy.save_checkpoint`` makes: ``engine.save_checkpoint(path, client_state=<the Lightning
 checkpoint without state_dict and optimizer states>, tag="checkpoint")``.
 """
@@ -20,12 +21,13 @@ def main(argv: list[str]) -> None:
     import lightning
     import torch
 
-    from tests.serving.conftest import trained_module
+    from tests.serving.conftest import EVAL_TINY, TINY_ALIGN, trained_module
 
     torch.set_num_threads(1)
     deepspeed.init_distributed("gloo")
-    for stage in (2, 3):
-        module = trained_module()
+    runs = (("zero2", EVAL_TINY, 2), ("zero3", EVAL_TINY, 3), ("zero2_align", TINY_ALIGN, 2))
+    for name, config, stage in runs:
+        module = trained_module(config)
         params = [p for p in module.parameters() if p.requires_grad]
         config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
                   "zero_optimization": {"stage": stage}}
@@ -35,7 +37,7 @@ def main(argv: list[str]) -> None:
                                           dist_init_required=False)
         client = {"epoch": 0, "global_step": 0, "pytorch-lightning_version": lightning.__version__}
         module.on_save_checkpoint(client)  # adds the normalizer, as in a fit
-        engine.save_checkpoint(os.path.join(out, f"zero{stage}.ckpt"), client_state=client, tag="checkpoint")
+        engine.save_checkpoint(os.path.join(out, f"{name}.ckpt"), client_state=client, tag="checkpoint")
         engine.destroy()
 
 

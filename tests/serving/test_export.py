@@ -236,8 +236,9 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 @pytest.fixture(scope="module")
 def zero_checkpoints(tmp_path_factory):
-    """``zero2.ckpt`` and ``zero3.ckpt`` of :func:`trained_module`, saved by two DeepSpeed ranks (separate
-    processes, gloo over loopback) as Lightning's DeepSpeed strategy saves them."""
+    """``zero2.ckpt``, ``zero3.ckpt`` (stage 2) and ``zero2_align.ckpt`` (stage 1) of :func:`trained_module`,
+    saved by two DeepSpeed ranks (separate processes, gloo over loopback) as Lightning's DeepSpeed strategy
+    saves them (tests/serving/deepspeed_writer.py)."""
     root = tmp_path_factory.mktemp("zero")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -258,25 +259,29 @@ def zero_checkpoints(tmp_path_factory):
 
 @pytest.mark.deepspeed
 @needs_deepspeed
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_checkpoint_exports_like_the_module(zero_checkpoints, tmp_path, stage):
+@pytest.mark.parametrize("name,config,files", [("zero2", EVAL_TINY, 3), ("zero3", EVAL_TINY, 4),
+                                               ("zero2_align", TINY_ALIGN, 3)])
+def test_deepspeed_checkpoint_exports_like_the_module(zero_checkpoints, tmp_path, name, config, files):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from vitavla.checkpoint_io import read_state_dict
     from vitavla.deepspeed_ckpt import read_zero_checkpoint
 
-    ckpt = zero_checkpoints / f"zero{stage}.ckpt"
-    # The weights-only reader reassembles exactly what DeepSpeed's own (unpickling) converter does.
+    ckpt = zero_checkpoints / f"{name}.ckpt"
+    # The weights-only reader reassembles exactly what DeepSpeed's own (unpickling) converter does; init_from
+    # (read_state_dict) reads DeepSpeed directories through it.
     ours, client = read_zero_checkpoint(ckpt)
     theirs = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k].contiguous()) for k in theirs)
+    assert read_state_dict(ckpt).keys() == ours.keys()
     assert client["normalizer"] == NORMALIZER.state_dict()
-    out = export_from_config([str(EVAL_TINY)], ckpt, tmp_path / "policy")
+    out = export_from_config([str(config)], ckpt, tmp_path / "policy")
     exported = load_policy_dir(out)
-    _same_policy(exported, trained_module().policy)
+    _same_policy(exported, trained_module(config).deployable_policy())
     assert exported.normalizer == NORMALIZER
     doc = json.loads((out / SPEC_FILE).read_text())["provenance"]
     shards = sorted(doc["checkpoint_files_sha256"])
-    assert doc["checkpoint_kind"] == "deepspeed" and len(shards) == (3 if stage == 2 else 4)
+    assert doc["checkpoint_kind"] == "deepspeed" and len(shards) == files
     assert all(doc["checkpoint_files_sha256"][f] == sha256_file(ckpt / f) for f in shards)
 
 

@@ -395,15 +395,21 @@ class NonReader:
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: sets the window
         self.sock.connect(("127.0.0.1", port))
-        self.sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        self.sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          b"Sec-WebSocket-Version: 13\r\n\r\n")
         head = b""
         while b"\r\n\r\n" not in head:  # the 101 response; from here on, nothing is read
             head += self.sock.recv(1)
         assert head.startswith(b"HTTP/1.1 101")
-        n = len(message)  # one masked binary frame (a zero mask leaves the payload as it is)
-        size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big") if n < 2**16 \
-            else bytes([0x80 | 127]) + n.to_bytes(8, "big")
+        # One masked binary frame (RFC 6455 5.2); a zero mask leaves the payload as it is.
+        n = len(message)
+        if n < 126:
+            size = bytes([0x80 | n])
+        elif n < 2**16:
+            size = bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        else:
+            size = bytes([0x80 | 127]) + n.to_bytes(8, "big")
         self.frame = b"\x82" + size + b"\x00\x00\x00\x00" + message
         self.sent = 0
         self.ended = ""
@@ -468,8 +474,8 @@ def test_a_client_that_stops_reading_is_dropped_and_holds_up_no_one(exported):
         gc.collect()
         assert len(alive) == 1  # the stalled session (and its KV cache) is gone; the bystander's remains
         print(f"stalled client: {stalled.sent} frames sent ({stalled.ended}), dropped after "
-              f"{dropped_after:.1f} s; bystander: {len(steps)} steps, max latency {max(latencies) * 1000:.0f} ms, "
-              f"max write buffer {max(buffered)} B")
+              f"{dropped_after:.1f} s; bystander: {len(steps)} steps, max latency "
+              f"{max(latencies) * 1000:.0f} ms, max write buffer {max(buffered)} B")
         stalled.sock.close()
     finally:
         th.stop()
