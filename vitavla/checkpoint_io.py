@@ -1,7 +1,8 @@
 """Reading and writing weights safely, and one clear error when they do not fit.
 
 Every weight file in vitavla goes through :func:`read_state_dict`: safetensors, or ``torch.load`` with
-``weights_only=True`` (no unpickling of code), or a DeepSpeed checkpoint directory. Every fit check goes
+``weights_only=True`` (no unpickling of code), or a DeepSpeed checkpoint directory (its ZeRO shards read
+weights-only as well, by :mod:`vitavla.deepspeed_ckpt`). Every fit check goes
 through :func:`check_fit`, which lists all missing keys, unexpected keys and shape mismatches at once.
 Lightning checkpoints are written and read by :class:`AtomicCheckpointIO` (the CLI's default): a save
 replaces the old file only once the new one is complete on disk, and a file that cannot be read is named.
@@ -90,13 +91,10 @@ def read_state_dict(path: str | Path, containers: tuple[str, ...] = CONTAINER_KE
 
 
 def _read_deepspeed_dir(path: Path) -> dict[str, Tensor]:
-    try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    except ImportError as e:
-        raise ValueError(f"{path} is a directory (a DeepSpeed checkpoint?); install the 'deepspeed' extra "
-                         f"to read it") from e
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(path))
-    return {k.removeprefix("_forward_module."): v for k, v in sd.items()}
+    # Our own weights-only reader: DeepSpeed's zero_to_fp32 unpickles with weights_only=False.
+    from vitavla.deepspeed_ckpt import read_zero_checkpoint
+
+    return read_zero_checkpoint(path)[0]
 
 
 def check_fit(state: dict[str, Tensor], expected: dict[str, torch.Size | tuple], source: str | Path,

@@ -104,7 +104,10 @@ class VLAStudent(nn.Module):
         self.num_views = num_views
         self.state_encoder = StateEncoder(self.robot, self.hidden_size)
         # One learnable token, repeated per chunk entry; the copies differ only by their rotary positions.
-        self.action_token = nn.Parameter(torch.randn(self.hidden_size) * 0.02)
+        # Registered empty, then drawn: the values equal randn * 0.02 for the same seed, and a policy built
+        # with its parameters on the meta device (loading an exported policy) draws nothing here.
+        self.action_token = nn.Parameter(torch.empty(self.hidden_size))
+        nn.init.normal_(self.action_token, std=0.02)
         self._token_ids: dict[str, list[int]] = {}
 
     # -- embedding pieces -------------------------------------------------------------------------

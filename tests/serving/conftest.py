@@ -15,18 +15,28 @@ NORMALIZER = Normalizer(arm_low=[-0.5, -1.0, -2.0, 0.0, 10.0, -3.0], arm_high=[0
                         gripper_low=[-1.0], gripper_high=[1.0], state_mean=[0.1] * 7, state_std=[2.0] * 7)
 
 
-def make_checkpoint(path: Path, normalizer: Normalizer = NORMALIZER):
-    """A checkpoint as `vitavla fit` writes it (trainable weights + normalizer) of eval_tiny's model, with its
-    trainable weights moved off their seeded initial values; returns (path, the module)."""
+TINY_ALIGN = CONFIGS / "tiny_align.yaml"
+
+
+def trained_module(config: Path = EVAL_TINY, normalizer: Normalizer = NORMALIZER):
+    """The model of ``config`` (seeded, so every process builds the same one) with its trainable weights
+    moved off their initial values, as training would, and ``normalizer`` as the data's."""
     from cli import build_cli
 
-    module = build_cli(["--config", str(EVAL_TINY), "--trainer.logger=false"], run=False).model
+    module = build_cli(["--config", str(config), "--trainer.logger=false"], run=False).model
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in module.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     module.normalizer_state = normalizer.state_dict()
+    return module
+
+
+def make_checkpoint(path: Path, normalizer: Normalizer = NORMALIZER, config: Path = EVAL_TINY):
+    """A checkpoint as `vitavla fit` writes it (trainable weights + normalizer) of ``config``'s model (default
+    eval_tiny's stage 2), from :func:`trained_module`; returns (path, the module)."""
+    module = trained_module(config, normalizer)
     import lightning
 
     ckpt = {"state_dict": module.state_dict(), "epoch": 0, "global_step": 0,

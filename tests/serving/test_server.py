@@ -385,3 +385,97 @@ def test_thousand_connect_disconnect_cycles_leave_no_session_behind(exported):
         assert growth < 20
     finally:
         th.stop()
+
+
+class NonReader:
+    """A websocket client that completes the handshake, then only sends: it never reads its socket again.
+    Its receive buffer is made small so that the server's replies back up quickly."""
+
+    def __init__(self, port: int, message: bytes):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: sets the window
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          b"Sec-WebSocket-Version: 13\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:  # the 101 response; from here on, nothing is read
+            head += self.sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101")
+        # One masked binary frame (RFC 6455 5.2); a zero mask leaves the payload as it is.
+        n = len(message)
+        if n < 126:
+            size = bytes([0x80 | n])
+        elif n < 2**16:
+            size = bytes([0x80 | 126]) + n.to_bytes(2, "big")
+        else:
+            size = bytes([0x80 | 127]) + n.to_bytes(8, "big")
+        self.frame = b"\x82" + size + b"\x00\x00\x00\x00" + message
+        self.sent = 0
+        self.ended = ""
+
+    def flood(self, limit: int, block_s: float) -> None:
+        """Send up to ``limit`` frames; stop when one blocks for ``block_s`` (backpressure) or fails."""
+        self.sock.settimeout(block_s)
+        try:
+            for _ in range(limit):
+                self.sock.sendall(self.frame)
+                self.sent += 1
+            self.ended = "sent all"
+        except TimeoutError:
+            self.ended = "blocked"
+        except OSError as e:
+            self.ended = type(e).__name__
+
+
+def test_a_client_that_stops_reading_is_dropped_and_holds_up_no_one(exported):
+    import gc
+    import weakref
+
+    runner = PolicyRunner(exported)
+    alive = weakref.WeakSet()
+    new_session = runner.new_session
+
+    def tracked():
+        s = new_session()
+        alive.add(s)
+        return s
+
+    runner.new_session = tracked
+    server = PolicyServer(exported, ServeConfig(port=0, torch_threads=1, send_timeout_s=1.0), runner=runner)
+    th = ServerThread(server)
+    try:
+        bystander = WebsocketClientPolicy("127.0.0.1", th.port)
+        stalled = NonReader(th.port, packb(observations(1)[0]))
+        flood = threading.Thread(target=stalled.flood, args=(100_000, 3.0))
+        flood.start()
+        # While the stalled session is open, sample its write buffer: output held for a client that does not
+        # read is bounded by websockets' write limit (32 KiB) plus one reply.
+        buffered, latencies, steps = [], [], []
+        obs = observations(1, seed=5)[0]
+        start = time.perf_counter()
+        while len(server._connections) > 1 or time.perf_counter() - start < 0.5:
+            # Well before websockets' keepalive (20 s ping interval + 20 s timeout) would drop it.
+            assert time.perf_counter() - start < 20, "the stalled connection was not dropped within 20 s"
+            buffered += [ws.transport.get_write_buffer_size() for ws in list(server._connections)]
+            t = time.perf_counter()
+            steps.append(bystander.infer({**obs, "reset": not steps})["episode_step"])
+            latencies.append(time.perf_counter() - t)
+        dropped_after = time.perf_counter() - start
+        flood.join(10)
+        # The server stopped reading from it once its replies backed up, so the flood was held back by
+        # TCP instead of buffered in the server; then the connection was dropped (reset or still blocked).
+        assert stalled.ended in ("blocked", "ConnectionResetError", "BrokenPipeError"), stalled.ended
+        assert stalled.sent < 100_000
+        assert max(buffered) < 2**15 + 4096
+        # The bystander was answered every step, in order, never waiting on the stalled client.
+        assert steps == list(range(len(steps))) and len(steps) > 10
+        assert max(latencies) < 1.0, max(latencies)
+        gc.collect()
+        assert len(alive) == 1  # the stalled session (and its KV cache) is gone; the bystander's remains
+        print(f"stalled client: {stalled.sent} frames sent ({stalled.ended}), dropped after "
+              f"{dropped_after:.1f} s; bystander: {len(steps)} steps, max latency "
+              f"{max(latencies) * 1000:.0f} ms, max write buffer {max(buffered)} B")
+        stalled.sock.close()
+    finally:
+        th.stop()

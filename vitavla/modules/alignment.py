@@ -8,6 +8,7 @@ from teachers.base import Teacher
 from vitavla.batch import Window
 from vitavla.losses import alignment_loss
 from vitavla.modules.common import OptimConfig, WindowModule, configure_adamw
+from vitavla.policy import VLAPolicy
 from vitavla.student import ActionMapper, VLAStudent
 
 
@@ -88,3 +89,10 @@ class DistillationModule(WindowModule):
 
     def configure_optimizers(self):
         return configure_adamw(self, self.optim)
+
+    def deployable_policy(self) -> VLAPolicy:
+        """What ``vitavla export`` writes for a stage-1 checkpoint: the aligned student, its mapper and the
+        teacher's action head (the parts shared, not copied). Alignment trains the mapper to land on the
+        teacher's hidden states, which that head decodes into actions; it is also the policy that stage 2's
+        ``two_stage`` mode starts fine-tuning from."""
+        return VLAPolicy(self.student, self.mapper, self.teacher.action_head)

@@ -152,5 +152,9 @@ class PolicyModule(WindowModule):
     def predict_step(self, batch: Window, batch_idx: int):
         return self.policy(batch).as_action()
 
+    def deployable_policy(self) -> VLAPolicy:
+        """What ``vitavla export`` writes: the fine-tuned policy."""
+        return self.policy
+
     def configure_optimizers(self):
         return configure_adamw(self, self.optim)

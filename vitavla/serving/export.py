@@ -23,6 +23,7 @@ import importlib
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from vitavla.batch import RobotSpec
 from vitavla.errors import UserFacingError
 from vitavla.normalizer import Normalizer
 from vitavla.policy import VLAPolicy
+from vitavla.serving.sources import (checkpoint_digest, checkpoint_kind, deployable_policy,
+                                     load_checkpoint_into)
 
 FORMAT = "vitavla-policy"
 VERSION = 1
@@ -126,9 +129,12 @@ def policy_spec(policy: VLAPolicy) -> dict:
 
 def export_policy(policy: VLAPolicy, out: str | Path, normalizer: Normalizer | None, *,
                   source_config: str | None = None, checkpoint: str | Path | None = None,
-                  obs_keys: dict | None = None, overwrite: bool = False) -> Path:
+                  obs_keys: dict | None = None, overwrite: bool = False,
+                  source_module: str | None = None) -> Path:
     """Write ``policy`` (with its normalizer and provenance) to the directory ``out``; returns it.
 
+    ``checkpoint``: the file or DeepSpeed directory the weights came from (hashed into the provenance);
+    ``source_module``: the class path of the training module they were loaded into.
     The directory is assembled next to ``out`` and renamed into place, so ``out`` is either absent or
     complete. ``out`` must not exist unless ``overwrite``.
     """
@@ -153,9 +159,13 @@ def export_policy(policy: VLAPolicy, out: str | Path, normalizer: Normalizer | N
         backbone.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
         tensors = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": FORMAT})
+        digest, files = (None, None) if checkpoint is None else checkpoint_digest(checkpoint)
         provenance = {"exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                       "checkpoint": None if checkpoint is None else str(checkpoint),
-                      "checkpoint_sha256": None if checkpoint is None else sha256_file(checkpoint),
+                      "checkpoint_kind": None if checkpoint is None else checkpoint_kind(checkpoint),
+                      "checkpoint_sha256": digest,
+                      "checkpoint_files_sha256": files,  # a DeepSpeed directory: each shard read
+                      "source_module": source_module,
                       "source_config": SOURCE_CONFIG_FILE if source_config is not None else None,
                       "weights_sha256": sha256_file(tmp / WEIGHTS_FILE)}
         if source_config is not None:
@@ -296,15 +306,55 @@ def read_spec(root: str | Path) -> dict:
     return doc
 
 
+@contextmanager
+def parameters_on_meta():
+    """While active, every parameter a module registers is put on the meta device: no storage, and the
+    init that follows registration (``reset_parameters``, transformers' ``_init_weights``) computes nothing
+    and draws no random numbers. Buffers stay real: non-persistent ones (rotary frequencies) are computed
+    at construction and are not in the weights file. As ``accelerate.init_empty_weights(include_buffers=
+    False)``; a parameter created from a real tensor is allocated for that one call, then dropped.
+    Process-wide while active: build nothing else in another thread meanwhile."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def assign_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Make the tensors of ``state`` the parameters and persistent buffers of ``module`` (built under
+    :func:`parameters_on_meta`): strict, no copy (``assign=True``), each cast to the dtype the module was
+    built with where it differs. Fails naming the first tensor still on the meta device afterwards."""
+    from vitavla.checkpoint_io import check_fit
+
+    own = module.state_dict()
+    check_fit(state, {k: v.shape for k, v in own.items()}, source, type(module).__name__)
+    state = {k: v if v.dtype == own[k].dtype else v.to(own[k].dtype) for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.device.type == "meta":
+            raise ExportError(f"{source}: {name} is neither in the file nor computed at construction (it is "
+                              "still on the meta device)")
+
+
 def load_policy_dir(root: str | Path, device: str | torch.device = "cpu",
                     verify: bool = True) -> ExportedPolicy:
     """Build the policy of ``root`` from ``policy.json`` and load ``model.safetensors`` into it (strict).
 
+    The policy is built with its parameters on the meta device (:func:`parameters_on_meta`) and the file's
+    tensors become its parameters (``assign=True``): a 7B policy is never materialised with random weights
+    first, and the weights are in memory once, read straight to ``device``.
+
     ``verify``: check the weights file against the sha256 recorded at export (a truncated or swapped file
     is named instead of loading wrong weights)."""
     from safetensors.torch import load_file
-
-    from vitavla.checkpoint_io import load_strict
 
     root = Path(root)
     doc = read_spec(root)
@@ -315,7 +365,8 @@ def load_policy_dir(root: str | Path, device: str | torch.device = "cpu",
     if verify and recorded and sha256_file(weights) != recorded:
         raise ExportError(f"{weights} does not match the sha256 recorded in {SPEC_FILE} at export "
                           "(corrupted or replaced); re-export the policy")
-    policy = instantiate(doc["policy"], "policy", root)
+    with parameters_on_meta():
+        policy = instantiate(doc["policy"], "policy", root)
     if not isinstance(policy, VLAPolicy):
         raise ExportError(f"{root / SPEC_FILE}: policy.class_path must build a VLAPolicy, got "
                           f"{type(policy).__name__}")
@@ -323,8 +374,8 @@ def load_policy_dir(root: str | Path, device: str | torch.device = "cpu",
     if robot != policy.robot:
         raise ExportError(f"{root / SPEC_FILE}: robot {robot} differs from the built student's "
                           f"{policy.robot}")
-    load_strict(policy, load_file(str(weights), device="cpu"), str(weights))
-    policy.to(device).eval().requires_grad_(False)
+    assign_weights(policy, load_file(str(weights), device=str(torch.device(device))), str(weights))
+    policy.to(device).eval().requires_grad_(False)  # moves the buffers computed at construction
     norm = doc.get("normalizer")
     normalizer = None if norm is None else Normalizer.from_state_dict(norm)
     doc["obs_keys"] = check_obs_keys(doc["obs_keys"], policy.student.num_views,
@@ -333,20 +384,6 @@ def load_policy_dir(root: str | Path, device: str | torch.device = "cpu",
 
 
 # -- `vitavla export` --------------------------------------------------------------------------------
-def load_checkpoint_into(module: nn.Module, ckpt_path: str | Path) -> None:
-    """Load a ``vitavla fit`` checkpoint into ``module`` the way ``vitavla test`` does: weights-only read,
-    the module's own fit check (:meth:`WindowModule.on_load_checkpoint`), then a non-strict load (the frozen
-    weights are not in the file; they came from the config)."""
-    from vitavla.checkpoint_io import LIGHTNING_CKPT_HINT, torch_load
-
-    ckpt = torch_load(ckpt_path, LIGHTNING_CKPT_HINT, map_location="cpu")
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ExportError(f"--ckpt_path {ckpt_path} has no state_dict; is it a `vitavla fit` checkpoint?")
-    module.loading_from = str(ckpt_path)  # named by the fit check's message (no Trainer holds the path here)
-    module.on_load_checkpoint(ckpt)
-    module.load_state_dict(ckpt["state_dict"], strict=False)
-
-
 def main(argv: list[str] | None = None) -> None:
     """``vitavla export --config CFG --ckpt_path CKPT --out DIR [--model.init_args.X=...]``."""
     import argparse
@@ -360,7 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", action="append", required=True,
                         help="the training or eval YAML whose model section built the checkpoint "
                              "(repeatable)")
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `vitavla fit`")
+    parser.add_argument("--ckpt_path", required=True,
+                        help="checkpoint written by `vitavla fit`: a .ckpt file or a DeepSpeed checkpoint "
+                             "directory, of stage 1 (DistillationModule) or stage 2 (PolicyModule)")
     parser.add_argument("--out", required=True, help="directory to create")
     parser.add_argument("--overwrite", default="false", choices=["true", "false"],
                         help="replace --out if it exists")
@@ -388,18 +427,16 @@ def main(argv: list[str] | None = None) -> None:
 def export_from_config(configs: list[str], ckpt_path: str | Path, out: str | Path, overrides: list[str] = (),
                        overwrite: bool = False, allow_missing_normalizer: bool = False,
                        obs_keys: dict | None = None) -> Path:
-    """Build the model of ``configs`` as ``vitavla test`` would, load ``ckpt_path`` into it, export it."""
+    """Build the model of ``configs`` as ``vitavla test`` would, load ``ckpt_path`` (a checkpoint file or a
+    DeepSpeed directory, of a stage-1 or stage-2 module: :mod:`vitavla.serving.sources`) into it, export
+    the policy it deploys."""
     from vitavla.lightning_cli import build_cli
 
-    if not Path(ckpt_path).is_file():
-        raise ExportError(f"--ckpt_path {ckpt_path} is not a file")
+    checkpoint_kind(ckpt_path)  # a missing or wrong path fails before the model is built
     args = [a for c in configs for a in ("--config", str(c))] + list(overrides) + ["--trainer.logger=false"]
     cli = build_cli(args, run=False)
     module = cli.model
-    policy = getattr(module, "policy", None)
-    if not isinstance(policy, VLAPolicy):
-        raise ExportError(f"{type(module).__name__} has no VLAPolicy at .policy; export a stage-2 "
-                          "(vitavla.modules.PolicyModule) checkpoint")
+    policy = deployable_policy(module)
     load_checkpoint_into(module, ckpt_path)
     state = getattr(module, "normalizer_state", None)
     if state is None and not allow_missing_normalizer:
@@ -409,4 +446,4 @@ def export_from_config(configs: list[str], ckpt_path: str | Path, out: str | Pat
     normalizer = None if state is None else Normalizer.from_state_dict(state)
     source = cli.parser.dump(cli.config, skip_none=False)
     return export_policy(policy, out, normalizer, source_config=source, checkpoint=ckpt_path,
-                         obs_keys=obs_keys, overwrite=overwrite)
+                         obs_keys=obs_keys, overwrite=overwrite, source_module=_class_path(module))

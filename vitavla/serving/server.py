@@ -16,8 +16,14 @@ An observation with ``reset: True`` (key configurable at export, ``obs_keys.rese
 
 Concurrency: the event loop only decodes, validates and encodes. Model work runs in one worker thread;
 requests of all sessions that arrive within ``max_wait_ms`` of each other (or while the worker is busy) go
-to it together, and their frames share one vision-tower pass (:class:`Batcher`). GET ``/healthz`` answers
-``OK`` without a websocket. SIGTERM/SIGINT: stop accepting, finish the requests in flight, close, exit 0.
+to it together, and their frames share one vision-tower pass (:mod:`vitavla.serving.runner`). GET
+``/healthz`` answers ``OK`` without a websocket. SIGTERM/SIGINT: stop accepting, finish the requests in
+flight, close, exit 0.
+
+Backpressure: a connection's handler reads its next message only after its reply is written, websockets
+reads at most :data:`MAX_QUEUED_MESSAGES` ahead and buffers at most 32 KiB of output per connection (the
+kernel :data:`SEND_BUFFER_BYTES`), so a client that stops reading holds a bounded amount of server memory;
+after ``send_timeout_s`` without progress its connection is dropped (session and KV cache freed).
 """
 
 from __future__ import annotations
@@ -28,25 +34,41 @@ import http
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from vitavla.rollout.env import Obs
-from vitavla.rollout.episode import to_observation
-from vitavla.rollout.executors import to_env_action
 from vitavla.serving.codec import ProtocolError, packb, unpackb
 from vitavla.serving.export import ExportedPolicy, load_policy_dir
-from vitavla.streaming import StreamingPolicy
+from vitavla.serving.runner import Batcher, PolicyRunner, Request, Session, SessionError
+
+__all__ = ["Batcher", "ClientStalled", "PolicyRunner", "PolicyServer", "Request", "ServeConfig",
+           "ServerThread", "Session", "SessionError", "main"]
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "VITAVLA_SERVE_TOKEN"
+MAX_QUEUED_MESSAGES = 4
+"""Messages websockets reads ahead of a connection's handler before it stops reading that socket. openpi's
+client waits for each reply (one request in flight); more read-ahead would only hold up to this many
+``max_message_mb`` messages per connection in memory (websockets' default is 16)."""
+
+
+SEND_BUFFER_BYTES = 64 * 1024
+"""Kernel send buffer of each connection. Replies are about half a kilobyte and a client has one request
+in flight, so this is ample; left to Linux's autotuning (up to 4 MB) it would let a client that stopped
+reading swallow thousands of replies, each a model step, before the write buffer fills and
+``send_timeout_s`` can notice."""
+
+
+class ClientStalled(Exception):
+    """A reply that could not be written within ``send_timeout_s``: the client stopped reading."""
 
 
 @dataclass
@@ -78,193 +100,14 @@ class ServeConfig:
     handshake_timeout_s: float = 10.0
     """A connection that has not completed the websocket handshake by then is closed (slow or stalled
     clients cannot pile up half-open connections)."""
+    send_timeout_s: float = 10.0
+    """A reply (or close frame) that cannot be written for this long drops that connection: its client has
+    stopped reading, so its socket buffers and the server's 32 KiB write buffer are full. Until then the
+    server reads nothing more from it; other sessions are never held up."""
     torch_threads: int = 0
     """CPU threads for the policy (torch.set_num_threads); 0 keeps torch's default. On a CPU that other
     processes share, 1 avoids threads spinning against each other (the tiny policy ran 10-50x slower with
     2 threads than with 1 on a busy 2-core machine)."""
-
-
-class SessionError(Exception):
-    """A request that failed inside the model; its session's episode was reset."""
-
-
-@dataclass
-class Request:
-    """One validated observation of one session."""
-
-    session: "Session"
-    views: list[np.ndarray]
-    state: np.ndarray
-    prompt: str
-    reset: bool
-    received: float = field(default_factory=time.perf_counter)
-
-
-class Session:
-    """One connection = one episode stream: its own KV cache, over the shared weights."""
-
-    def __init__(self, exported: ExportedPolicy):
-        self.policy = exported.streaming()
-        self.step = 0
-
-
-class PolicyRunner:
-    """The model side. :meth:`run_batch` is only ever called from the one worker thread."""
-
-    def __init__(self, exported: ExportedPolicy):
-        self.exported = exported
-        self.student = exported.policy.student
-        self.normalizer = exported.normalizer
-        self.image_size = exported.image_size
-
-    def new_session(self) -> Session:
-        return Session(self.exported)
-
-    def _observation(self, req: Request):
-        # The same conversion as `vitavla test` (resize, state normalization): the served policy sees what
-        # it saw in closed-loop evaluation.
-        obs = Obs(req.views[0], req.views[1], req.state, req.prompt)
-        return to_observation(obs, self.image_size, normalizer=self.normalizer)
-
-    @staticmethod
-    def _reset(session: Session) -> None:
-        session.policy.reset()
-        session.step = 0
-
-    def _step(self, sessions: list[Session], observations: list) -> list:
-        """One vision pass over every frame, then one language-model call over every session's new step
-        (:meth:`StreamingPolicy.step_many`). Should it fail, the sessions' caches may hold half a step:
-        their episodes start over rather than continue wrong."""
-        try:
-            images = torch.cat([o.images for o in observations])
-            embeds = self.student.embed_images(images[:, None])
-            return StreamingPolicy.step_many([s.policy for s in sessions], observations,
-                                             [embeds[j:j + 1] for j in range(len(sessions))])
-        except Exception as e:
-            log.exception("policy step failed")
-            for s in sessions:
-                self._reset(s)
-            err = (f"{type(e).__name__}: {e} (this session's episode was reset: the next observation "
-                   "starts a new one)")
-            return [SessionError(err) for _ in sessions]
-
-    @torch.no_grad()
-    def run_batch(self, requests: list[Request]) -> list[dict | Exception]:
-        """One policy call for requests of distinct sessions: one vision pass over all their frames and one
-        language-model call over all their new steps, each row on its own cache. Returns a reply or an
-        exception per request."""
-        start = time.perf_counter()
-        results: list[dict | Exception | None] = [None] * len(requests)
-        ready = []
-        for i, req in enumerate(requests):
-            try:
-                if req.reset:
-                    self._reset(req.session)
-                ready.append((i, self._observation(req)))
-            except Exception as e:  # a frame the resize rejects: that request only
-                results[i] = SessionError(f"observation rejected: {e}")
-        for i, obs in ready:
-            held = requests[i].session.policy.instruction
-            if held is not None and held != list(obs.instruction):
-                self._reset(requests[i].session)
-                results[i] = SessionError("the prompt changed mid-episode without reset=True (this session's "
-                                          "episode was reset: the next observation starts a new one)")
-        ready = [(i, obs) for i, obs in ready if results[i] is None]
-        if ready:
-            outs = self._step([requests[i].session for i, _ in ready], [o for _, o in ready])
-            for (i, _), out in zip(ready, outs):
-                req = requests[i]
-                if isinstance(out, Exception):
-                    results[i] = out
-                    continue
-                # Binary gripper, as the executors execute it (Seer: sigmoid > 0.5), then robot units.
-                prob = out.gripper_prob[0].float()
-                action = torch.cat([out.arm[0].float(), (prob > 0.5).float()], -1)
-                results[i] = {"actions": to_env_action(action, self.normalizer),
-                              "gripper_prob": prob.cpu().numpy().astype(np.float32),
-                              "episode_step": req.session.step}
-                req.session.step += 1
-        infer_ms = (time.perf_counter() - start) * 1000
-        for r in results:
-            if isinstance(r, dict):
-                r["server_timing"] = {"infer_ms": infer_ms, "batch_size": len(requests)}
-        return results
-
-
-class Batcher:
-    """Dynamic batching with a bounded wait; the model runs in ``executor``, never on the event loop.
-
-    A request waits at most ``max_wait`` seconds for others (none once ``expected()`` requests are in the
-    batch: every connected session is already in it), or for the worker to finish the batch before.
-    """
-
-    def __init__(self, fn: Callable[[list], list], executor: ThreadPoolExecutor, max_batch: int,
-                 max_wait: float, expected: Callable[[], int]):
-        self.fn, self.executor = fn, executor
-        self.max_batch, self.max_wait, self.expected = max(1, max_batch), max(0.0, max_wait), expected
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.pending = 0
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def submit(self, item) -> Any:
-        fut = asyncio.get_running_loop().create_future()
-        self.pending += 1
-        try:
-            self.queue.put_nowait((item, fut))
-            return await fut
-        finally:
-            self.pending -= 1
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self._one_batch()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let one bad batch stop the loop: every later request would hang
-                log.exception("policy batch failed")
-
-    async def _one_batch(self) -> None:
-        loop = asyncio.get_running_loop()
-        batch = [await self.queue.get()]
-        deadline = loop.time() + self.max_wait
-        while len(batch) < min(self.max_batch, max(1, self.expected())):
-            if not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-                continue
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), left))
-            except TimeoutError:
-                break
-        started = time.perf_counter()
-        try:
-            results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in batch])
-        except Exception as e:  # a bug in fn itself: every request of the batch gets it
-            results = [e] * len(batch)
-        if len(results) != len(batch):
-            results = [RuntimeError(f"the policy returned {len(results)} results for {len(batch)} "
-                                    "requests")] * len(batch)
-        for (item, fut), res in zip(batch, results):
-            if fut.done():  # the client went away while the model ran
-                continue
-            if isinstance(res, Exception):
-                fut.set_exception(res)
-            else:
-                res.setdefault("server_timing", {})["queue_ms"] = (started - item.received) * 1000
-                fut.set_result(res)
-        # Returning drops this frame's references: while idle, the loop must not keep the last batch's
-        # requests (and so their sessions and KV caches) alive after their clients have gone.
 
 
 class PolicyServer:
@@ -364,40 +207,56 @@ class PolicyServer:
 
         session = self.runner.new_session()
         self._connections.add(ws)
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         try:
-            await ws.send(packb(self.metadata))
+            await self._send(ws, packb(self.metadata))
             async for message in ws:
                 if self._draining:
-                    await ws.send("error: the server is shutting down; reconnect to another instance")
+                    await self._send(ws, "error: the server is shutting down; reconnect to another instance")
                     break
                 self._busy += 1
                 try:
                     await self._answer(ws, session, message)
                 finally:
                     self._busy -= 1
-        except ConnectionClosed:
-            pass  # the client left (or sent an oversize message): only this session ends
+        except (ConnectionClosed, ClientStalled):
+            pass  # the client left, sent an oversize message or stopped reading: only this session ends
         finally:
             self._connections.discard(ws)
+
+    async def _send(self, ws, message: bytes | str) -> None:
+        """``ws.send`` with a deadline. It waits only when the client does not read (its socket buffers and
+        our write buffer are full); past ``send_timeout_s`` the connection is aborted, since a close frame
+        could not be written either, and :class:`ClientStalled` ends its handler."""
+        timeout = self.config.send_timeout_s
+        try:
+            await asyncio.wait_for(ws.send(message), timeout)
+        except TimeoutError:
+            log.warning("dropping the connection from %s: it has not read its replies for %.1f s",
+                        ws.remote_address, timeout)
+            ws.transport.abort()
+            raise ClientStalled(f"no reply written for {timeout} s") from None
 
     async def _answer(self, ws, session: Session, message) -> None:
         try:
             req = self.prepare(unpackb(message), session)
         except ProtocolError as e:
-            await ws.send(f"error: {e}")
+            await self._send(ws, f"error: {e}")
             return
         try:
             reply = await self._batcher.submit(req)
         except SessionError as e:
-            await ws.send(f"error: {e}")
+            await self._send(ws, f"error: {e}")
             return
         except Exception as e:  # a bug, not bad input: say so, end this session (as openpi does)
             log.exception("request failed")
-            await ws.send(f"error: internal server error: {type(e).__name__}: {e}")
+            await self._send(ws, f"error: internal server error: {type(e).__name__}: {e}")
             await ws.close(1011, "internal server error")
             return
         reply["server_timing"]["server_ms"] = (time.perf_counter() - req.received) * 1000
-        await ws.send(packb(reply))
+        await self._send(ws, packb(reply))
 
     async def run(self, ready: Callable[[int], None] | None = None,
                   stop: asyncio.Event | None = None) -> None:
@@ -415,6 +274,9 @@ class PolicyServer:
             async with serve(self._handle, self.config.host, self.config.port, compression=None,
                              max_size=int(self.config.max_message_mb * 2**20),
                              open_timeout=self.config.handshake_timeout_s,
+                             # A close frame is a write too: a client that cannot take it within
+                             # send_timeout_s is aborted (shutdown does not wait websockets' 10 s).
+                             close_timeout=self.config.send_timeout_s, max_queue=MAX_QUEUED_MESSAGES,
                              process_request=self._process_request) as server:
                 self.port = server.sockets[0].getsockname()[1]
                 log.info("serving %s on ws://%s:%d", self.exported.root, self.config.host, self.port)
