@@ -190,3 +190,80 @@ def test_merged_policy_acts_like_the_adapted_one_with_the_plain_key_layout(train
     with torch.no_grad():
         assert torch.equal(plain(w).arm, merged.arm) and torch.equal(exported.policy(w).arm, merged.arm)
     assert merge_lora(plain) is plain and set(plain.state_dict()) == set(policy.state_dict())  # no adapters: no-op
+
+
+# -- vitavla plan: LoRA shrinks gradients and optimizer states, and changes what a block keeps ---------------
+def _plan_config(path: str = "tiny", lora: dict | None = None) -> dict:
+    from tests.vitavla.test_plan import config
+
+    cfg = config("stage2", path)
+    if lora is not None:
+        cfg["model"]["init_args"]["lora"] = lora
+    return cfg
+
+
+@pytest.mark.parametrize("scale, lora", [
+    ("tiny", {"rank": 8, "alpha": 16, "dropout": 0.0}),
+    ("tiny", {"rank": 8, "alpha": 16, "dropout": 0.1}),
+    ("tiny", {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}),
+    ("small", {"rank": 8, "alpha": 16, "dropout": 0.1}),
+])
+def test_plan_activations_with_lora_are_within_20_percent_of_the_measured_saved_tensors(scale, lora, tmp_path,
+                                                                                        one_thread):
+    from tests.vitavla.test_plan import measured_and_planned, saved_tensor_bytes, small_backbone_dir
+
+    path = "tiny" if scale == "tiny" else small_backbone_dir(tmp_path)
+    module, batch, plan = measured_and_planned(_plan_config(path, lora))
+    measured = saved_tensor_bytes(module, batch)
+    print(f"{scale} {lora}: predicted {plan.activations.saved:,.0f} B, measured {measured:,} B")
+    assert abs(plan.activations.saved - measured) <= 0.2 * measured
+    assert plan.lora.rank == 8 and plan.lora.dropout == (lora["dropout"] > 0)
+
+
+def test_plan_model_states_count_only_the_adapters_of_the_llm():
+    from vitavla.plan import make_plan
+
+    full = make_plan(_plan_config(), devices=2)
+    lora = make_plan(_plan_config(lora={"rank": 8, "alpha": 16, "dropout": 0.0}), devices=2)
+    llm = full.parts["llm"]["trainable"]
+    # Per block, rank 8 x (in + out) of q 64+64, k 64+32, v 64+32, o 64+64, gate/up 64+128, down 128+64.
+    adapters = 2 * 8 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
+    assert lora.parts["llm"] == {"trainable": adapters, "frozen": llm}
+    assert lora.trainable == full.trainable - llm + adapters
+    # 32-true: 4 B gradients and 8 B AdamW moments per trainable parameter; ZeRO-2 splits both over 2 GPUs.
+    assert lora.rows["ZeRO-0 (DDP)"]["grads"] == 4 * lora.trainable
+    assert lora.rows["ZeRO-2"]["optim"] == 8 * lora.trainable / 2
+    assert lora.frozen_bytes == full.frozen_bytes + 4 * llm
+
+
+def test_plan_of_the_libero_lora_config_at_paper_size(capsys):
+    from vitavla.plan import main
+
+    main(["--config", "configs/finetune_libero_lora.yaml", "--devices", "1", "--gpu_memory", "24",
+          "--backbone_config", "paper"])
+    out = capsys.readouterr().out
+    # 28 blocks x rank 16 x (in + out) summed over Qwen2.5-7B's seven projections; the 7.07B weights frozen.
+    assert "llm                     40,370,176   7,070,619,136" in out
+    assert "frozen weights, rank-16 LoRA on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj, with " \
+           "dropout" in out
+
+
+# -- vitavla fit from the tiny LoRA config -------------------------------------------------------------------
+def test_vitavla_fit_with_the_tiny_lora_config_saves_the_adapters(tmp_path):
+    from tests.test_cli import ONLY_FINETUNE, fit
+
+    ckpt = fit("tiny_finetune_lora.yaml", tmp_path / "lora", *ONLY_FINETUNE)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    # rank 4 on all seven projections of both blocks, and the SeerTeacher's decoder (same layout as above).
+    assert set(checkpoint["state_dict"]) == adapter_names() | AROUND_LLM
+    assert checkpoint["state_dict"][f"{LLM}.layers.1.mlp.down_proj.lora_A.default.weight"].shape == (4, 128)
+    config = next((tmp_path / "lora").glob("version_*/config.yaml")).read_text()
+    assert "lora:\n      rank: 4\n      alpha: 8.0\n      dropout: 0.0" in config
+
+
+def test_libero_lora_config_parses():
+    from cli import build_cli
+
+    with pytest.raises(SystemExit) as e:
+        build_cli(["fit", "--config", "configs/finetune_libero_lora.yaml", "--print_config"], run=True)
+    assert e.value.code in (0, None)
