@@ -267,3 +267,13 @@ def test_libero_lora_config_parses():
     with pytest.raises(SystemExit) as e:
         build_cli(["fit", "--config", "configs/finetune_libero_lora.yaml", "--print_config"], run=True)
     assert e.value.code in (0, None)
+
+
+def test_lora_fields_are_documented_in_the_cli_help(capsys):
+    from cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--model.help", "vitavla.modules.PolicyModule", "--model.lora.help"])
+    assert e.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "Rank r of each adapter" in out and "alpha / rank" in out and '["all-linear"]' in out
