@@ -14,6 +14,9 @@ the trainable / frozen split is the one the stage module sets after construction
   op for a Qwen2/LLaMA decoder block with fused SDPA attention (the method of Korthikanti et al. 2022,
   §4.1, recounted for RMSNorm, rotary embeddings, grouped-query attention and a SwiGLU MLP); see
   :func:`llm_activation_bytes`. The sequence length is the student's token layout per window.
+* **LoRA** (``model.init_args.lora``): the LLM's weights are frozen and only the adapters join the trainable
+  set, so its gradients and optimizer states shrink to the adapters'; the blocks keep what the adapters need
+  instead of the weight inputs (:func:`_lora_layer_bytes`).
 
 ``tests/vitavla/test_plan.py`` checks both against tensor-level measurements of real CPU training steps.
 """
@@ -136,6 +139,12 @@ def build_planned_module(config: dict, backbone_config: str | None = None, devic
         args["student"], args["teacher"] = student, teacher
         if isinstance(args.get("optim"), dict):
             args["optim"] = OptimConfig(**args["optim"])
+        if isinstance(args.get("lora"), dict):
+            # LoRA freezes the LLM's weights: only the adapters join the trainable set, whose gradients
+            # and optimizer states the model-state rows count.
+            from vitavla.lora import LoraConfig
+
+            args["lora"] = LoraConfig(**args["lora"])
         if issubclass(module_cls, PolicyModule) and args.get("init_from") is not None:
             # The stage-1 file only fills the state encoder, action token and mapper: same shapes, same
             # trainable set, so planning skips reading it.
@@ -166,7 +175,58 @@ class LLMShape:
         return self.hidden // self.heads
 
 
-def layer_activation_bytes(shape: LLMShape, e: int, trainable: bool) -> float:
+@dataclass(frozen=True)
+class LoraActivations:
+    """What LoRA adapters change in a block's saved tensors: which projections carry one, their rank, and
+    whether adapter dropout is on (read from the built module by :func:`lora_activations`)."""
+
+    targets: frozenset[str]
+    rank: int
+    dropout: bool
+
+
+# Where each projection's input comes from: q/k/v share the attention norm's output, gate/up the MLP norm's,
+# o reads the attention output (which SDPA keeps anyway) and down the SwiGLU product.
+_ATTN_IN, _MLP_IN = {"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}
+_PROJECTIONS = _ATTN_IN | _MLP_IN | {"o_proj", "down_proj"}
+
+
+def lora_activations(llm: nn.Module) -> LoraActivations | None:
+    """The LoRA layout of ``llm`` (None without adapters); ConfigError for adapters the plan cannot place."""
+    from vitavla.lora import ADAPTER_NAME, KEY, adapted_modules
+
+    layers = adapted_modules(llm)
+    if not layers:
+        return None
+    targets = frozenset(name.rpartition(".")[2] for name in layers)
+    if not targets <= _PROJECTIONS:
+        raise ConfigError(f"{KEY}.target_modules: the plan models adapters on a Qwen2/LLaMA block's projections "
+                          f"{sorted(_PROJECTIONS)}, got {sorted(targets - _PROJECTIONS)}")
+    first = next(iter(layers.values()))
+    dropout = first.lora_dropout[ADAPTER_NAME]
+    return LoraActivations(targets, int(first.r[ADAPTER_NAME]), isinstance(dropout, nn.Dropout) and dropout.p > 0)
+
+
+def _lora_layer_bytes(shape: LLMShape, e: int, lora: LoraActivations) -> float:
+    """Per token, what a block's adapters keep beyond its frozen computation.
+
+    Each adapter keeps its rank-r intermediate (for B's gradient), e*r. Without dropout A reads the
+    projection's own input, kept once per shared input; with dropout each adapter keeps its own dropped copy
+    and the dropout mask, and the shared inputs are no longer needed. The mask is counted at e bytes a value,
+    as CPU dropout keeps it (in the input's dtype); CUDA's fused dropout keeps a 1-byte bool mask, so on a
+    GPU this term is up to (e - 1) bytes a value high: the plan errs towards "does not fit".
+    """
+    h, i = shape.hidden, shape.intermediate
+    kept = len(lora.targets) * e * lora.rank
+    if lora.dropout:
+        return kept + sum(2 * e * (i if t == "down_proj" else h) for t in lora.targets)
+    shared_inputs = (e * h * bool(lora.targets & _ATTN_IN) + e * h * bool(lora.targets & _MLP_IN)
+                     + e * i * ("down_proj" in lora.targets))
+    return kept + shared_inputs
+
+
+def layer_activation_bytes(shape: LLMShape, e: int, trainable: bool, lora: LoraActivations | None = None
+                           ) -> float:
     """Bytes one decoder block keeps for backward, per token, with activations of ``e`` bytes.
 
     Counted op by op on transformers' Qwen2 block (SDPA; measured with saved-tensor hooks):
@@ -178,9 +238,13 @@ def layer_activation_bytes(shape: LLMShape, e: int, trainable: bool) -> float:
       - the SwiGLU MLP keeps gate, silu(gate) and up, 3*e*i;
       - with trainable weights, every Linear also keeps its input for the weight gradient: the q/k/v input
         (shared), the MLP input (shared by gate and up) and the down-projection input, e*(2h + i); the
-        attention output, which o_proj reads, is already kept by SDPA.
+        attention output, which o_proj reads, is already kept by SDPA;
+      - with ``lora``, the block's own weights (norms included) are frozen and the adapters keep what
+        :func:`_lora_layer_bytes` counts instead of the weight inputs.
     """
     h, i = shape.hidden, shape.intermediate
+    if lora is not None:
+        return 2 * (4 * h + 4) + 4 * e * h + 4 * shape.heads + 3 * e * i + _lora_layer_bytes(shape, e, lora)
     norms = 2 * (4 * h + 4 + (e * h if trainable else 0))
     attention = 4 * e * h + 4 * shape.heads
     mlp = 3 * e * i
@@ -212,11 +276,13 @@ class ActivationEstimate:
         return self.saved_checkpointed + self.per_layer
 
 
-def llm_activation_bytes(shape: LLMShape, batch: int, seq: int, e: int, trainable: bool) -> ActivationEstimate:
+def llm_activation_bytes(shape: LLMShape, batch: int, seq: int, e: int, trainable: bool,
+                         lora: LoraActivations | None = None) -> ActivationEstimate:
     tokens = batch * seq
-    norm = 4 * shape.hidden + 4 + (e * shape.hidden if trainable else 0)
+    # The final norm's weight trains with the LLM, not with LoRA (which leaves every LLM weight frozen).
+    norm = 4 * shape.hidden + 4 + (e * shape.hidden if trainable and lora is None else 0)
     shared = batch * seq * seq * e + 2 * tokens * shape.head_dim * e + tokens * norm
-    return ActivationEstimate(per_layer=tokens * layer_activation_bytes(shape, e, trainable), shared=shared,
+    return ActivationEstimate(per_layer=tokens * layer_activation_bytes(shape, e, trainable, lora), shared=shared,
                               checkpoint=tokens * e * shape.hidden, layers=shape.layers)
 
 
@@ -245,6 +311,7 @@ class Plan:
     activations: ActivationEstimate
     checkpointing_configured: bool
     llm_trainable: bool
+    lora: LoraActivations | None = None
     gpu_memory_gib: float | None = None
     rows: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -306,12 +373,13 @@ def make_plan(config: dict, devices: int | None = None, backbone_config: str | N
     _, frozen_size, act_size = PRECISIONS[precision]
     llm_trainable = any(p.requires_grad for p in llm.parameters())
     e = act_size or next(llm.parameters()).element_size()
-    acts = llm_activation_bytes(LLMShape.of(llm_config), batch, tokens["total"], e, llm_trainable)
+    lora = lora_activations(llm)
+    acts = llm_activation_bytes(LLMShape.of(llm_config), batch, tokens["total"], e, llm_trainable, lora)
     trainable = sum(p.numel() for p in {id(p): p for p in module.parameters() if p.requires_grad}.values())
     parts = count_parameters(module.parameter_groups())
     plan = Plan(type(module).__name__, precision, devices, batch, tokens, parts, trainable,
                 _frozen_bytes(module, frozen_size), acts, bool(getattr(llm, "gradient_checkpointing", False)),
-                llm_trainable, gpu_memory_gib)
+                llm_trainable, lora, gpu_memory_gib)
     plan.rows = model_state_rows(trainable, plan.frozen_bytes, precision, devices)
     return plan
 
@@ -361,10 +429,17 @@ def _assumptions(plan: Plan) -> str:
     weights = f"{frozen}-byte" if frozen else "own-dtype"
     return (f"{plan.precision}: trainable parameters cost {p} B weights + {g} B gradients + {o} B AdamW states "
             f"(fp32 master + 2 moments under mixed precision), frozen ones {weights} weights; activations in "
-            f"{act or 'the LLM weight'}-byte dtype, LLM blocks only ({'trainable' if plan.llm_trainable else 'frozen'} "
-            "weights), fused SDPA attention, no dropout; instruction at its token cap unless --instruction_tokens; "
+            f"{act or 'the LLM weight'}-byte dtype, LLM blocks only ({_llm_training(plan)}), fused SDPA attention, "
+            "no dropout but LoRA's; instruction at its token cap unless --instruction_tokens; "
             "not counted: DeepSpeed buckets, CUDA context (~0.5-1 GiB), allocator fragmentation, frozen "
             "vision/teacher forward temporaries.")
+
+
+def _llm_training(plan: Plan) -> str:
+    if plan.lora is not None:
+        drop = ", with dropout" if plan.lora.dropout else ""
+        return f"frozen weights, rank-{plan.lora.rank} LoRA on {', '.join(sorted(plan.lora.targets))}{drop}"
+    return "trainable weights" if plan.llm_trainable else "frozen weights"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,9 @@ import torch
 
 from teachers.base import Teacher
 from vitavla.batch import Window
-from vitavla.checkpoint_io import load_strict, read_state_dict, select_prefix
+from vitavla.checkpoint_io import CheckpointMismatchError, load_strict, read_state_dict, select_prefix
+from vitavla.errors import ConfigError
+from vitavla.lora import KEY as LORA_KEY, LoraConfig, apply_lora, is_adapter_parameter
 from vitavla.losses import action_loss, gripper_accuracy
 from vitavla.modules.alignment import check_compatible
 from vitavla.modules.common import OptimConfig, WindowModule, configure_adamw
@@ -30,11 +32,14 @@ class PolicyModule(WindowModule):
       - ``only_finetune``: no alignment; decoder from the teacher, fresh mapper; trains the same parts.
       - ``freeze_vlm``: as ``two_stage`` but the LLM stays frozen.
     The vision tower and projector stay frozen in every mode; the decoder always starts from the teacher's.
+    With ``lora`` set (``two_stage`` or ``only_finetune``), LoRA adapters on the LLM train in place of its
+    weights: the adapters, state encoder, action token, mapper and decoder train, nothing else.
     """
 
     def __init__(self, student: VLAStudent, teacher: Teacher, init_mode: InitMode = "two_stage",
                  init_from: str | None = None, mapper_hidden_dim: int | None = None,
-                 gripper_loss_weight: float = 0.01, optim: OptimConfig | None = None):
+                 gripper_loss_weight: float = 0.01, optim: OptimConfig | None = None,
+                 lora: LoraConfig | None = None):
         """
         Args:
             student: the VLM student.
@@ -44,12 +49,17 @@ class PolicyModule(WindowModule):
             mapper_hidden_dim: hidden width of the mapper (default: the teacher's hidden size).
             gripper_loss_weight: weight of the gripper BCE term (paper: 0.01).
             optim: optimizer and schedule (paper Table 5: lr 1e-4, 2 warmup epochs, 2 epochs).
+            lora: LoRA adapters on the LLM (rank, alpha, dropout, target_modules) instead of fine-tuning all
+                of its weights; off (null) in the paper. Needs the ``lora`` extra (peft).
         """
         super().__init__()
         if init_mode not in ("two_stage", "only_finetune", "freeze_vlm"):
             raise ValueError(f"init_mode must be two_stage, only_finetune or freeze_vlm, got {init_mode!r}")
         if init_mode != "only_finetune" and init_from is None:
             raise ValueError(f"init_mode={init_mode!r} needs init_from=<stage-1 checkpoint>")
+        if lora is not None and init_mode == "freeze_vlm":
+            raise ConfigError(f"{LORA_KEY}: LoRA adapts the LLM, which init_mode=freeze_vlm keeps frozen; use "
+                              "init_mode two_stage or only_finetune, or lora: null")
         check_compatible(student, teacher, None)
         head = copy.deepcopy(teacher.action_head)
         mapper = ActionMapper(student.hidden_size, teacher.hidden_size, mapper_hidden_dim)
@@ -64,6 +74,8 @@ class PolicyModule(WindowModule):
             m.requires_grad_(False)
         if init_mode == "freeze_vlm":
             student.backbone.language_model().requires_grad_(False)
+        self.lora = lora
+        self.lora_targets = [] if lora is None else apply_lora(student.backbone.language_model(), lora)
         self._freeze_unused(student)
 
     @staticmethod
@@ -101,7 +113,28 @@ class PolicyModule(WindowModule):
         if stage == "fit":
             return set()
         llm = {id(p) for p in self.policy.student.backbone.language_model().parameters()}
-        return {n for n, p in self.named_parameters() if id(p) in llm}
+        # LoRA adapters are the LLM's training: a config that asks for them needs them from the file.
+        return {n for n, p in self.named_parameters() if id(p) in llm and not is_adapter_parameter(n)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A LoRA checkpoint given to a model built without ``lora`` (or the reverse) is named as such, before
+        the generic key-by-key comparison."""
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            adapters = sorted(k for k in state if is_adapter_parameter(k))
+            source = (getattr(getattr(self, "_trainer", None), "ckpt_path", None)
+                      or getattr(self, "loading_from", None) or "the checkpoint")
+            if adapters and self.lora is None:
+                raise CheckpointMismatchError(
+                    f"{source} holds LoRA adapters ({len(adapters)} tensors, e.g. {adapters[0]}) but this model "
+                    f"has none: set {LORA_KEY} in the config as in the training run")
+            llm = self.policy.student.backbone.language_model()
+            prefix = next(n for n, m in self.named_modules() if m is llm) + "."
+            if self.lora is not None and not adapters and any(k.startswith(prefix) for k in state):
+                raise CheckpointMismatchError(
+                    f"{source} holds fully fine-tuned LLM weights, not LoRA adapters, but this model is built "
+                    f"with {LORA_KEY}; remove it (lora: null) to load this checkpoint")
+        super().on_load_checkpoint(checkpoint)
 
     def parameter_groups(self):
         student = self.policy.student
