@@ -259,6 +259,24 @@ def test_vitavla_fit_with_the_tiny_lora_config_saves_the_adapters(tmp_path):
     assert checkpoint["state_dict"][f"{LLM}.layers.1.mlp.down_proj.lora_A.default.weight"].shape == (4, 128)
     config = next((tmp_path / "lora").glob("version_*/config.yaml")).read_text()
     assert "lora:\n      rank: 4\n      alpha: 8.0\n      dropout: 0.0" in config
+    # `vitavla export` merges the adapters: the directory has the plain layout and acts like the adapted policy.
+    from cli import build_cli
+    from tests.test_cli import CONFIGS
+    from vitavla.serving.export import export_from_config, load_checkpoint_into, load_policy_dir
+
+    out = export_from_config([str(CONFIGS / "tiny_finetune_lora.yaml")], ckpt, tmp_path / "policy",
+                             ONLY_FINETUNE, allow_missing_normalizer=True)
+    exported = load_policy_dir(out)
+    assert not adapted_modules(exported.policy)
+    module = build_cli(["--config", str(CONFIGS / "tiny_finetune_lora.yaml"), *ONLY_FINETUNE,
+                        "--trainer.logger=false"], run=False).model
+    load_checkpoint_into(module, ckpt)  # as `vitavla test` would: frozen weights from the config, the rest here
+    assert adapted_modules(module.policy)
+    w = window(num_steps=module.policy.student.max_steps)
+    with torch.no_grad():
+        adapted, merged = module.policy.eval()(w), exported.policy(w)
+    torch.testing.assert_close(merged.arm, adapted.arm, atol=MERGE_ATOL, rtol=MERGE_RTOL)
+    torch.testing.assert_close(merged.gripper_logit, adapted.gripper_logit, atol=MERGE_ATOL, rtol=MERGE_RTOL)
 
 
 def test_libero_lora_config_parses():

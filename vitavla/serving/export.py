@@ -138,6 +138,11 @@ def export_policy(policy: VLAPolicy, out: str | Path, normalizer: Normalizer | N
     The directory is assembled next to ``out`` and renamed into place, so ``out`` is either absent or
     complete. ``out`` must not exist unless ``overwrite``.
     """
+    from vitavla.lora import merge_lora
+
+    # LoRA adapters are folded into their base weights (in place): the directory holds the plain layout of
+    # the same model without LoRA, so loading it needs neither peft nor the training config's lora section.
+    merge_lora(policy)
     out = Path(out)
     if out.exists() and not overwrite:
         raise ExportError(f"--out {out} already exists; pass --overwrite true to replace it")
