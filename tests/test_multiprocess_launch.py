@@ -79,3 +79,46 @@ def test_fit_and_test_on_two_cpu_processes_from_the_command_line(tmp_path):
     assert sorted(per_rank) == ["episodes.rank0.jsonl", "episodes.rank1.jsonl"]
     assert sorted(x for recs in per_rank.values() for x in recs) == [(0, 0), (1, 0)]
     assert all(len(recs) == 1 for recs in per_rank.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["align", "finetune"])
+def test_two_process_ddp_gives_the_loss_of_one_process_on_the_same_global_batch(stage, tmp_path):
+    """Both stages: 2 gloo processes with 2 windows each against 1 process with the same 4 windows per step
+    (the sampler gives rank r the windows r, r + 2, ... of the one-process order).
+
+    Each process's loss is a mean over its own valid (unpadded) steps and actions, and DDP averages the
+    processes' gradients: the 2-process step optimises the mean of the two shard losses. The one-process run
+    computes exactly that on its first batch (tests/loss_recorder.py, ``shards=2``), and the 2-process loss
+    and averaged gradients must equal it to float precision. Against the one-process loss of the whole batch
+    (a mean weighted by every window's count of valid entries) they differ where windows near an episode's
+    end carry fewer entries: a fraction of a percent here. Weights after the steps are not compared: AdamW's
+    first steps move every weight by about lr times the sign of its gradient, so gradients within float noise
+    of zero flip."""
+    config = CONFIGS / f"tiny_{stage}.yaml"
+    extra = ["--model.init_args.init_mode=only_finetune", "--model.init_args.init_from=null"] if stage == "finetune" \
+        else []
+    common = ["--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+              "--data.init_args.num_episodes=4", "--data.init_args.episode_length=8",
+              "--trainer.accelerator=cpu", "--seed_everything=0", *extra, *QUIET]
+    runs = {}
+    for name, procs, batch, shards in (("one", ["--trainer.devices=1"], 4, 2), ("two", TWO_CPU_PROCESSES[1:], 2, 0)):
+        root = tmp_path / name
+        vitavla("fit", "--config", str(config), *procs, f"--data.init_args.batch_size={batch}",
+                f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+                "--trainer.callbacks+=tests.loss_recorder.LossRecorder",
+                f"--trainer.callbacks.init_args.out_dir={root / 'record'}",
+                f"--trainer.callbacks.init_args.shards={shards}", *common, timeout=300)
+        runs[name] = [json.loads(p.read_text()) for p in sorted((root / "record").glob("losses.rank*.json"))]
+        assert len(runs[name]) == (2 if name == "two" else 1) and all(len(x) == 2 for x in runs[name])
+    record = {n: tmp_path / n / "record" for n in runs}
+    expected = json.loads((record["one"] / "shards0.json").read_text())["loss"]
+    two = (runs["two"][0][0] + runs["two"][1][0]) / 2
+    assert two == pytest.approx(expected, rel=1e-5)
+    assert two == pytest.approx(runs["one"][0][0], rel=1e-2)  # the whole-batch mean: close, not equal
+    want = torch.load(record["one"] / "shard_grads0.pt", weights_only=True)
+    got = torch.load(record["two"] / "grads0.pt", weights_only=True)
+    assert set(want) == set(got) and want
+    scale = max(g.abs().max() for g in want.values())
+    for key, g in want.items():
+        torch.testing.assert_close(got[key], g, atol=1e-5 * scale, rtol=0, msg=key)
