@@ -396,3 +396,33 @@ def test_tiny_and_jsonargparse():
     assert built.tokens_per_image == 16 and isinstance(built.model.multi_modal_projector.layer_norm,
                                                        torch.nn.Identity)
     assert built.embed_images(torch.zeros(1, 3, 224, 224, dtype=torch.uint8)).shape == (1, 16, 64)
+
+
+# ---- configs ---------------------------------------------------------------------------------------------------
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("stage", ["align", "finetune"])
+def test_vita_configs_parse_and_match_the_calvin_configs(stage, tmp_path):
+    import yaml
+
+    from cli import build_cli
+
+    name = f"{stage}_calvin_vita.yaml"
+    with pytest.raises(SystemExit) as e:
+        build_cli(["fit", "--config", str(CONFIGS / name), "--print_config"], run=True)
+    assert e.value.code in (0, None)
+    vita, base = (yaml.safe_load((CONFIGS / n).read_text()) for n in (name, f"{stage}_calvin.yaml"))
+    backbone = vita["model"]["init_args"]["student"]["init_args"].pop("backbone")
+    base_backbone = base["model"]["init_args"]["student"]["init_args"].pop("backbone")
+    assert backbone["class_path"] == "vitavla.backbones.VITABackbone"
+    assert backbone["init_args"].pop("path") == "checkpoints/VITA-1.5/VITA1.5_ckpt"
+    base_backbone["init_args"].pop("path")
+    assert backbone["init_args"] == base_backbone["init_args"]  # same tokens, image size, dtype
+    # Everything but the student's backbone and the run directories is the paper config it stands beside.
+    text = yaml.safe_dump(vita).replace(f"runs/{stage}_calvin_vita", f"runs/{stage}_calvin")
+    assert yaml.safe_load(text.replace("runs/align_calvin_vita/", "runs/align_calvin/")) == base
+    # The backbone node builds (a tiny checkpoint in VITA's layout standing in for the 16 GB one).
+    ckpt = write_vita_checkpoint(tmp_path)
+    b = VITABackbone(**{**backbone["init_args"], "path": str(ckpt)})
+    assert (b.tokens_per_image, b.image_size, b.dtype) == (49, 224, torch.bfloat16)
