@@ -22,9 +22,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from lightning.pytorch.utilities import disable_possible_user_warnings
-
-from vitavla import console
 from vitavla import quickstart as qs
 
 CURVE_MODES = ("two_stage", "only_finetune")
@@ -159,13 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--curve-points must be >= 1 and --curve-episodes in [0, {qs.INIT_STATES}]")
     if len(set(args.seeds)) != len(args.seeds):
         ap.error(f"--seeds {args.seeds}: repeated seeds")
-    disable_possible_user_warnings()
-    out = Path(args.out)
-    with console.routed(out / "evidence.log", verbose=args.verbose) as router:
-        summary = _run(args, out, layered)
-        if router is not None:
-            print(f"third-party warnings and logs: {router.path} (--verbose shows them here)")
-    return summary
+    return qs.run_routed(args, "evidence.log", _run, layered)
 
 
 def _run(args: argparse.Namespace, out: Path, layered) -> dict:

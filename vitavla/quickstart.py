@@ -171,13 +171,19 @@ def parse(ap: argparse.ArgumentParser, argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> dict[str, RunResult]:
     args, layered = parse(build_parser(), argv)
+    return run_routed(args, "quickstart.log", _run, layered)
+
+
+def run_routed(args: argparse.Namespace, log_name: str, run, layered):
+    """``run(args, out, layered)`` with third-party output routed to ``<out>/<log_name>`` (``--verbose``: left
+    on the console), naming the log file at the end."""
     disable_possible_user_warnings()
     out = Path(args.out)
-    with console.routed(out / "quickstart.log", verbose=args.verbose) as router:
-        results = _run(args, out, layered)
+    with console.routed(out / log_name, verbose=args.verbose) as router:
+        result = run(args, out, layered)
         if router is not None:
             print(f"third-party warnings and logs: {router.path} (--verbose shows them here)")
-    return results
+    return result
 
 
 @dataclass

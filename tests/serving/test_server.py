@@ -339,8 +339,8 @@ def test_stalled_clients_do_not_hold_up_others(exported):
         th.stop()
 
 
-def test_thousand_connect_disconnect_cycles_leave_no_session_behind(exported):
-    import gc
+def tracked_runner(exported):
+    """A PolicyRunner and a weak set of the sessions it has created and that are still alive."""
     import weakref
 
     runner = PolicyRunner(exported)
@@ -348,11 +348,18 @@ def test_thousand_connect_disconnect_cycles_leave_no_session_behind(exported):
     new_session = runner.new_session
 
     def tracked():
-        s = new_session()
-        alive.add(s)
-        return s
+        session = new_session()
+        alive.add(session)
+        return session
 
     runner.new_session = tracked
+    return runner, alive
+
+
+def test_thousand_connect_disconnect_cycles_leave_no_session_behind(exported):
+    import gc
+
+    runner, alive = tracked_runner(exported)
     server = PolicyServer(exported, ServeConfig(port=0, torch_threads=1), runner=runner)
     th = ServerThread(server)
     try:
@@ -430,7 +437,6 @@ class NonReader:
 
 def test_a_client_that_stops_reading_is_dropped_and_holds_up_no_one(exported, monkeypatch):
     import gc
-    import weakref
 
     from vitavla.serving import server as server_module
 
@@ -438,16 +444,7 @@ def test_a_client_that_stops_reading_is_dropped_and_holds_up_no_one(exported, mo
     # steps, which a busy 2-core machine makes slow (the limit below must stay under websockets' keepalive).
     monkeypatch.setattr(server_module, "SEND_BUFFER_BYTES", 8 * 1024)
 
-    runner = PolicyRunner(exported)
-    alive = weakref.WeakSet()
-    new_session = runner.new_session
-
-    def tracked():
-        s = new_session()
-        alive.add(s)
-        return s
-
-    runner.new_session = tracked
+    runner, alive = tracked_runner(exported)
     server = PolicyServer(exported, ServeConfig(port=0, torch_threads=1, send_timeout_s=1.0), runner=runner)
     th = ServerThread(server)
     try:
