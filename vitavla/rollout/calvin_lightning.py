@@ -27,8 +27,9 @@ from vitavla.rollout import report
 from vitavla.rollout.calvin_protocol import (NUM_SUBTASKS, ChainResult, chain_metrics, run_chain_attempt,
                                              run_chain_wave, summarize_chains, _close_quietly)
 from vitavla.rollout.episode import EpisodeResult
-from vitavla.rollout.lightning import RolloutTestCallback, _key, _read_records
-from vitavla.rollout.runner import EpisodeSpec, _append, _final
+from vitavla.rollout.lightning import RolloutTestCallback
+from vitavla.rollout.records import append_record, final_record, read_records, record_key
+from vitavla.rollout.runner import EpisodeSpec
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class CalvinRolloutTestCallback(RolloutTestCallback):
             self._add_chain(spec, rec, res)
             if rec["error"] is not None:
                 _close_quietly(self.env)
-        return _final(self.by_key[spec.key])
+        return final_record(self.by_key[spec.key])
 
     def run_batch(self, specs: list[EpisodeSpec]) -> list[dict]:
         """Final records of ``specs`` (in order). With ``num_envs > 1`` the unfinished chains run concurrently
@@ -106,12 +107,12 @@ class CalvinRolloutTestCallback(RolloutTestCallback):
                                   record_frames=[self._records_video(s) for s in todo])
             for spec, (rec, res) in zip(todo, done):
                 self._add_chain(spec, rec, res)
-        return [_final(self.by_key[s.key]) for s in specs]
+        return [final_record(self.by_key[s.key]) for s in specs]
 
     def _add_chain(self, spec: EpisodeSpec, rec: dict, res: ChainResult) -> None:
         """Append one chain attempt (fsync'd); save its first/last frames and, when recorded, its video."""
         rec["task_name"] = self.names[0]
-        _append(self.path, rec)
+        append_record(self.path, rec)
         self.by_key.setdefault(spec.key, []).append(rec)
         if rec["error"] is not None:
             log.warning("chain %d crashed (attempt %d): %s", spec.episode_index, rec["attempt"], rec["error"])
@@ -148,9 +149,9 @@ class CalvinRolloutTestCallback(RolloutTestCallback):
         dm = trainer.datamodule
         merged: dict[tuple, list[dict]] = {}
         for path in sorted(Path(self.out_dir).glob("episodes.rank*.jsonl")):
-            for r in _read_records(path):
-                merged.setdefault(_key(r), []).append(r)
-        finals = [_final(merged[s.key]) for s in dm.specs() if s.key in merged]
+            for r in read_records(path):
+                merged.setdefault(record_key(r), []).append(r)
+        finals = [final_record(merged[s.key]) for s in dm.specs() if s.key in merged]
         with open(self.out_dir / "episodes.jsonl", "w") as f:  # one deduplicated file for reports
             f.writelines(json.dumps(r) + "\n" for r in finals)
         details = summarize_chains(finals)  # task_info and timings; totals come from the synced metric

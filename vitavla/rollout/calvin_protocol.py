@@ -26,7 +26,8 @@ from vitavla.normalizer import Normalizer
 from vitavla.rollout.env import Obs
 from vitavla.rollout.episode import EnvError, sim_call
 from vitavla.rollout.executors import ActionExecutor, FirstActionExecutor
-from vitavla.rollout.runner import Controller, StepPolicy, _append, _final, as_step_policy, load_results
+from vitavla.rollout.records import append_record, final_record, load_results
+from vitavla.rollout.runner import Controller, StepPolicy, as_step_policy
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +401,7 @@ def evaluate_calvin(env_factory: Callable[[], CalvinEnv], policy, chains: Sequen
                 rec, _ = run_chain_attempt(env, policy, chains[i], i, oracle, instructions,
                                         attempt=len(by_chain.get(i, [])), seed=seed, ep_len=ep_len,
                                         executor=make_executor(), normalizer=normalizer, image_size=image_size)
-                _append(path, rec)
+                append_record(path, rec)
                 by_chain.setdefault(i, []).append(rec)
                 if rec["error"] is not None:
                     # Rebuilt even after the last attempt: the next chain must not run on a crashed simulator.
@@ -414,7 +415,7 @@ def evaluate_calvin(env_factory: Callable[[], CalvinEnv], policy, chains: Sequen
         bar.close()
         if env is not None:
             _close_quietly(env)
-    return summarize_chains([_final(by_chain[i]) for i in range(len(chains))])
+    return summarize_chains([final_record(by_chain[i]) for i in range(len(chains))])
 
 
 def _close_quietly(env) -> None:

@@ -40,7 +40,8 @@ from torchmetrics import Metric
 from vitavla.errors import UserFacingError
 from vitavla.normalizer import Normalizer
 from vitavla.rollout import report
-from vitavla.rollout.runner import (EpisodeResult, EpisodeSpec, _append, _final, load_results, result_record,
+from vitavla.rollout.records import append_record, final_record, load_results, read_records, record_key
+from vitavla.rollout.runner import (EpisodeResult, EpisodeSpec, result_record,
                                    run_episode)
 from vitavla.rollout.stats import success_ci95
 from vitavla.streaming import StreamingPolicy
@@ -78,20 +79,6 @@ class EpisodeCounts(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.counts
-
-
-def _read_records(path: Path) -> list[dict]:
-    """Complete lines of another rank's file, read-only: that rank may be appending to it right now, so a
-    partial last line is skipped, never truncated (only the owner repairs its file, via load_results)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in raw[: raw.rfind(b"\n") + 1].decode().splitlines() if line.strip()]
-
-
-def _key(record: dict) -> tuple[int, int, int]:
-    return record["task"], record["episode"], record["seed"]
 
 
 BINDING_FILE = "binding.json"
@@ -227,7 +214,7 @@ def check_binding(out_dir: Path, binding: dict) -> None:
                                   f"mix them into this one's results: {start_over}")
         return
     finished = [p.name for p in sorted(out_dir.glob("episodes.rank*.jsonl"))
-                if any(r.get("error") is None for r in _read_records(p))]
+                if any(r.get("error") is None for r in read_records(p))]
     if finished:
         raise UserFacingError(f"{out_dir} holds finished episodes ({', '.join(finished)}) without "
                               f"{BINDING_FILE}, so nothing says which checkpoint and settings produced them; "
@@ -274,8 +261,8 @@ class RolloutTestCallback(Callback):
         check_binding(self.out_dir, evaluation_binding(trainer, pl_module, self.env, self.policy))
         self.by_key = {}
         for path in sorted(self.out_dir.glob("episodes.rank*.jsonl")):
-            for r in (load_results(path) if path == self.path else _read_records(path)):
-                self.by_key.setdefault(_key(r), []).append(r)
+            for r in (load_results(path) if path == self.path else read_records(path)):
+                self.by_key.setdefault(record_key(r), []).append(r)
         self.earlier_attempts = {k: len(recs) for k, recs in self.by_key.items()}
         self.metrics = EpisodeCounts(self.env.num_tasks).to(pl_module.device)  # NCCL reduces on the GPU
         self.metrics.update(None)
@@ -334,7 +321,7 @@ class RolloutTestCallback(Callback):
         rec = result_record(res)
         rec.update(seed=spec.seed, task_name=self.names[spec.task_index],
                    attempt=len(self.by_key.get(spec.key, [])))
-        _append(self.path, rec)
+        append_record(self.path, rec)
         self.by_key.setdefault(spec.key, []).append(rec)
         if res.error is not None:
             log.warning("episode %s crashed (attempt %d): %s", spec, rec["attempt"], res.error)
@@ -358,7 +345,7 @@ class RolloutTestCallback(Callback):
             self._add(spec, res)
             if res.error is not None:
                 self.env.close()
-        return _final(self.by_key[spec.key])
+        return final_record(self.by_key[spec.key])
 
     def run_batch(self, specs: list[EpisodeSpec]) -> list[dict]:
         """Final records of ``specs`` (in order). With ``num_envs > 1`` the unfinished ones run concurrently
@@ -379,7 +366,7 @@ class RolloutTestCallback(Callback):
                                record_frames=[self._records_video(s) for s in todo])
             for spec, res in zip(todo, results):
                 self._add(spec, res)
-        return [_final(self.by_key[s.key]) for s in specs]
+        return [final_record(self.by_key[s.key]) for s in specs]
 
     def close_pool(self, broken: bool = False) -> None:
         """Stop the simulator processes, or hand them back to an open ``shared_pools()`` block (idempotent);
@@ -443,9 +430,9 @@ class RolloutTestCallback(Callback):
         dm = trainer.datamodule
         merged: dict[tuple, list[dict]] = {}
         for path in sorted(self.out_dir.glob("episodes.rank*.jsonl")):
-            for r in _read_records(path):
-                merged.setdefault(_key(r), []).append(r)
-        finals = [_final(merged[s.key]) for s in dm.specs() if s.key in merged]
+            for r in read_records(path):
+                merged.setdefault(record_key(r), []).append(r)
+        finals = [final_record(merged[s.key]) for s in dm.specs() if s.key in merged]
         with open(self.out_dir / "episodes.jsonl", "w") as f:  # one deduplicated file for reports
             f.writelines(json.dumps(r) + "\n" for r in finals)
         results = {**results, "env": type(self.env).__name__, "protocol": getattr(self.env, "protocol", None),

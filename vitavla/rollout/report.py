@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from vitavla.images import upscale_nearest
-from vitavla.rollout.runner import EpisodeResult, load_results, result_record
+from vitavla.rollout.records import final_record, load_results, record_key
+from vitavla.rollout.runner import EpisodeResult, result_record
 from vitavla.rollout.stats import success_ci95, wilson_interval  # noqa: F401  (re-exported for reports)
 
 BAR_COLOR = (46, 125, 50)  # a colour used nowhere else in the chart, so tests can count bar pixels
@@ -39,12 +40,12 @@ def _records(episodes) -> list[dict]:
     return [result_record(e) if isinstance(e, EpisodeResult) else dict(e) for e in episodes]
 
 
-def _final(records: list[dict]) -> list[dict]:
+def _finals(records: list[dict]) -> list[dict]:
     """One record per (task, episode, seed): its first error-free attempt, else its last error (as the runner)."""
     by_key: dict[tuple, list[dict]] = {}
     for r in records:
-        by_key.setdefault((r["task"], r["episode"], r.get("seed", 0)), []).append(r)
-    return [next((r for r in rs if r.get("error") is None), rs[-1]) for rs in by_key.values()]
+        by_key.setdefault(record_key({**r, "seed": r.get("seed", 0)}), []).append(r)
+    return [final_record(rs) for rs in by_key.values()]
 
 
 def _per_task(records: list[dict], task_names: dict[int, str] | None) -> dict[int, dict]:
@@ -84,7 +85,7 @@ def write_report(results: dict, episodes, out_dir: str | Path) -> dict:
         for e in episodes:
             if isinstance(e, EpisodeResult):
                 save_first_last(e, out / "first_last")
-    records = _final(_records(episodes))
+    records = _finals(_records(episodes))
     names = {int(k): v for k, v in (results.get("task_names") or {}).items()}
     per_task = _per_task(records, names)
     total = {k: sum(t[k] for t in per_task.values()) for k in ("successes", "episodes", "errors")}

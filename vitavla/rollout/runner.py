@@ -10,8 +10,6 @@ processes when ``torch.distributed`` is initialized.
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
 import time
 from collections import deque
@@ -33,6 +31,7 @@ from vitavla.rollout.env import Obs, RolloutEnv
 from vitavla.rollout.episode import EnvError, EpisodeResult, EpisodeSpec, sim_call, to_observation
 from vitavla.rollout.executors import ActionExecutor, to_env_action
 from vitavla.rollout.parallel import EnvPool, run_wave
+from vitavla.rollout.records import append_record, final_record, load_results, record_key  # noqa: F401
 from vitavla.rollout.stats import success_ci95
 from vitavla.streaming import StreamingPolicy
 
@@ -150,36 +149,6 @@ def shard(specs: list[EpisodeSpec], rank: int, world_size: int) -> list[EpisodeS
     return list(specs[rank::world_size])
 
 
-def load_results(path: str | Path) -> list[dict]:
-    """Records of a results file. A last line cut short by a kill is removed from the file (re-run later)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        raw = raw[: raw.rfind(b"\n") + 1]
-        with open(path, "r+b") as f:
-            f.truncate(len(raw))
-    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
-
-
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())  # a finished episode must survive a kill right after it
-
-
-def _key(record: dict) -> tuple[int, int, int]:
-    return record["task"], record["episode"], record["seed"]
-
-
-def _final(records: list[dict]) -> dict:
-    """The record that counts for a spec: its successful run if any attempt finished, else its last error."""
-    done = [r for r in records if r["error"] is None]
-    return done[0] if done else records[-1]
-
-
 def _record(spec: EpisodeSpec, res: EpisodeResult, names: list[str], attempt: int) -> dict:
     rec = result_record(res)
     rec.update(seed=spec.seed, task_name=names[spec.task_index], attempt=attempt)
@@ -212,7 +181,7 @@ def evaluate(env_factory: Callable[[], RolloutEnv], policy, specs: list[EpisodeS
         raise ValueError(f"evaluate num_envs must be >= 1, got {num_envs}")
     by_key: dict[tuple, list[dict]] = {}
     for r in load_results(path):
-        by_key.setdefault(_key(r), []).append(r)
+        by_key.setdefault(record_key(r), []).append(r)
 
     earlier = {k: len(recs) for k, recs in by_key.items()}
 
@@ -227,18 +196,18 @@ def evaluate(env_factory: Callable[[], RolloutEnv], policy, specs: list[EpisodeS
     pending = [s for s in specs if not finished(s)]
     bar = tqdm(total=len(specs), initial=len(specs) - len(pending), desc="episodes", disable=not progress,
                dynamic_ncols=True)
-    wins = sum(_final(by_key[s.key])["success"] for s in specs if s.key in by_key and finished(s))
+    wins = sum(final_record(by_key[s.key])["success"] for s in specs if s.key in by_key and finished(s))
     ran = len(specs) - len(pending)
 
     def add(spec: EpisodeSpec, res: EpisodeResult) -> bool:
         """Append the attempt; True when the spec is finished (counted in the progress bar)."""
         nonlocal ran, wins
         rec = _record(spec, res, names, len(by_key.get(spec.key, [])))
-        _append(path, rec)
+        append_record(path, rec)
         by_key.setdefault(spec.key, []).append(rec)
         if res.error is None or finished(spec):
             ran += 1
-            wins += _final(by_key[spec.key])["success"]
+            wins += final_record(by_key[spec.key])["success"]
             bar.update(1)
             bar.set_postfix(success=f"{wins / max(ran, 1):.3f}")
             return True
@@ -261,7 +230,7 @@ def evaluate(env_factory: Callable[[], RolloutEnv], policy, specs: list[EpisodeS
     finally:
         bar.close()
         env.close()
-    return summarize([_final(by_key[s.key]) for s in specs], names)
+    return summarize([final_record(by_key[s.key]) for s in specs], names)
 
 
 def _evaluate_parallel(env_factory, env: RolloutEnv, policy, pending: list[EpisodeSpec], executor_factory,
