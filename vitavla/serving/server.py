@@ -67,6 +67,11 @@ reading swallow thousands of replies, each a model step, before the write buffer
 ``send_timeout_s`` can notice."""
 
 
+WRITE_LIMIT_BYTES = 32 * 1024
+"""websockets' write buffer high-water mark per connection (its default): past it a send waits for the client
+to read, which is when ``send_timeout_s`` starts counting."""
+
+
 class ClientStalled(Exception):
     """A reply that could not be written within ``send_timeout_s``: the client stopped reading."""
 
@@ -277,6 +282,7 @@ class PolicyServer:
                              # A close frame is a write too: a client that cannot take it within
                              # send_timeout_s is aborted (shutdown does not wait websockets' 10 s).
                              close_timeout=self.config.send_timeout_s, max_queue=MAX_QUEUED_MESSAGES,
+                             write_limit=WRITE_LIMIT_BYTES,
                              process_request=self._process_request) as server:
                 self.port = server.sockets[0].getsockname()[1]
                 log.info("serving %s on ws://%s:%d", self.exported.root, self.config.host, self.port)
