@@ -53,8 +53,8 @@ def test_quickstart_runs_every_step_in_libero(tmp_path):
     results = quickstart(["--out", str(out), "--demos", "2", "--teacher-steps", "2", "--align-steps", "2",
                           "--finetune-steps", "2", "--episodes", "1", "--max-steps", "3", "--workers", "1",
                           "--render-size", "32", "--batch-size", "4",
-                          "--modes", "freeze_vlm", "two_stage", "only_finetune", "--seed", "3"])
-    assert list(results) == ["teacher", "two_stage", "only_finetune", "freeze_vlm"]
+                          "--modes", "freeze_vlm", "two_stage", "only_finetune", "two_stage_lora", "--seed", "3"])
+    assert list(results) == ["teacher", "two_stage", "only_finetune", "freeze_vlm", "two_stage_lora"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["demos"]["kept"] == 2 and len(list((out / "demos").glob("*_demo.hdf5"))) == 1
     for name, run in summary["runs"].items():
@@ -66,6 +66,8 @@ def test_quickstart_runs_every_step_in_libero(tmp_path):
     # freeze_vlm trains fewer parameters than the other student modes; the teacher export exists.
     runs = summary["runs"]
     assert runs["freeze_vlm"]["trainable"] < runs["two_stage"]["trainable"] == runs["only_finetune"]["trainable"]
+    # LoRA: the heads of freeze_vlm plus the adapters, far fewer than the whole LLM
+    assert runs["freeze_vlm"]["trainable"] < runs["two_stage_lora"]["trainable"] < runs["two_stage"]["trainable"]
     assert (Path(runs["teacher"]["log_dir"]) / "teacher.safetensors").is_file()
     assert list(out.rglob("events.out.tfevents.*"))
     table = (out / "summary.md").read_text()
@@ -78,3 +80,45 @@ def test_success_cell_gives_rate_wilson_interval_and_counts():
     assert format_success({"successes": 3, "episodes": 10}) == "0.30 [0.11, 0.60] (3/10)"
     assert format_success({"successes": 0, "episodes": 10, "errors": 1}) == "0.00 [0.00, 0.28] (0/10, 1 errors)"
     assert format_success({"successes": 0, "episodes": 0}) == "n/a (0/0)"
+
+
+def test_lora_variant_layers_adapters_over_stage2(capsys):
+    pytest.importorskip("peft")
+    cfg = resolved(capsys, CONFIGS / "finetune.yaml", CONFIGS / "finetune_lora.yaml")
+    lora = cfg["model"]["init_args"]["lora"]
+    assert (lora["rank"], lora["alpha"]) == (8, 16) and "q_proj" in lora["target_modules"]
+    # everything else is finetune.yaml's: same student, same teacher, same data
+    base = resolved(capsys, CONFIGS / "finetune.yaml")
+    cfg["model"]["init_args"].pop("lora"), base["model"]["init_args"].pop("lora")
+    assert cfg["model"] == base["model"] and cfg["data"] == base["data"]
+
+
+@pytest.mark.parametrize("modes, stage1, runs", [
+    (["only_finetune"], False, [("only_finetune", "only_finetune", "null", False)]),
+    (["two_stage_lora", "only_finetune"], True, [("only_finetune", "only_finetune", "null", False),
+                                                 ("two_stage_lora", "two_stage", "ALIGN", True)]),
+])
+def test_train_runs_stage1_only_when_a_mode_starts_from_it(monkeypatch, tmp_path, modes, stage1, runs):
+    pytest.importorskip("peft")
+    from vitavla import quickstart as qs
+
+    fits = []
+
+    def fake_fit(configs, run_dir, name, steps, overrides, curve_every=0):
+        fits.append((name, [Path(c).name for c in configs], overrides))
+        log_dir = tmp_path / name
+        log_dir.mkdir(exist_ok=True)
+        (log_dir / "teacher.safetensors").write_bytes(b"")
+        return qs.RunResult(name, "ALIGN" if name == "align" else f"{name}.ckpt", str(log_dir), 1, 0.0, {})
+
+    monkeypatch.setattr(qs, "_fit", fake_fit)
+    args, layered = qs.parse(qs.build_parser(), ["--out", str(tmp_path), "--modes", *modes])
+    demos = qs.Demos(tmp_path / "demos", 20, 20, False, 0.0)
+    results, align, _ = qs.train(args, tmp_path, layered, demos, seed=0)
+    assert (align is not None) == stage1 and [f[0] == "align" for f in fits].count(True) == int(stage1)
+    assert list(results) == ["teacher"] + [r[0] for r in runs]
+    for name, init_mode, init_from, lora in runs:
+        _, configs, overrides = next(f for f in fits if f[0] == name)
+        assert f"--model.init_args.init_mode={init_mode}" in overrides
+        assert f"--model.init_args.init_from={init_from}" in overrides
+        assert configs == ["finetune.yaml"] + (["finetune_lora.yaml"] if lora else [])

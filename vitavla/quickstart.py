@@ -32,7 +32,13 @@ from lightning.pytorch.utilities import disable_possible_user_warnings
 from vitavla import console
 from vitavla.lightning_cli import build_cli
 
-MODES = ("two_stage", "only_finetune", "freeze_vlm")
+PAPER_MODES = ("two_stage", "only_finetune", "freeze_vlm")
+"""The paper's stage-2 mode and its two ablations, in the order of its ranking."""
+MODES = (*PAPER_MODES, "two_stage_lora")
+"""Stage-2 runs: the paper's modes, then two_stage with LoRA adapters on the LLM (``finetune_lora.yaml``)."""
+INIT_MODE = {"two_stage": "two_stage", "only_finetune": "only_finetune", "freeze_vlm": "freeze_vlm",
+             "two_stage_lora": "two_stage"}
+"""The ``PolicyModule.init_mode`` of each quickstart mode."""
 INIT_STATES = 50  # fixed init states per LIBERO task
 
 
@@ -134,7 +140,8 @@ def build_parser(prog: str = "vitavla quickstart", description: str | None = __d
     ap.add_argument("--finetune-steps", type=int, default=6000, help="stage-2 steps per mode")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=["two_stage"],
                     help="stage-2 modes to train and evaluate; the paper's ablations only_finetune and "
-                         "freeze_vlm add about 9 min each on 2 cores")
+                         "freeze_vlm add about 9 min each on 2 cores; two_stage_lora fine-tunes LoRA "
+                         "adapters instead of the LLM's weights (needs peft: pip install -e '.[lora]')")
     ap.add_argument("--episodes", type=int, default=10,
                     help="rollouts per task and policy (held-out init states)")
     ap.add_argument("--max-steps", type=int, default=140, help="policy steps per rollout")
@@ -230,13 +237,35 @@ def train(args: argparse.Namespace, out: Path, layered, demos: Demos, seed: int,
     if not teacher_file.is_file():
         raise SystemExit(f"teacher training finished without writing {teacher_file}")
     teacher = [f"--model.init_args.teacher.init_args.checkpoint={teacher_file}"]
-    align = _fit(layered("align.yaml"), out / "align", "align", args.align_steps, data + teacher)
-    for mode in [m for m in MODES if m in args.modes]:
-        init = f"--model.init_args.init_from={align.checkpoint if mode != 'only_finetune' else 'null'}"
-        results[mode] = _fit(layered("finetune.yaml"), out / f"finetune_{mode}", mode, args.finetune_steps,
-                             data + teacher + [f"--model.init_args.init_mode={mode}", init],
+    modes = [m for m in MODES if m in args.modes]
+    # Stage 1 only when a mode starts from it: only_finetune alone skips its minute.
+    align = None
+    if any(INIT_MODE[m] != "only_finetune" for m in modes):
+        align = _fit(layered("align.yaml"), out / "align", "align", args.align_steps, data + teacher)
+    for mode in modes:
+        init = f"--model.init_args.init_from={align.checkpoint if INIT_MODE[mode] != 'only_finetune' else 'null'}"
+        results[mode] = _fit(stage2_configs(layered, mode), out / f"finetune_{mode}", mode, args.finetune_steps,
+                             data + teacher + [f"--model.init_args.init_mode={INIT_MODE[mode]}", init],
                              curve_every if mode in curve_modes else 0)
     return results, align, teacher
+
+
+def stage2_configs(layered, mode: str) -> list[Path]:
+    """The configs a stage-2 mode trains (and is evaluated) with: ``finetune.yaml``, plus
+    ``finetune_lora.yaml`` for LoRA modes, so the evaluated model carries the same adapters."""
+    configs = layered("finetune.yaml")
+    if mode.endswith("_lora"):
+        _require_peft(mode)
+        configs += layered("finetune_lora.yaml")
+    return configs
+
+
+def _require_peft(mode: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise SystemExit(f"--modes {mode} needs peft, which this install lacks: pip install -c constraints.txt "
+                         "-e '.[lora]'")
 
 
 def evaluate(args: argparse.Namespace, out: Path, layered, demos: Demos, results: dict[str, RunResult],
@@ -259,7 +288,7 @@ def evaluate(args: argparse.Namespace, out: Path, layered, demos: Demos, results
 
     with shared_pools():  # one set of simulator processes serves every evaluation
         for name, run in results.items():
-            train_cfg = layered("teacher.yaml" if name == "teacher" else "finetune.yaml")
+            train_cfg = layered("teacher.yaml") if name == "teacher" else stage2_configs(layered, name)
             model = [] if name == "teacher" else teacher + ["--model.init_args.init_mode=only_finetune",
                                                              "--model.init_args.init_from=null"]
             run.rollout = _rollout(train_cfg + layered("eval.yaml"), run.checkpoint, out / f"eval_{name}",
@@ -277,7 +306,7 @@ def _run(args: argparse.Namespace, out: Path, layered) -> dict[str, RunResult]:
     evaluate(args, out, layered, demos, results, teacher)
     summary = {"demos": {"kept": demos.kept, "attempted": demos.attempts_used, "seconds": demos.seconds,
                          "generated": demos.generated, "path": str(demos.path)},
-               "align": asdict(align), "runs": {k: asdict(v) for k, v in results.items()},
+               "align": asdict(align) if align is not None else None, "runs": {k: asdict(v) for k, v in results.items()},
                "wall_seconds": time.perf_counter() - wall}
     table = format_table(results, align, summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -299,14 +328,15 @@ def format_success(rollout: dict) -> str:
     return f"{wins / n:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] ({wins}/{n}{errors})"
 
 
-def format_table(results: dict[str, RunResult], align: RunResult, summary: dict) -> str:
+def format_table(results: dict[str, RunResult], align: RunResult | None, summary: dict) -> str:
     """One markdown table: held-out action error (val split of the demos) and rollout success."""
     d = summary["demos"]
     made = (f"{d['kept']} from {d['attempted']} scripted attempts ({d['seconds']:.0f} s)" if d["generated"]
             else f"{d['kept']} reused from {d['path']}")
-    head = (f"Demonstrations: {made}. "
-            f"Stage 1: val/align_mse {align.val.get('val/align_mse', float('nan')):.4f}, "
-            f"{align.trainable:,} trainable, {align.seconds:.0f} s.")
+    stage1 = ("Stage 1: not run (no mode starts from it)." if align is None else
+              f"Stage 1: val/align_mse {align.val.get('val/align_mse', float('nan')):.4f}, "
+              f"{align.trainable:,} trainable, {align.seconds:.0f} s.")
+    head = f"Demonstrations: {made}. {stage1}"
     rows = ["| policy | trainable params | train s | held-out arm MAE | held-out gripper acc "
             "| rollout success [95% Wilson] (successes/episodes) |",
             "|---|---|---|---|---|---|"]

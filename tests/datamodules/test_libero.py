@@ -347,11 +347,14 @@ def test_normalize_state_uses_training_statistics(suite, tmp_path, gripper_state
     assert not plain.normalizer.normalizes_state
 
 
-def test_cache_frames_serves_the_same_windows_without_touching_files(suite, tmp_path):
-    """``cache_frames`` decodes each episode once into RAM; every window equals the file-backed one, and the
-    training loop then opens no file (the h5py handles stay unused)."""
+@pytest.mark.parametrize("normalize_state", [False, True])
+def test_cache_frames_serves_the_same_windows_without_touching_files(suite, tmp_path, normalize_state):
+    """``cache_frames`` decodes each episode once into RAM; every window equals the file-backed one bit for
+    bit (labels and states normalised once per episode there, per window here), and the training loop then
+    opens no file (the h5py handles stay unused)."""
     root, source = suite
-    plain, cached = datamodule(root, tmp_path), datamodule(root, tmp_path, cache_frames=True)
+    plain = datamodule(root, tmp_path, normalize_state=normalize_state)
+    cached = datamodule(root, tmp_path, cache_frames=True, normalize_state=normalize_state)
     for dm in (plain, cached):
         dm.setup("fit")
     assert isinstance(cached._train.reader, MemoryReader) and isinstance(cached._val.reader, MemoryReader)
