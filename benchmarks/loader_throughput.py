@@ -3,6 +3,7 @@
     python benchmarks/loader_throughput.py                   # writes small datasets in the real layouts
     python benchmarks/loader_throughput.py --workers 0 2 --windows 96
     python benchmarks/loader_throughput.py --workers 2 --formats lerobot   # rows named "...lerobot..."
+    python benchmarks/loader_throughput.py --cache-only --windows 2048     # cache_frames: file vs RAM
 
 Datasets are written by the test suite's writers (real on-disk layouts and native image sizes: CALVIN
 200x200 / 84x84 npz frames, LIBERO 128x128 HDF5, ALOHA 480x640 HDF5 raw and JPEG, LeRobot v3 mp4 at 224x224
@@ -48,7 +49,7 @@ def calvin_dm(tmp: Path, packed: bool, workers: int) -> WindowDataModule:
     return dm
 
 
-def libero_dm(tmp: Path, workers: int) -> WindowDataModule:
+def libero_dm(tmp: Path, workers: int, **kw) -> WindowDataModule:
     from datamodules.libero import LiberoDataModule
     from tests.conftest import make_demo, write_libero
 
@@ -57,7 +58,7 @@ def libero_dm(tmp: Path, workers: int) -> WindowDataModule:
         rng = np.random.default_rng(0)
         write_libero(path, {f"demo_{i}": make_demo(120, 128, rng) for i in range(3)})
     return LiberoDataModule(str(tmp / path.name), num_steps=NUM_STEPS, batch_size=BATCH, num_workers=workers,
-                            stats_cache_dir=str(tmp / "stats"), val_fraction=0.0)
+                            stats_cache_dir=str(tmp / "stats"), val_fraction=0.0, **kw)
 
 
 def aloha_dm(tmp: Path, compress: bool, workers: int) -> WindowDataModule:
@@ -108,6 +109,31 @@ def windows_per_second(dm: WindowDataModule, windows: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def cached_rates(tmp: Path, windows: int) -> dict[str, float]:
+    """``cache_frames`` at the quickstart's shapes (LIBERO HDF5, 56 px frames read at 56 px, windows of 4
+    steps, batch 64, main process): windows/s read from the file, from RAM one window at a time, and from RAM
+    a batch at a time (``WindowDataset.__getitems__``)."""
+    from datamodules.libero import LiberoDataModule
+    from tests.conftest import make_demo, write_libero
+
+    path = tmp / "cached" / "KITCHEN_SCENE1_open_the_drawer_demo.hdf5"
+    path.parent.mkdir()
+    rng = np.random.default_rng(0)
+    write_libero(path, {f"demo_{i}": make_demo(150, 56, rng) for i in range(4)})
+
+    def dm(cache: bool) -> LiberoDataModule:
+        return LiberoDataModule(str(path), num_steps=4, image_size=56, batch_size=64, num_workers=0,
+                                stats_cache_dir=str(tmp / "stats"), val_fraction=0.0, cache_frames=cache)
+    rates = {"file": windows_per_second(dm(False), windows)}
+    cached = dm(True)
+    cached.setup("fit")
+    cached._train._batched = False  # the per-window path the batch gather replaces
+    rates["RAM, per window"] = windows_per_second(cached, windows)
+    cached._train._batched = True
+    rates["RAM, per batch"] = windows_per_second(cached, windows)
+    return rates
+
+
 def tiny_step_seconds() -> float:
     from datamodules.synthetic import SyntheticWindowDataModule
     from teachers.seer import SeerTeacher
@@ -139,7 +165,17 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64, help="windows timed per measurement")
     ap.add_argument("--paper-step-seconds", type=float, default=1.0)
     ap.add_argument("--formats", nargs="+", default=[""], help="only rows whose name contains one of these")
+    ap.add_argument("--cache-only", action="store_true",
+                    help="only the cache_frames comparison (file vs RAM per window vs RAM per batch)")
     args = ap.parse_args()
+    if args.cache_only:
+        with tempfile.TemporaryDirectory() as d:
+            rates = cached_rates(Path(d), args.windows)
+        print(f"{'libero 56px, 4 steps, b64':<28}{'windows/s':>10}{'x file':>8}")
+        for name, rate in rates.items():
+            print(f"{name:<28}{rate:>10.1f}{rate / rates['file']:>8.2f}")
+        print(f"per batch / per window: {rates['RAM, per batch'] / rates['RAM, per window']:.2f}x")
+        return
     tiny = tiny_step_seconds()
     consume_tiny, consume_paper = BATCH / tiny, BATCH / args.paper_step_seconds
     print(f"tiny config step: {tiny * 1e3:.0f} ms for {BATCH} windows -> consumes {consume_tiny:.1f} windows/s")

@@ -107,7 +107,25 @@ class MemoryReader(EpisodeReader):
 
     def __init__(self, inner: EpisodeReader, episode_ids: Sequence[int]):
         self.inner, self.episodes, self.robot, self.root = inner, inner.episodes, inner.robot, inner.root
-        self._frames = {e: inner.read(e, 0, inner.episodes[e].length) for e in sorted(set(episode_ids))}
+        ids = sorted(set(episode_ids))
+        frames = [inner.read(e, 0, inner.episodes[e].length) for e in ids]
+        starts = np.cumsum([0] + [len(f.action) for f in frames])
+        self.offset: dict[int, int] = {e: int(o) for e, o in zip(ids, starts[:-1])}
+        """Row of each held episode's first frame in the arrays below (episodes back to back, sorted)."""
+
+        def cat(key: str) -> np.ndarray | None:
+            parts = [getattr(f, key) for f in frames]
+            if not parts or len({p.shape[1:] for p in parts}) > 1:
+                return None
+            return np.concatenate(parts)
+        # Every field over all held episodes in one array, so a batch of windows is gathered with one fancy
+        # index per field (WindowDataset.__getitems__). Views; images only when all episodes share a size.
+        self.state, self.action, self.static, self.wrist = (cat(k) for k in ("state", "action", "static", "wrist"))
+        self._frames = {}
+        for e, f, lo, hi in zip(ids, frames, starts[:-1], starts[1:]):
+            whole = {k: getattr(self, k)[lo:hi] if getattr(self, k) is not None else getattr(f, k)
+                     for k in ("static", "wrist", "state", "action")}
+            self._frames[e] = Frames(**whole)
 
     @property
     def nbytes(self) -> int:
@@ -152,10 +170,6 @@ class WindowDataset(Dataset):
                  normalizer: Normalizer, pad_tail: bool = True, stride: int = 1):
         self.reader, self.num_steps, self.image_size = reader, num_steps, image_size
         self.normalizer, self.robot = normalizer, reader.robot
-        # Episodes held in RAM get their actions and states normalised once, whole: normalising is per row,
-        # so slicing the result equals normalising the slice, bit for bit, and a window then costs only
-        # indexing. Per window, the normaliser's small tensor ops were 80% of a cached-frame batch's cost.
-        self._labels: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if isinstance(reader, MemoryReader) else None
         chunk = self.robot.action_chunk
         need = num_steps + chunk - 1
         self.index: list[tuple[int, int]] = []
@@ -163,6 +177,22 @@ class WindowDataset(Dataset):
             length = reader.episodes[e].length
             last_start = length - 1 if pad_tail else length - need
             self.index.extend((e, s) for s in range(0, last_start + 1, stride))
+        # Episodes held in RAM get their actions and states normalised once, all together: normalising is
+        # per row, so indexing the result equals normalising the rows, bit for bit, and a window then costs
+        # only indexing. Per window, the normaliser's small tensor ops were 80% of a cached batch's cost.
+        self._memory = (isinstance(reader, MemoryReader) and bool(episode_ids) and reader.action is not None
+                        and all(e in reader.offset for e in episode_ids))
+        self._batched = self._memory and reader.static is not None and reader.wrist is not None
+        if self._memory:
+            self._actions = normalizer.normalize_actions(torch.from_numpy(reader.action.astype(np.float32))).numpy()
+            self._states = normalizer.normalize_state(torch.from_numpy(reader.state.astype(np.float32))).numpy()
+            index = np.asarray(self.index, dtype=np.int64).reshape(-1, 2)
+            lengths = np.array([reader.episodes[e].length for e in range(len(reader.episodes))], dtype=np.int64)
+            offsets = np.array([reader.offset.get(e, -1) for e in range(len(reader.episodes))], dtype=np.int64)
+            # Per window: its first frame's row in the reader's arrays, and how many frames it has (<= need).
+            self._start = index[:, 1]
+            self._row0 = offsets[index[:, 0]] + self._start
+            self._frames = np.minimum(lengths[index[:, 0]] - index[:, 1], need)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -178,15 +208,15 @@ class WindowDataset(Dataset):
         frame = np.minimum(steps, n - 1)  # padding steps repeat the last frame
         labels = steps[:, None] + np.arange(c)[None]  # step t, chunk j -> frame t + j
         action_valid = labels < n
-        if self._labels is None:
+        if not self._memory:
             actions = torch.from_numpy(fr.action[np.minimum(labels, n - 1)].astype(np.float32))
             actions = self.normalizer.normalize_actions(actions)
             state = self.normalizer.normalize_state(torch.from_numpy(fr.state[frame].astype(np.float32)))
         else:
-            all_actions, all_states = self._episode_labels(e)
             # numpy fancy indexing copies (safe to edit below) at a fraction of a torch op's overhead
-            actions = torch.from_numpy(all_actions[start + np.minimum(labels, n - 1)])
-            state = torch.from_numpy(all_states[start + frame])
+            row0 = self._row0[i]
+            actions = torch.from_numpy(self._actions[row0 + np.minimum(labels, n - 1)])
+            state = torch.from_numpy(self._states[row0 + frame])
         actions[..., : self.robot.arm_dim][torch.from_numpy(~action_valid)] = 0.0  # padded arm = no motion
         images = torch.empty(t, 2, 3, self.image_size, self.image_size, dtype=torch.uint8)
         images[:, 0] = resize_uint8(fr.static[frame], self.image_size)
@@ -202,16 +232,34 @@ class WindowDataset(Dataset):
             "frame_index": torch.from_numpy(start + frame),
         }
 
-
-    def _episode_labels(self, e: int) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised (actions, states) of every frame of in-memory episode ``e``, computed on first use."""
-        cached = self._labels.get(e)
-        if cached is None:
-            fr = self.reader.read(e, 0, self.reader.episodes[e].length)
-            cached = (self.normalizer.normalize_actions(torch.from_numpy(fr.action.astype(np.float32))).numpy(),
-                      self.normalizer.normalize_state(torch.from_numpy(fr.state.astype(np.float32))).numpy())
-            self._labels[e] = cached
-        return cached
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """Windows ``indices`` (the DataLoader's batch fetch): for in-memory episodes gathered for the whole
+        batch at once, one fancy index per field, and equal to ``[self[i] for i in indices]``."""
+        if not self._batched:
+            return [self[i] for i in indices]
+        idx = np.asarray(indices, dtype=np.int64)
+        t, c, arm = self.num_steps, self.robot.action_chunk, self.robot.arm_dim
+        n = self._frames[idx][:, None]  # (B, 1) frames each window has
+        steps = np.arange(t)[None]
+        frame = np.minimum(steps, n - 1)  # (B, T): padding steps repeat the last frame
+        labels = steps[..., None] + np.arange(c)  # (1, T, C): step t, chunk j -> frame t + j
+        row0 = self._row0[idx][:, None]
+        rows = row0 + frame
+        action_valid = labels < n[..., None]
+        actions = torch.from_numpy(self._actions[row0[..., None] + np.minimum(labels, n[..., None] - 1)])
+        actions[..., :arm][torch.from_numpy(~action_valid)] = 0.0  # padded arm = no motion
+        b, s = len(idx), self.image_size
+        images = torch.empty(b, t, 2, 3, s, s, dtype=torch.uint8)
+        for v, view in enumerate((self.reader.static, self.reader.wrist)):
+            images[:, :, v] = resize_uint8(view[rows.reshape(-1)], s).unflatten(0, (b, t))
+        state = torch.from_numpy(self._states[rows])
+        valid = torch.from_numpy(steps < n)
+        action_valid = torch.from_numpy(action_valid)
+        frame_index = torch.from_numpy(self._start[idx][:, None] + frame)
+        episodes = [self.index[i][0] for i in indices]
+        return [{"images": images[k], "instruction": self.reader.episodes[e].instruction, "state": state[k],
+                 "valid": valid[k], "actions": actions[k], "action_valid": action_valid[k],
+                 "episode_id": torch.tensor(e), "frame_index": frame_index[k]} for k, e in enumerate(episodes)]
 
 
 class WindowDataModule(L.LightningDataModule):

@@ -347,29 +347,37 @@ def test_normalize_state_uses_training_statistics(suite, tmp_path, gripper_state
     assert not plain.normalizer.normalizes_state
 
 
-@pytest.mark.parametrize("normalize_state", [False, True])
-def test_cache_frames_serves_the_same_windows_without_touching_files(suite, tmp_path, normalize_state):
+@pytest.mark.parametrize("normalize_state, one_file", [(False, False), (True, False), (True, True)])
+def test_cache_frames_serves_the_same_windows_without_touching_files(suite, tmp_path, normalize_state, one_file):
     """``cache_frames`` decodes each episode once into RAM; every window equals the file-backed one bit for
-    bit (labels and states normalised once per episode there, per window here), and the training loop then
-    opens no file (the h5py handles stay unused)."""
+    bit (labels and states normalised once for all held frames there, per window here), and the training
+    loop then opens no file (the h5py handles stay unused). With one frame size (``one_file``: the 128 px
+    file) a batch is gathered in one go; with two (128 and 256 px) window by window."""
     root, source = suite
-    plain = datamodule(root, tmp_path, normalize_state=normalize_state)
-    cached = datamodule(root, tmp_path, cache_frames=True, normalize_state=normalize_state)
+    if one_file:
+        root, source = root / KITCHEN, source[:2]
+    plain = datamodule(root, tmp_path, normalize_state=normalize_state, val_fraction=0.5 if one_file else 0.2)
+    cached = datamodule(root, tmp_path, cache_frames=True, normalize_state=normalize_state,
+                        val_fraction=0.5 if one_file else 0.2)
     for dm in (plain, cached):
         dm.setup("fit")
     assert isinstance(cached._train.reader, MemoryReader) and isinstance(cached._val.reader, MemoryReader)
+    assert cached._train._batched == one_file and cached._train._memory
     assert cached._train.index == plain._train.index and cached._val.index == plain._val.index
     inner = cached._train.reader.inner
     inner.close()  # any later file read would reopen a handle
     for ds_c, ds_p in ((cached._train, plain._train), (cached._val, plain._val)):
-        for i in range(len(ds_p)):
-            a, b = ds_c[i], ds_p[i]
-            assert a.keys() == b.keys()
-            for k in a:
-                assert (a[k] == b[k]) if isinstance(a[k], str) else torch.equal(a[k], b[k]), k
+        order = torch.randperm(len(ds_p), generator=torch.Generator().manual_seed(0)).tolist()
+        # one window at a time, and a shuffled batch gathered at once (the DataLoader's __getitems__)
+        for i, batched in zip(order, ds_c.__getitems__(order)):
+            b = ds_p[i]
+            for a in (ds_c[i], batched):
+                assert a.keys() == b.keys()
+                for k in a:
+                    assert (a[k] == b[k]) if isinstance(a[k], str) else torch.equal(a[k], b[k]), (i, k)
     assert inner._handles == {}
     pixels = sum(s["agentview_rgb"][0].size * 2 * len(s["actions"]) for s in source)
     assert cached._train.reader.nbytes + cached._val.reader.nbytes >= pixels
-    assert len(cached._train.reader._frames) + len(cached._val.reader._frames) == len(source)
+    assert len(cached._train.reader.offset) + len(cached._val.reader.offset) == len(source)
     with pytest.raises(DataError, match=r"frame range inside \[0, 14\)"):
         MemoryReader(inner, [0]).read(0, 0, 99)
