@@ -140,7 +140,7 @@ def build_parser(prog: str = "vitavla quickstart", description: str | None = __d
     ap.add_argument("--finetune-steps", type=int, default=6000, help="stage-2 steps per mode")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=["two_stage"],
                     help="stage-2 modes to train and evaluate; the paper's ablations only_finetune and "
-                         "freeze_vlm add about 9 min each on 2 cores; two_stage_lora fine-tunes LoRA "
+                         "freeze_vlm add about 6.5 min each on 2 cores; two_stage_lora fine-tunes LoRA "
                          "adapters instead of the LLM's weights (needs peft: pip install -e '.[lora]')")
     ap.add_argument("--episodes", type=int, default=10,
                     help="rollouts per task and policy (held-out init states)")
