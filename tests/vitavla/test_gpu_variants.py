@@ -67,7 +67,7 @@ def test_variant_fits_its_gpu_with_the_papers_global_batch(variant, bench):
 
 
 @pytest.mark.parametrize("variant,bench", CASES)
-def test_variant_header_carries_the_plans_current_figures(variant, bench):
+def test_variant_header_and_docs_carry_the_plans_current_figures(variant, bench):
     stage = variant.split("_")[1]
     text = (CONFIGS / "gpu" / f"{variant}.yaml").read_text()
     m = re.search(rf"^#\s+{stage}_{bench}: ([\d.]+) GiB per GPU = model states ([\d.]+) \+ activations ([\d.]+); "
@@ -79,6 +79,16 @@ def test_variant_header_carries_the_plans_current_figures(variant, bench):
     figures = [plan.configured_total, states, plan.configured_total - states, r["cpu"]]
     assert [float(x) for x in m.groups()] == pytest.approx([f / GIB for f in figures], abs=0.006), variant
     assert f"--config configs/gpu/{variant}.yaml" in text
+    # docs/memory.md, "GPU variants": | config | devices | states | activations | total | host RAM | fits |
+    docs = (ROOT / "docs" / "memory.md").read_text()
+    row = re.search(rf"^\| {stage}_{bench} \+ {variant} \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| "
+                    rf"([\d.]+) \| yes \|$", docs, re.M)
+    assert row, f"docs/memory.md: no GPU-variants row for {stage}_{bench} + {variant}"
+    assert int(row[1]) == plan.devices
+    assert [float(x) for x in row.groups()[1:]] == pytest.approx(
+        [f / GIB for f in (states, plan.configured_total - states, plan.configured_total, r["cpu"])], abs=0.006)
+    assert (f"vitavla plan --config configs/{stage}_{bench}.yaml --config configs/gpu/{variant}.yaml "
+            f"--gpu_memory {GPU_GIB[variant.split('_')[0]]} --backbone_config paper") in docs
 
 
 def test_plan_command_layers_two_configs(capsys):
