@@ -1,6 +1,8 @@
 """``vitavla plan``: will a training config fit on N GPUs? Model states under ZeRO and activations, per GPU.
 
     vitavla plan --config configs/finetune_calvin.yaml --devices 8 --gpu_memory 80 --backbone_config paper
+    vitavla plan --config configs/finetune_calvin.yaml --config configs/gpu/1x24gb_finetune.yaml \
+        --gpu_memory 24 --backbone_config paper     # layered like `vitavla fit --config A --config B`
 
 The config's model is built on the meta device (no memory, no weights; checkpoint files need not exist), so
 the trainable / frozen split is the one the stage module sets after construction. From it:
@@ -17,6 +19,11 @@ the trainable / frozen split is the one the stage module sets after construction
 * **LoRA** (``model.init_args.lora``): the LLM's weights are frozen and only the adapters join the trainable
   set, so its gradients and optimizer states shrink to the adapters'; the blocks keep what the adapters need
   instead of the weight inputs (:func:`_lora_layer_bytes`).
+* **This config's figure**: ``trainer.strategy`` picks the row (:func:`strategy_row`) and the backbone's
+  ``gradient_checkpointing`` the activation column; that per-GPU total (:attr:`Plan.configured_total`) and
+  the global batch (ranks x micro-batch x ``accumulate_grad_batches``) close the report.
+
+Several ``--config`` files are layered as ``vitavla fit`` layers them (:func:`merge_configs`).
 
 ``tests/vitavla/test_plan.py`` checks both against tensor-level measurements of real CPU training steps.
 """
@@ -57,6 +64,167 @@ def _precision(value) -> str:
     if key not in PRECISIONS:
         raise ConfigError(f"trainer.precision: vitavla plan knows {sorted(PRECISIONS)}, got {value!r}")
     return key
+
+
+# ---- layered configs (`--config A --config B`) -------------------------------------------------------
+def _same_class(a: str, b: str) -> bool:
+    # jsonargparse resolves a bare class name against the known subclasses; "TensorBoardLogger" and
+    # "lightning.pytorch.loggers.TensorBoardLogger" are the same class for layering.
+    return a == b or a.rpartition(".")[2] == b or b.rpartition(".")[2] == a
+
+
+def _accepted_init_args(class_path: str, init_args: dict, key: str) -> dict:
+    """The ``init_args`` the class at ``class_path`` accepts: what jsonargparse keeps when a later config
+    swaps the class of a ``{class_path, init_args}`` node."""
+    cls = _import(class_path, key)
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(init_args)
+    return {k: v for k, v in init_args.items() if k in params}
+
+
+def merge_configs(base: dict, override: dict, key: str = "") -> dict:
+    """``override`` layered over ``base`` the way ``vitavla fit --config base --config override`` layers them
+    (jsonargparse): mappings merge key by key, anything else (scalars, lists) is replaced; a node whose
+    ``class_path`` changes keeps only the earlier ``init_args`` the new class accepts. Neither input is
+    modified."""
+    out = dict(base)
+    new_class = override.get("class_path")
+    if (isinstance(base.get("class_path"), str) and isinstance(new_class, str)
+            and not _same_class(base["class_path"], new_class)):
+        where = key or "config"
+        out = {"class_path": new_class,
+               "init_args": _accepted_init_args(new_class, dict(base.get("init_args") or {}), where)}
+    for name, value in override.items():
+        sub = f"{key}.{name}" if key else str(name)
+        if isinstance(value, dict) and isinstance(out.get(name), dict):
+            out[name] = merge_configs(out[name], value, sub)
+        else:
+            out[name] = value
+    return out
+
+
+def load_configs(paths: list[str | Path]) -> dict:
+    """Read and layer YAML training configs, later over earlier; ConfigError naming the file on bad input."""
+    import yaml
+
+    if not paths:
+        raise ConfigError("--config: at least one training YAML is needed")
+    merged: dict = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: not valid YAML ({err})") from err
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of sections (trainer, model, data), "
+                              f"got {type(data).__name__}")
+        try:
+            merged = merge_configs(merged, data)
+        except ConfigError as err:
+            raise ConfigError(f"--config {path}: {err}") from err
+    return merged
+
+
+# ---- the configured strategy -----------------------------------------------------------------------------
+_ZERO0_STRATEGIES = {"auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "single_device",
+                     "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false"}
+
+
+def _zero_row(stage: int, offload: bool) -> str | None:
+    if stage == 0:
+        return "ZeRO-0 (DDP)"
+    if stage in (2, 3):
+        return f"ZeRO-{stage}" + (" + CPU offload" if offload else "")
+    return None  # ZeRO-1 (optimizer states only) has no row
+
+
+def strategy_row(strategy) -> str | None:
+    """The plan's row for a ``trainer.strategy`` value (a Lightning name or a ``{class_path, init_args}``
+    DeepSpeed node), or None where the plan has none (ZeRO-1, FSDP, a custom strategy)."""
+    from vitavla.strategies import _DEEPSPEED_PRESETS
+
+    if strategy is None or (isinstance(strategy, str) and strategy in _ZERO0_STRATEGIES):
+        return "ZeRO-0 (DDP)"
+    if isinstance(strategy, str):
+        if strategy in _DEEPSPEED_PRESETS:
+            return _zero_row(*_DEEPSPEED_PRESETS[strategy])
+        if strategy.startswith("deepspeed_cpu_stage_") and strategy[-1].isdigit():
+            return _zero_row(int(strategy[-1]), False)
+        return None
+    if isinstance(strategy, dict) and str(strategy.get("class_path", "")).endswith("DeepSpeedStrategy"):
+        args = strategy.get("init_args") or {}
+        ds = _deepspeed_config(args.get("config"))
+        if ds is not None:  # a full DeepSpeed config replaces Lightning's arguments
+            zero = ds.get("zero_optimization") or {}
+            stage = int(zero.get("stage", 0))
+            opt_dev = (zero.get("offload_optimizer") or {}).get("device", "none")
+            par_dev = (zero.get("offload_param") or {}).get("device", "none")
+            offload_opt, offload_par = opt_dev not in (None, "none"), par_dev not in (None, "none")
+        else:
+            stage = int(args.get("stage", 2))
+            offload_opt = bool(args.get("offload_optimizer"))
+            offload_par = bool(args.get("offload_parameters"))
+        if stage == 3 and offload_opt != offload_par:
+            return None  # the plan's ZeRO-3 offload row moves both
+        if stage == 2 and offload_par:
+            return None
+        return _zero_row(stage, offload_opt)
+    return None
+
+
+def _deepspeed_config(value) -> dict | None:
+    """``DeepSpeedStrategy(config=...)``: a dict, or the path of a JSON file, read as Lightning reads it
+    (relative to the current directory)."""
+    key = "trainer.strategy.init_args.config"
+    if value is None or isinstance(value, dict):
+        return value
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}: {str(value)!r} is not a file (a relative path is read from the current "
+                          "directory, as Lightning reads it)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{key}: {path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: {path} holds {type(data).__name__}, not a DeepSpeed config object")
+    return data
+
+
+def _strategy_label(strategy) -> str:
+    if isinstance(strategy, dict):
+        args = strategy.get("init_args") or {}
+        name = str(strategy.get("class_path", "?")).rpartition(".")[2]
+        if isinstance(args.get("config"), str):
+            return f"{name}(config={args['config']})"
+        shown = ("stage", "offload_optimizer", "offload_parameters")
+        return f"{name}({', '.join(f'{k}={args[k]}' for k in shown if k in args)})"
+    return str(strategy if strategy is not None else "auto")
+
+
+def _ranks(trainer: dict) -> int:
+    """Data-parallel ranks the trainer section asks for: ``devices`` (an int, a list of indices, a digit
+    string; 'auto' and -1 count as 1) x ``num_nodes``."""
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        devices = 1
+    if isinstance(nodes, str) and nodes.strip().isdigit():
+        nodes = int(nodes)
+    if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
+        raise ConfigError(f"trainer.num_nodes: expected an integer >= 1, got {nodes!r}")
+    return devices * nodes
 
 
 # ---- building the config's module on the meta device ------------------------------------------------------
@@ -314,6 +482,27 @@ class Plan:
     lora: LoraActivations | None = None
     gpu_memory_gib: float | None = None
     rows: dict[str, dict[str, float]] = field(default_factory=dict)
+    strategy: str = "auto"
+    """``trainer.strategy`` as configured (a name, or a class path)."""
+    strategy_row: str | None = None
+    """The row of :attr:`rows` that strategy is, None where the plan has no row for it."""
+    accumulate: int = 1
+    """``trainer.accumulate_grad_batches``."""
+
+    @property
+    def configured_total(self) -> float | None:
+        """GPU bytes per rank of this config as configured: its strategy's model states plus the
+        activations with or without checkpointing, as its backbone sets it. None without a strategy row."""
+        if self.strategy_row is None:
+            return None
+        r = self.rows[self.strategy_row]
+        acts = self.activations.peak_checkpointed if self.checkpointing_configured else self.activations.saved
+        return r["params"] + r["grads"] + r["optim"] + acts
+
+    @property
+    def global_batch(self) -> int:
+        """Windows per optimizer step: ranks x micro-batch x accumulate_grad_batches."""
+        return self.devices * self.batch * self.accumulate
 
 
 def _frozen_bytes(module: nn.Module, frozen_dtype_bytes: int | None) -> float:
@@ -350,7 +539,7 @@ def make_plan(config: dict, devices: int | None = None, backbone_config: str | N
     trainer = config.get("trainer") or {}
     precision = _precision(trainer.get("precision"))
     if devices is None:
-        devices = trainer.get("devices") if isinstance(trainer.get("devices"), int) else 1
+        devices = _ranks(trainer)
     if devices < 1:
         raise ConfigError(f"--devices must be >= 1, got {devices}")
     module = build_planned_module(config, backbone_config)
@@ -381,6 +570,13 @@ def make_plan(config: dict, devices: int | None = None, backbone_config: str | N
                 _frozen_bytes(module, frozen_size), acts, bool(getattr(llm, "gradient_checkpointing", False)),
                 llm_trainable, lora, gpu_memory_gib)
     plan.rows = model_state_rows(trainable, plan.frozen_bytes, precision, devices)
+    plan.strategy = _strategy_label(trainer.get("strategy"))
+    plan.strategy_row = strategy_row(trainer.get("strategy"))
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise ConfigError("trainer.accumulate_grad_batches: the plan reads a fixed integer >= 1, "
+                          f"got {accumulate!r}")
+    plan.accumulate = accumulate
     return plan
 
 
@@ -420,8 +616,25 @@ def format_plan(plan: Plan, config_name: str = "") -> str:
               f"activations per micro-batch: {_gib(a_plain)} {uname} without checkpointing, {_gib(a_ckpt)} {uname} with "
               f"(checkpoints {_gib(acts.saved_checkpointed)} + one recomputed block {_gib(acts.per_layer)}); "
               f"this config has checkpointing {ck} (backbone gradient_checkpointing)",
+              _configured_line(plan, _gib, uname),
+              f"global batch: {plan.global_batch} windows per optimizer step = {plan.devices} GPU(s) x "
+              f"micro-batch {plan.batch} x accumulate_grad_batches {plan.accumulate}",
               "assumes: " + _assumptions(plan)]
     return "\n".join(lines)
+
+
+def _configured_line(plan: Plan, _gib, uname: str) -> str:
+    total = plan.configured_total
+    if total is None:
+        return (f"this config (trainer.strategy {plan.strategy}): the plan has no row for this strategy; "
+                "read the one closest to it above")
+    ck = "with" if plan.checkpointing_configured else "without"
+    host = _gib(plan.rows[plan.strategy_row]["cpu"])
+    line = (f"this config: {_gib(total)} {uname} per GPU ({plan.strategy_row}, trainer.strategy "
+            f"{plan.strategy}, {ck} checkpointing), {host} {uname} host RAM per GPU")
+    if plan.gpu_memory_gib:
+        line += f"; fits {plan.gpu_memory_gib:g} GiB: {'yes' if total / GIB <= plan.gpu_memory_gib else 'no'}"
+    return line
 
 
 def _assumptions(plan: Plan) -> str:
@@ -443,11 +656,13 @@ def _llm_training(plan: Plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import yaml
-
     ap = argparse.ArgumentParser(prog="vitavla plan", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="a training YAML (stage 1 or stage 2)")
-    ap.add_argument("--devices", type=int, default=None, help="GPUs (default: trainer.devices, else 1)")
+    ap.add_argument("--config", required=True, action="append",
+                    help="a training YAML (stage 1 or stage 2); repeat it to layer overrides, later over "
+                         "earlier, as `vitavla fit` does")
+    ap.add_argument("--devices", type=int, default=None,
+                    help="data-parallel ranks, all nodes (default: trainer.devices x trainer.num_nodes; "
+                         "'auto' counts as 1)")
     ap.add_argument("--gpu_memory", type=float, default=None, help="GiB per GPU: adds a fits column")
     ap.add_argument("--backbone_config", default=None,
                     help="'paper' (VITA-1.5's shape) or a directory with config.json, when the config's backbone "
@@ -455,15 +670,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--instruction_tokens", type=int, default=None,
                     help="instruction length in tokens (default: the student's cap, max_instruction_tokens)")
     args = ap.parse_args(argv)
-    path = Path(args.config)
-    if not path.is_file():
-        raise SystemExit(f"vitavla plan: error: --config {path} not found")
+    name = " + ".join(args.config)
     try:
-        config = yaml.safe_load(path.read_text()) or {}
+        config = load_configs(args.config)
+    except ConfigError as err:
+        raise SystemExit(f"vitavla plan: error: {err}") from None
+    try:
         plan = make_plan(config, args.devices, args.backbone_config, args.instruction_tokens, args.gpu_memory)
     except ConfigError as err:
-        raise SystemExit(f"vitavla plan: error: {path}: {err}") from None
-    print(format_plan(plan, str(path)))
+        raise SystemExit(f"vitavla plan: error: {name}: {err}") from None
+    print(format_plan(plan, name))
 
 
 if __name__ == "__main__":
