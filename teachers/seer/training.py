@@ -196,19 +196,26 @@ def seer_training_loss(teacher: SeerTeacher, window: Window, objective: SeerObje
 
     ``window`` has at most ``S = teacher.max_steps`` steps, or ``S + objective.future_steps`` whose trailing
     frames are foresight targets only (see the module doc). The random shift runs only when
-    ``teacher.training`` is True, drawn once for every frame of the window; the same shifted frames feed the
+    ``teacher.training`` is True, drawn once for every frame the loss uses; the same shifted frames feed the
     model and serve as foresight targets.
     """
     window = window.validate(teacher.robot, image_size=teacher.image_size, require_actions=True)
     seen = split_training_window(window, teacher.max_steps, objective.future_steps)
     seen = seen.validate(teacher.robot, image_size=teacher.image_size, max_steps=teacher.max_steps,
                          require_actions=True)
-    images = window.images
+    images, valid, future = window.images, window.valid, objective.future_steps
+    b, s = seen.batch_size, seen.num_steps
+    if s < future and window.num_steps == s + future:
+        # The model reads frames [0, S) and predicts [future, S + future): the frames between are never
+        # used (the quickstart's 1-step teacher reads frame 0 and predicts frame 3 of 4), so they are
+        # neither shifted nor normalised: half of a 1-step window's image work. Kept frames in order, step
+        # t's target is then frame S + t.
+        keep = [*range(s), *range(future, s + future)]
+        images, valid, future = images[:, keep], valid[:, keep], s
     if teacher.training:
         with torch.no_grad():
             images, _ = augment_views(images, objective.pads(images.shape[-1]))
     images = teacher.normalize_images(images)
-    b, s = seen.batch_size, seen.num_steps
     out = teacher.run(seen, images[:, :s], predict_images=True)
     arm_dim = teacher.robot.arm_dim
     target = seen.actions.to(out.arm.device, out.arm.dtype)
@@ -218,8 +225,8 @@ def seer_training_loss(teacher: SeerTeacher, window: Window, objective: SeerObje
                                        beta=objective.smooth_l1_beta), mask)
     gripper = masked_mean(F.binary_cross_entropy_with_logits(out.gripper_logit, target[..., arm_dim:],
                                                              reduction="none"), mask)
-    image = foresight_loss(out.image_pred.unflatten(0, (b, s)), images, window.valid.to(images.device),
-                           teacher.cfg.patch_size, objective.future_steps, objective.norm_pix_eps)
+    image = foresight_loss(out.image_pred.unflatten(0, (b, s)), images, valid.to(images.device),
+                           teacher.cfg.patch_size, future, objective.norm_pix_eps)
     total = objective.arm_weight * arm + objective.gripper_weight * gripper + objective.image_weight * image
     return total, {"arm": arm.detach(), "gripper": gripper.detach(), "image": image.detach()}
 

@@ -221,6 +221,35 @@ def test_seer_training_shift_is_drawn_once_for_model_frames_and_targets(one_thre
     torch.testing.assert_close(parts["image"], image.detach())
 
 
+def test_one_step_seer_reads_frame_0_predicts_frame_3_and_never_touches_frames_1_and_2(one_thread, monkeypatch):
+    """S = 1 (the quickstart's teacher): of a 4-frame window only frames 0 and 3 are shifted and normalised,
+    and the loss equals the whole window's."""
+    teacher = SeerTeacher("tiny", overrides={**SMALL, "sequence_length": 1}).eval()
+    window = fake_window(teacher.robot, batch_size=3, num_steps=4, image_size=96)
+    window.valid[1, 3:] = False  # episode 1 ends at frame 2: step 0 has no target there
+    seen = window.slice_steps(0, 1)
+    with torch.no_grad():
+        total, parts = teacher.training_loss(window)
+        out = teacher(seen, predict_images=True)
+        arm, grip, image = _seer_loss_by_hand(out, window, teacher.normalize_images(window.images), 1,
+                                              valid=window.valid)
+    torch.testing.assert_close(parts["image"], image)
+    torch.testing.assert_close(parts["arm"], arm)
+    # Training mode: the shift sees frames 0 and 3 only (2 frames per view), whatever frames 1-2 hold.
+    shifted = []
+    real = augment_views
+
+    def spy(images, pads, generator=None):
+        shifted.append(images.clone())
+        return real(images, pads, generator)
+
+    monkeypatch.setattr("teachers.seer.training.augment_views", spy)
+    teacher.train()
+    window.images[:, 1:3] = 0
+    teacher.training_loss(window)
+    assert len(shifted) == 1 and torch.equal(shifted[0], window.images[:, [0, 3]])
+
+
 @pytest.mark.parametrize("steps", [5, 6, 8])
 def test_seer_training_window_of_another_length_is_an_error(steps):
     teacher = SeerTeacher("tiny", overrides=SHORT)
