@@ -96,20 +96,25 @@ def random_shift(images: Tensor, pad: int, offsets: Tensor) -> Tensor:
     return torch.stack([padded[i, :, y:y + h, x:x + w] for i, (x, y) in enumerate(offsets.tolist())])
 
 
-def augment_views(images: Tensor, pads: tuple[int, ...], generator: torch.Generator | None = None
-                  ) -> tuple[Tensor, list[Tensor]]:
+def augment_views(images: Tensor, pads: tuple[int, ...], generator: torch.Generator | None = None,
+                  frames: list[int] | None = None) -> tuple[Tensor, list[Tensor]]:
     """Random shift of every frame of every view of (B, T, V, C, H, W) images; view ``v`` uses ``pads[v]``.
 
-    Returns the shifted images and, per view, the drawn (B * T, 2) offsets.
+    ``frames``: shift and return only these time steps, (B, len(frames), V, C, H, W). Offsets are still
+    drawn for all T frames, so the random stream, and with it a seeded training run, is the same as
+    shifting the whole window and indexing after.
+
+    Returns the shifted images and, per view, the (B * len(frames), 2) offsets they used.
     """
     b, t, v = images.shape[:3]
     if len(pads) != v:
         raise ValueError(f"got {len(pads)} random-shift pads for {v} views")
+    keep = list(range(t)) if frames is None else list(frames)
     views, drawn = [], []
     for i, pad in enumerate(pads):
-        frames = images[:, :, i].flatten(0, 1)
-        offsets = draw_shifts(frames.shape[0], pad, images.device, generator)
-        views.append(random_shift(frames, pad, offsets).unflatten(0, (b, t)))
+        offsets = draw_shifts(b * t, pad, images.device, generator).unflatten(0, (b, t))[:, keep].flatten(0, 1)
+        shifted = random_shift(images[:, keep, i].flatten(0, 1), pad, offsets)
+        views.append(shifted.unflatten(0, (b, len(keep))))
         drawn.append(offsets)
     return torch.stack(views, dim=2), drawn
 
@@ -211,10 +216,14 @@ def seer_training_loss(teacher: SeerTeacher, window: Window, objective: SeerObje
         # neither shifted nor normalised: half of a 1-step window's image work. Kept frames in order, step
         # t's target is then frame S + t.
         keep = [*range(s), *range(future, s + future)]
-        images, valid, future = images[:, keep], valid[:, keep], s
+        valid, future = valid[:, keep], s
+    else:
+        keep = list(range(window.num_steps))
     if teacher.training:
         with torch.no_grad():
-            images, _ = augment_views(images, objective.pads(images.shape[-1]))
+            images, _ = augment_views(images, objective.pads(images.shape[-1]), frames=keep)
+    else:
+        images = images[:, keep]
     images = teacher.normalize_images(images)
     out = teacher.run(seen, images[:, :s], predict_images=True)
     arm_dim = teacher.robot.arm_dim

@@ -235,19 +235,25 @@ def test_one_step_seer_reads_frame_0_predicts_frame_3_and_never_touches_frames_1
                                               valid=window.valid)
     torch.testing.assert_close(parts["image"], image)
     torch.testing.assert_close(parts["arm"], arm)
-    # Training mode: the shift sees frames 0 and 3 only (2 frames per view), whatever frames 1-2 hold.
+    # Training mode: the shift sees frames 0 and 3 only (2 frames per view), whatever frames 1-2 hold...
     shifted = []
-    real = augment_views
+    real = random_shift
 
-    def spy(images, pads, generator=None):
+    def spy(images, pad, offsets):
         shifted.append(images.clone())
-        return real(images, pads, generator)
+        return real(images, pad, offsets)
 
-    monkeypatch.setattr("teachers.seer.training.augment_views", spy)
+    monkeypatch.setattr("teachers.seer.training.random_shift", spy)
     teacher.train()
     window.images[:, 1:3] = 0
     teacher.training_loss(window)
-    assert len(shifted) == 1 and torch.equal(shifted[0], window.images[:, [0, 3]])
+    views = [window.images[:, [0, 3], v].flatten(0, 1) for v in range(window.images.shape[2])]
+    assert len(shifted) == len(views) and all(torch.equal(a, b) for a, b in zip(shifted, views))
+    # ... with the offsets the whole window's shift would give them: a seeded run is unchanged by this.
+    pads = teacher.objective.pads(96)
+    full, _ = augment_views(window.images, pads, torch.Generator().manual_seed(3))
+    part, _ = augment_views(window.images, pads, torch.Generator().manual_seed(3), frames=[0, 3])
+    assert torch.equal(part, full[:, [0, 3]]) and not torch.equal(part, full[:, :2])
 
 
 @pytest.mark.parametrize("steps", [5, 6, 8])
