@@ -180,30 +180,6 @@ def test_parallel_envs_give_the_same_episodes_and_totals_as_one(stage2_ckpt, tmp
     assert (two / "episodes.rank0.jsonl").read_text() == first
 
 
-def test_rollout_policy_hook_is_preferred_over_wrapping_module_policy():
-    from vitavla.rollout.lightning import RolloutTestCallback
-
-    class Hooked:
-        def rollout_policy(self):
-            return ScriptedPolicy()
-
-    class ScriptedPolicy:
-        image_size, robot = 64, object()
-
-        def reset(self): ...
-
-        def step(self, obs): ...
-
-    assert isinstance(RolloutTestCallback._policy(Hooked()), ScriptedPolicy)
-
-    class Incomplete:
-        def rollout_policy(self):
-            return object()
-
-    with pytest.raises(TypeError, match="image_size"):
-        RolloutTestCallback._policy(Incomplete())
-
-
 def test_first_episode_offsets_every_task_and_bad_settings_fail_at_config_time():
     dm = RolloutDataModule(ScriptedStandInEnv(num_task=2), episodes_per_task=2, first_episode=3)
     assert [(s.task_index, s.episode_index) for s in dm.specs()] == [(0, 3), (0, 4), (1, 3), (1, 4)]
