@@ -12,15 +12,15 @@ import yaml
 
 from cli import build_cli, main
 from datamodules.calvin import ROBOT as CALVIN_ROBOT
-from datamodules.calvin_rollout import CalvinRolloutDataModule
 from teachers import SeerConfig
 from teachers.seer.teacher import robot_spec
+from tests.rollout.conftest import QUIET
+from tests.rollout.fake_calvin import build_fake, forget, install_fake, real_calvin_agent
 from vitavla.batch import RobotSpec
 from vitavla.rollout.aloha_env import TO_MODEL
+from vitavla.rollout.calvin_datamodule import CalvinRolloutDataModule
 from vitavla.rollout.calvin_env import CalvinSimEnv
 from vitavla.rollout.executors import FirstActionExecutor
-from tests.rollout.test_calvin_env import build_fake, forget, install_fake
-from tests.rollout.test_vitavla_test import QUIET, stage2_ckpt  # noqa: F401  (module-scoped fixture)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -214,7 +214,6 @@ def _official_prefix(paths, monkeypatch, n):
 def real_calvin(tmp_path, monkeypatch):
     """Skips unless the real calvin_env and calvin_models (with its conf/) are installed; the composed
     simulator config goes under tmp_path."""
-    from tests.rollout.test_calvin_env import real_calvin_agent
     from vitavla.rollout import calvin_env
 
     forget()
@@ -229,14 +228,14 @@ def real_calvin(tmp_path, monkeypatch):
 
 @pytest.mark.calvin
 @pytest.mark.slow
-def test_vitavla_test_against_the_real_calvin_env(real_calvin, stage2_ckpt, tmp_path):  # noqa: F811
+def test_vitavla_test_against_the_real_calvin_env(real_calvin, stage2_ckpt, tmp_path):
     from vitavla.rollout.calvin_env import load_chains, write_chains
 
     fixture = Path(__file__).resolve().parents[1] / "fixtures" / "calvin" / "official_chains_first20.json"
     chains = write_chains(tmp_path / "chains.json", load_chains(fixture)[:2], resolve_states=True)
     out = tmp_path / "rollout"
     cfg = load("eval_tiny.yaml")
-    cfg["data"] = {"class_path": "datamodules.calvin_rollout.CalvinRolloutDataModule", "init_args": {
+    cfg["data"] = {"class_path": "vitavla.rollout.calvin_datamodule.CalvinRolloutDataModule", "init_args": {
         "env": {"class_path": "vitavla.rollout.calvin_env.CalvinSimEnv", "init_args": {"dataset_path": None}},
         "chains": str(chains), "num_chains": 2, "ep_len": 2, "out_dir": str(out),
         "allow_missing_normalizer": True}}
