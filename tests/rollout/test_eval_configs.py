@@ -12,15 +12,15 @@ import yaml
 
 from cli import build_cli, main
 from datamodules.calvin import ROBOT as CALVIN_ROBOT
-from datamodules.calvin_rollout import CalvinRolloutDataModule
 from teachers import SeerConfig
 from teachers.seer.teacher import robot_spec
+from tests.rollout.conftest import QUIET
+from tests.rollout.fake_calvin import build_fake, forget, install_fake, real_calvin_agent
 from vitavla.batch import RobotSpec
 from vitavla.rollout.aloha_env import TO_MODEL
+from vitavla.rollout.calvin_datamodule import CalvinRolloutDataModule
 from vitavla.rollout.calvin_env import CalvinSimEnv
 from vitavla.rollout.executors import FirstActionExecutor
-from tests.rollout.test_calvin_env import build_fake, forget, install_fake
-from tests.rollout.test_vitavla_test import QUIET, stage2_ckpt  # noqa: F401  (module-scoped fixture)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -66,7 +66,7 @@ def test_eval_calvin_data_section_instantiates_over_a_fake_calvin_env(tmp_path, 
     install_fake(monkeypatch, paths)
     try:
         data = load("eval_calvin.yaml")["data"]
-        assert data["class_path"] == "datamodules.calvin_rollout.CalvinRolloutDataModule"
+        assert data["class_path"] == "vitavla.rollout.calvin_datamodule.CalvinRolloutDataModule"
         env_cfg = data["init_args"].pop("env")
         assert env_cfg["class_path"] == "vitavla.rollout.calvin_env.CalvinSimEnv"
         env = CalvinSimEnv(**{**env_cfg["init_args"], "dataset_path": str(paths["dataset"])})
@@ -80,7 +80,7 @@ def test_eval_calvin_data_section_instantiates_over_a_fake_calvin_env(tmp_path, 
 
 def calvin_test(ckpt, tmp_path, paths, out, chains=None, **data_args):
     cfg = load("eval_tiny.yaml")
-    cfg["data"] = {"class_path": "datamodules.calvin_rollout.CalvinRolloutDataModule", "init_args": {
+    cfg["data"] = {"class_path": "vitavla.rollout.calvin_datamodule.CalvinRolloutDataModule", "init_args": {
         "env": {"class_path": "vitavla.rollout.calvin_env.CalvinSimEnv",
                 "init_args": {"dataset_path": str(paths["dataset"]), "conf_dir": str(paths["conf"])}},
         "chains": None if chains is None else str(chains), "num_chains": 3, "ep_len": 3, "out_dir": str(out),
@@ -92,7 +92,7 @@ def calvin_test(ckpt, tmp_path, paths, out, chains=None, **data_args):
     return json.loads((out / "results.json").read_text())
 
 
-def test_vitavla_test_runs_calvin_chains_resumes_and_survives_a_crash(stage2_ckpt, tmp_path, monkeypatch):  # noqa: F811
+def test_vitavla_test_runs_calvin_chains_resumes_and_survives_a_crash(stage2_ckpt, tmp_path, monkeypatch):
     paths = build_fake(tmp_path, crash_instances=[0], crash_at=1)  # the first simulator dies at its 2nd step
     install_fake(monkeypatch, paths)
     try:
@@ -125,7 +125,7 @@ def test_vitavla_test_runs_calvin_chains_resumes_and_survives_a_crash(stage2_ckp
 
 
 def test_parallel_calvin_chains_equal_one_simulator_and_write_videos_plot_and_sheet(stage2_ckpt, tmp_path,
-                                                                                   monkeypatch):  # noqa: F811
+                                                                                   monkeypatch):
     import av
 
     # Progress is 2 x the first action value per step: four subtasks are done at their first step, one
@@ -162,7 +162,7 @@ def test_parallel_calvin_chains_equal_one_simulator_and_write_videos_plot_and_sh
 
 
 def test_a_broken_install_stops_vitavla_test_with_the_hint_and_a_rerun_retries_earlier_errors(
-        stage2_ckpt, tmp_path, monkeypatch):  # noqa: F811
+        stage2_ckpt, tmp_path, monkeypatch):
     out = tmp_path / "rollout"
     broken = build_fake(tmp_path / "broken", utils_needs="hydra_absent_here")  # calvin_models without hydra
     install_fake(monkeypatch, broken)
@@ -214,7 +214,6 @@ def _official_prefix(paths, monkeypatch, n):
 def real_calvin(tmp_path, monkeypatch):
     """Skips unless the real calvin_env and calvin_models (with its conf/) are installed; the composed
     simulator config goes under tmp_path."""
-    from tests.rollout.test_calvin_env import real_calvin_agent
     from vitavla.rollout import calvin_env
 
     forget()
@@ -229,14 +228,14 @@ def real_calvin(tmp_path, monkeypatch):
 
 @pytest.mark.calvin
 @pytest.mark.slow
-def test_vitavla_test_against_the_real_calvin_env(real_calvin, stage2_ckpt, tmp_path):  # noqa: F811
+def test_vitavla_test_against_the_real_calvin_env(real_calvin, stage2_ckpt, tmp_path):
     from vitavla.rollout.calvin_env import load_chains, write_chains
 
     fixture = Path(__file__).resolve().parents[1] / "fixtures" / "calvin" / "official_chains_first20.json"
     chains = write_chains(tmp_path / "chains.json", load_chains(fixture)[:2], resolve_states=True)
     out = tmp_path / "rollout"
     cfg = load("eval_tiny.yaml")
-    cfg["data"] = {"class_path": "datamodules.calvin_rollout.CalvinRolloutDataModule", "init_args": {
+    cfg["data"] = {"class_path": "vitavla.rollout.calvin_datamodule.CalvinRolloutDataModule", "init_args": {
         "env": {"class_path": "vitavla.rollout.calvin_env.CalvinSimEnv", "init_args": {"dataset_path": None}},
         "chains": str(chains), "num_chains": 2, "ep_len": 2, "out_dir": str(out),
         "allow_missing_normalizer": True}}

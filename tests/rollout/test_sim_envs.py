@@ -15,9 +15,10 @@ pytestmark = pytest.mark.sim
 def test_libero_env_and_runner():
     pytest.importorskip("libero.libero")
     from tests.conftest import tiny_policy
+    from vitavla.policy_protocol import as_rollout_policy
     from vitavla.rollout.executors import FirstActionExecutor
     from vitavla.rollout.libero_env import LiberoEnv, quat2axisangle
-    from vitavla.rollout.runner import EpisodeSpec, as_step_policy, run_episode
+    from vitavla.rollout.runner import EpisodeSpec, run_episode
 
     from robosuite.utils.transform_utils import quat2axisangle as robosuite_q2aa
     for q in np.random.default_rng(0).normal(size=(4, 4)):
@@ -38,7 +39,7 @@ def test_libero_env_and_runner():
             assert not success and done == (t == 2) and info["step"] == t + 1
         sim_step = (time.perf_counter() - start) / 3
 
-        policy = as_step_policy(tiny_policy("internvl", gripper_state="width", gripper_state_dim=2))
+        policy = as_rollout_policy(tiny_policy("internvl", gripper_state="width", gripper_state_dim=2))
         res = run_episode(env, policy, FirstActionExecutor(), EpisodeSpec(0, 1), image_size=224)
     finally:
         env.close()

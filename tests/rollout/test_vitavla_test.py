@@ -8,25 +8,11 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from cli import build_cli, main
-from datamodules import RolloutDataModule
+from tests.rollout.conftest import CONFIGS, ONLY_FINETUNE, QUIET
+from vitavla.rollout.datamodule import RolloutDataModule
 from vitavla.rollout.env import ScriptedStandInEnv
 from vitavla.rollout.runner import EpisodeSpec
 from vitavla.rollout.stats import wilson_interval
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-# Small model-side config shared by the fit and the Window-batch test (no stage-1 checkpoint needed).
-ONLY_FINETUNE = ["--model.init_args.init_mode=only_finetune", "--model.init_args.init_from=null",
-                 "--data.init_args.num_episodes=4", "--data.init_args.episode_length=6"]
-
-
-@pytest.fixture(scope="module")
-def stage2_ckpt(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("finetune")
-    main(["fit", "--config", str(CONFIGS / "tiny_finetune.yaml"), f"--trainer.default_root_dir={root}",
-          f"--trainer.logger.init_args.save_dir={root}", "--trainer.max_steps=1",
-          "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", *QUIET, *ONLY_FINETUNE])
-    return next(root.glob("version_*/checkpoints/last.ckpt"))
 
 
 def vitavla_test(ckpt: Path, root: Path, *extra: str) -> Path:
@@ -178,30 +164,6 @@ def test_parallel_envs_give_the_same_episodes_and_totals_as_one(stage2_ckpt, tmp
     first = (two / "episodes.rank0.jsonl").read_text()
     vitavla_test(stage2_ckpt, tmp_path / "two", "--data.init_args.num_envs=2")
     assert (two / "episodes.rank0.jsonl").read_text() == first
-
-
-def test_rollout_policy_hook_is_preferred_over_wrapping_module_policy():
-    from vitavla.rollout.lightning import RolloutTestCallback
-
-    class Hooked:
-        def rollout_policy(self):
-            return ScriptedPolicy()
-
-    class ScriptedPolicy:
-        image_size, robot = 64, object()
-
-        def reset(self): ...
-
-        def step(self, obs): ...
-
-    assert isinstance(RolloutTestCallback._policy(Hooked()), ScriptedPolicy)
-
-    class Incomplete:
-        def rollout_policy(self):
-            return object()
-
-    with pytest.raises(TypeError, match="image_size"):
-        RolloutTestCallback._policy(Incomplete())
 
 
 def test_first_episode_offsets_every_task_and_bad_settings_fail_at_config_time():

@@ -36,5 +36,5 @@ class ExportedPolicyModule(L.LightningModule):
     def test_step(self, batch, batch_idx: int):
         if not is_rollout_batch(batch):
             raise TypeError(f"ExportedPolicyModule ({self.path}) evaluates closed-loop rollouts only: use "
-                            "data: datamodules.RolloutDataModule (an eval_*.yaml config)")
+                            "data: vitavla.rollout.datamodule.RolloutDataModule (an eval_*.yaml config)")
         return rollout_test_step(self, batch)

@@ -1,6 +1,6 @@
 """CALVIN long-horizon chains in Lightning's test loop: ``vitavla test --config configs/eval_calvin.yaml``.
 
-:class:`datamodules.calvin_rollout.CalvinRolloutDataModule` yields one :class:`EpisodeSpec` per chain
+:class:`vitavla.rollout.calvin_datamodule.CalvinRolloutDataModule` yields one :class:`EpisodeSpec` per chain
 (task 0, episode = chain index); :class:`CalvinRolloutTestCallback` reuses the generic rollout callback
 (resume records, policy wrapper, normalizer check, per-rank fsync'd ``episodes.rank{r}.jsonl``) and changes
 only what differs for chains: how one spec is run, what is counted, and what is reported.
@@ -26,10 +26,9 @@ from torchmetrics import Metric
 from vitavla.rollout import report
 from vitavla.rollout.calvin_protocol import (NUM_SUBTASKS, ChainResult, chain_metrics, run_chain_attempt,
                                              run_chain_wave, summarize_chains, _close_quietly)
-from vitavla.rollout.episode import EpisodeResult
+from vitavla.rollout.episode import EpisodeResult, EpisodeSpec
 from vitavla.rollout.lightning import RolloutTestCallback
 from vitavla.rollout.records import append_record, final_record, read_records, record_key
-from vitavla.rollout.runner import EpisodeSpec
 
 log = logging.getLogger(__name__)
 

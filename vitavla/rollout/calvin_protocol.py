@@ -23,11 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from vitavla.normalizer import Normalizer
+from vitavla.policy_protocol import RolloutPolicy, as_rollout_policy
 from vitavla.rollout.env import Obs
 from vitavla.rollout.episode import EnvError, sim_call
 from vitavla.rollout.executors import ActionExecutor, FirstActionExecutor
 from vitavla.rollout.records import append_record, final_record, load_results
-from vitavla.rollout.runner import Controller, StepPolicy, as_step_policy
+from vitavla.rollout.runner import Controller
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def calvin_oracle(task_oracle) -> Oracle:
     return oracle
 
 
-def run_chain(env: CalvinEnv, policy: StepPolicy, chain: Chain, oracle: Oracle,
+def run_chain(env: CalvinEnv, policy: RolloutPolicy, chain: Chain, oracle: Oracle,
               instructions: Mapping[str, str] | Callable[[str], str], ep_len: int = EP_LEN,
               executor: ActionExecutor | None = None, normalizer: Normalizer | None = None,
               image_size: int = 224, record_frames: bool = False, result: ChainResult | None = None) -> ChainResult:
@@ -119,7 +120,7 @@ def run_chain(env: CalvinEnv, policy: StepPolicy, chain: Chain, oracle: Oracle,
     """
     if ep_len < 1:
         raise ValueError(f"ep_len must be >= 1, got {ep_len}")
-    ctl = Controller(as_step_policy(policy), executor or FirstActionExecutor(), normalizer, image_size)
+    ctl = Controller(as_rollout_policy(policy), executor or FirstActionExecutor(), normalizer, image_size)
     text = instructions if callable(instructions) else instructions.__getitem__
     obs = env.reset(chain.initial_state)
     result = result if result is not None else ChainResult(list(chain.subtasks), 0)
@@ -228,7 +229,7 @@ class _GuardedEnv:
         return self._call(self.env.get_info)
 
 
-def run_chain_attempt(env: CalvinEnv, policy: StepPolicy, chain: Chain, index: int, oracle: Oracle,
+def run_chain_attempt(env: CalvinEnv, policy: RolloutPolicy, chain: Chain, index: int, oracle: Oracle,
                       instructions: Mapping[str, str] | Callable[[str], str], *, attempt: int = 0, seed: int = 0,
                       ep_len: int = EP_LEN, executor: ActionExecutor | None = None,
                       normalizer: Normalizer | None = None, image_size: int = 224,
@@ -391,7 +392,7 @@ def evaluate_calvin(env_factory: Callable[[], CalvinEnv], policy, chains: Sequen
         raise ValueError(f"no task oracle / instructions: pass oracle= and instructions=, or use an env that "
                          f"provides them ({type(env).__name__} has no 'oracle' / 'instructions' attribute)")
     check_subtasks(chains, instructions, getattr(env, "known_subtasks", None))
-    policy = as_step_policy(policy)
+    policy = as_rollout_policy(policy)
     make_executor = executor_factory or FirstActionExecutor
     bar = tqdm(total=len(chains), initial=len(chains) - len(pending), desc="chains", disable=not progress,
                dynamic_ncols=True)

@@ -1,15 +1,16 @@
 """Closed-loop evaluation inside Lightning's test loop: ``vitavla test --config configs/eval_*.yaml``.
 
-A batch is a list of :class:`EpisodeSpec` (see :class:`datamodules.rollout.RolloutDataModule`); the
+A batch is a list of :class:`EpisodeSpec` (see :class:`vitavla.rollout.datamodule.RolloutDataModule`); the
 sampler shards specs across processes. :func:`rollout_test_step` runs each spec's episode with the module's
 rollout policy and appends the attempt to ``<out_dir>/episodes.rank{r}.jsonl`` (fsync'd), so a killed run
 resumes where it stopped and ends with the same totals. With ``RolloutDataModule(num_envs=N)`` a batch holds
 up to N specs, run concurrently on an :class:`~vitavla.rollout.parallel.EnvPool` of N simulator processes
 with one batched policy call per step; records, retries, metrics and videos are the same as with N = 1.
 
-The policy comes from ``pl_module.rollout_policy()`` when the module defines it (an object with
-``reset``/``step``/``select`` over a batch of episodes and attributes ``image_size`` and ``robot``), else
-from wrapping ``pl_module.policy`` in a :class:`~vitavla.streaming.StreamingPolicy`.
+The policy comes from ``pl_module.rollout_policy()`` when the module defines it, else from
+``pl_module.policy``; either goes through :func:`~vitavla.policy_protocol.as_rollout_policy` (a VLAPolicy is
+streamed) and must be a :class:`~vitavla.policy_protocol.RolloutPolicy` with ``image_size`` and ``robot``,
+and ``select`` when ``num_envs > 1``.
 
 Aggregation across processes: :class:`RolloutTestCallback` owns an :class:`EpisodeCounts` torchmetrics
 ``Metric`` (a (tasks, 3) integer tensor of successes / episodes / errors, ``dist_reduce_fx="sum"``). It is
@@ -39,12 +40,13 @@ from torchmetrics import Metric
 
 from vitavla.errors import UserFacingError
 from vitavla.normalizer import Normalizer
+from vitavla.policy_protocol import as_rollout_policy
 from vitavla.rollout import report
-from vitavla.rollout.records import append_record, final_record, load_results, read_records, record_key
-from vitavla.rollout.runner import (EpisodeResult, EpisodeSpec, result_record,
-                                   run_episode)
+from vitavla.rollout.episode import EpisodeResult, EpisodeSpec
+from vitavla.rollout.records import (append_record, final_record, load_results, read_records, record_key,
+                                     result_record)
+from vitavla.rollout.runner import run_episode
 from vitavla.rollout.stats import success_ci95
-from vitavla.streaming import StreamingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +229,7 @@ def check_binding(out_dir: Path, binding: dict) -> None:
 class RolloutTestCallback(Callback):
     """Per-run state of a rollout test: policy wrapper, executor, normalizer, resume records, metrics.
 
-    :class:`~datamodules.rollout.RolloutDataModule` attaches it to the trainer in ``setup("test")``; it
+    :class:`~vitavla.rollout.datamodule.RolloutDataModule` attaches it to the trainer in ``setup("test")``; it
     reads its settings (env, executor, out_dir, ...) from ``trainer.datamodule``.
     """
 
@@ -245,10 +247,10 @@ class RolloutTestCallback(Callback):
         self.path = self.out_dir / f"episodes.rank{trainer.global_rank}.jsonl"
         self.retries = dm.retries
         self.names = [self.env.task_name(t) for t in range(self.env.num_tasks)]
-        self.policy = self._policy(pl_module)
+        self.num_envs = int(getattr(dm, "num_envs", 1))
+        self.policy = self._policy(pl_module, batched=self.num_envs > 1)
         self.image_size = int(self.policy.image_size)
         self.normalizer = self._normalizer(self.policy.robot, pl_module, dm)
-        self.num_envs = int(getattr(dm, "num_envs", 1))
         self.env_timeout = getattr(dm, "env_timeout", None)
         self.close_pool()
         self.make_executor = dm.make_executor
@@ -269,19 +271,20 @@ class RolloutTestCallback(Callback):
         self.ran = self.wins = 0
 
     @staticmethod
-    def _policy(pl_module: LightningModule):
-        """The module's own rollout policy (hook ``rollout_policy()``), else its VLA policy, streamed."""
+    def _policy(pl_module: LightningModule, batched: bool = False):
+        """The module's own rollout policy (hook ``rollout_policy()``), else its ``policy`` (a VLAPolicy is
+        streamed), checked for what this callback uses: ``image_size``, ``robot`` and, when ``batched``
+        (``num_envs > 1``), ``select``."""
+        name = type(pl_module).__name__
         hook = getattr(pl_module, "rollout_policy", None)
         if callable(hook):
-            policy = hook()
-            missing = [a for a in ("reset", "step", "image_size", "robot") if not hasattr(policy, a)]
-            if missing:
-                raise TypeError(f"{type(pl_module).__name__}.rollout_policy() returned {type(policy).__name__} "
-                                f"without {missing}; it must have reset(), step(obs), select(rows) and the "
-                                "attributes image_size (int) and robot (RobotSpec)")
-            return policy
-        policy = StreamingPolicy(pl_module.policy)
-        return policy
+            policy, source = hook(), f"{name}.rollout_policy()"
+        elif hasattr(pl_module, "policy"):
+            policy, source = pl_module.policy, f"{name}.policy"
+        else:
+            raise TypeError(f"{name} has neither rollout_policy() nor a policy attribute: closed-loop "
+                            "evaluation needs one of them (see vitavla.policy_protocol.RolloutPolicy)")
+        return as_rollout_policy(policy, batched=batched, described=True, source=source)
 
     def _normalizer(self, robot, pl_module: LightningModule, dm) -> Normalizer | None:
         want = robot.arm_dim + robot.gripper_dim
@@ -459,7 +462,7 @@ def _callback(trainer: Trainer) -> RolloutTestCallback:
         if isinstance(cb, RolloutTestCallback):
             return cb
     raise RuntimeError("a batch of EpisodeSpec reached test_step but the trainer has no RolloutTestCallback; "
-                       "use data: datamodules.RolloutDataModule (it attaches one in setup('test'))")
+                       "use data: vitavla.rollout.datamodule.RolloutDataModule (it attaches one in setup('test'))")
 
 
 def rollout_test_step(module: LightningModule, batch: list[EpisodeSpec]) -> None:

@@ -29,7 +29,7 @@ import pickle
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ import torch
 from vitavla.action_head import ActionOutput
 from vitavla.normalizer import Normalizer
 from vitavla.observation import Observation
-from vitavla.rollout.env import Obs, RolloutEnv
+from vitavla.policy_protocol import RolloutPolicy, check_rollout_policy
+from vitavla.rollout.env import RolloutEnv
 from vitavla.rollout.env_worker import worker_main
 from vitavla.rollout.episode import EpisodeResult, EpisodeSpec, to_observation
 from vitavla.rollout.executors import ActionExecutor, to_env_action
@@ -45,19 +46,6 @@ from vitavla.rollout.executors import ActionExecutor, to_env_action
 # Thread caps for worker processes, set in the environment before they start so that libraries initialised
 # at import (OpenMP, MKL, OpenBLAS) see them: N simulators with a thread pool each would oversubscribe cores.
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
-class BatchPolicy(Protocol):
-    """A policy over a batch of B episodes stepped in lockstep (e.g. :class:`~vitavla.streaming.StreamingPolicy`)."""
-
-    def reset(self) -> None:
-        """Forget every episode; the next :meth:`step` starts a new batch."""
-
-    def step(self, obs: Observation) -> ActionOutput:
-        """Action chunks of the newest step: fields (B, chunk, ·) for the B rows of ``obs``."""
-
-    def select(self, rows: list[int]) -> None:
-        """Keep only batch rows ``rows`` (in that order): their episodes go on, the others are dropped."""
 
 
 class EnvPoolError(RuntimeError):
@@ -373,7 +361,7 @@ class WaveRows:
         return ok
 
 
-def lockstep(pool: EnvPool, policy: BatchPolicy, rows: WaveRows, active: list[int], max_steps: int,
+def lockstep(pool: EnvPool, policy: RolloutPolicy, rows: WaveRows, active: list[int], max_steps: int,
              normalizer: Normalizer | None = None, image_size: int = 224) -> list[int]:
     """Step rows ``active`` together for up to ``max_steps`` control steps: each step sends every running
     row's action (the simulators step in parallel) and makes ONE policy call on the batch of running rows,
@@ -424,7 +412,7 @@ def lockstep(pool: EnvPool, policy: BatchPolicy, rows: WaveRows, active: list[in
     return active
 
 
-def run_wave(pool: EnvPool, policy: BatchPolicy, specs: Sequence[EpisodeSpec],
+def run_wave(pool: EnvPool, policy: RolloutPolicy, specs: Sequence[EpisodeSpec],
              executor_factory: Callable[[], ActionExecutor], normalizer: Normalizer | None = None,
              image_size: int = 224, settle_steps: int = 0, record_frames: bool | Sequence[bool] = False,
              settle_action: np.ndarray | None = None) -> list[EpisodeResult]:
@@ -465,12 +453,11 @@ def run_wave(pool: EnvPool, policy: BatchPolicy, specs: Sequence[EpisodeSpec],
 
 
 def check_wave(pool: EnvPool, policy, n: int) -> int:
-    """``n`` if a wave of ``n`` episodes fits ``pool`` and ``policy`` can drop rows, else a ValueError/TypeError."""
+    """``n`` if a wave of ``n`` episodes fits ``pool`` and ``policy`` is a rollout policy that can drop rows
+    (:func:`~vitavla.policy_protocol.check_rollout_policy`), else a ValueError/TypeError."""
     if not 1 <= n <= pool.size:
         raise ValueError(f"a wave needs 1 to pool.size={pool.size} episodes, got {n}")
-    if n > 1 and not callable(getattr(policy, "select", None)):
-        raise TypeError(f"{type(policy).__name__} has no select(rows): batched evaluation must drop finished "
-                        "episodes from the policy's batch")
+    check_rollout_policy(policy, batched=n > 1)
     return n
 
 
@@ -492,5 +479,5 @@ def default_workers(requested: int | None = None) -> int:
     return max(1, cores or 1)
 
 
-__all__ = ["BatchPolicy", "EnvPool", "EnvPoolError", "Reply", "WaveRows", "acquire_pool", "check_wave",
+__all__ = ["EnvPool", "EnvPoolError", "Reply", "WaveRows", "acquire_pool", "check_wave",
            "default_workers", "lockstep", "record_flags", "release_pool", "run_wave", "shared_pools"]

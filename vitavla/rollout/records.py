@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
+
+IMAGE_FIELDS = ("frames", "first_last")
+
+
+def result_record(res) -> dict:
+    """The JSON-able fields of an :class:`~vitavla.rollout.episode.EpisodeResult` (images left out; not
+    ``asdict``, which would deep-copy them)."""
+    return {f.name: getattr(res, f.name) for f in fields(res) if f.name not in IMAGE_FIELDS}
 
 
 def load_results(path: str | Path) -> list[dict]:
@@ -52,4 +61,4 @@ def final_record(records: list[dict]) -> dict:
     return done[0] if done else records[-1]
 
 
-__all__ = ["append_record", "final_record", "load_results", "read_records", "record_key"]
+__all__ = ["append_record", "final_record", "load_results", "read_records", "record_key", "result_record"]

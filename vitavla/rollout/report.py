@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from vitavla.images import upscale_nearest
-from vitavla.rollout.records import final_record, load_results, record_key
-from vitavla.rollout.runner import EpisodeResult, result_record
+from vitavla.rollout.episode import EpisodeResult
+from vitavla.rollout.records import final_record, load_results, record_key, result_record
 from vitavla.rollout.stats import success_ci95, wilson_interval  # noqa: F401  (re-exported for reports)
 
 BAR_COLOR = (46, 125, 50)  # a colour used nowhere else in the chart, so tests can count bar pixels

@@ -13,46 +13,31 @@ from __future__ import annotations
 import pickle
 import time
 from collections import deque
-from dataclasses import fields
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
 from torchmetrics.aggregation import SumMetric
 from tqdm.auto import tqdm
 
-from vitavla.action_head import ActionOutput
 from vitavla.normalizer import Normalizer
-from vitavla.observation import Observation
+from vitavla.policy_protocol import RolloutPolicy, as_rollout_policy
 from vitavla.rollout.env import Obs, RolloutEnv
 # EpisodeSpec, EpisodeResult and to_observation live in episode.py (parallel.py needs them too, and runner.py
 # needs parallel.py); they are re-exported here, where callers have always imported them from.
 from vitavla.rollout.episode import EnvError, EpisodeResult, EpisodeSpec, sim_call, to_observation
 from vitavla.rollout.executors import ActionExecutor, to_env_action
 from vitavla.rollout.parallel import EnvPool, run_wave
-from vitavla.rollout.records import append_record, final_record, load_results, record_key  # noqa: F401
+from vitavla.rollout.records import (append_record, final_record, load_results, record_key,  # noqa: F401
+                                     result_record)
 from vitavla.rollout.stats import success_ci95
-from vitavla.streaming import StreamingPolicy
-
-
-class StepPolicy(Protocol):
-    """What the runner needs from a policy: :class:`StreamingPolicy` or any scripted stand-in."""
-
-    def reset(self) -> None: ...
-
-    def step(self, obs: Observation) -> ActionOutput: ...
-
-
-def as_step_policy(policy) -> StepPolicy:
-    """A :class:`~vitavla.policy.VLAPolicy` is wrapped in a :class:`StreamingPolicy`; others pass through."""
-    return StreamingPolicy(policy) if hasattr(policy, "student") and not hasattr(policy, "reset") else policy
 
 
 class Controller:
     """Policy + executor + normalizer: observation in, raw env action out; times the policy side."""
 
-    def __init__(self, policy: StepPolicy, executor: ActionExecutor, normalizer: Normalizer | None = None,
+    def __init__(self, policy: RolloutPolicy, executor: ActionExecutor, normalizer: Normalizer | None = None,
                  image_size: int = 224):
         self.policy, self.executor = policy, executor
         self.normalizer, self.image_size = normalizer, image_size
@@ -74,15 +59,7 @@ class Controller:
         return action
 
 
-IMAGE_FIELDS = ("frames", "first_last")
-
-
-def result_record(res: EpisodeResult) -> dict:
-    """The JSON-able fields of a result (images left out; not ``asdict``, which would deep-copy them)."""
-    return {f.name: getattr(res, f.name) for f in fields(res) if f.name not in IMAGE_FIELDS}
-
-
-def run_episode(env: RolloutEnv, streaming_policy: StepPolicy, executor: ActionExecutor, spec: EpisodeSpec,
+def run_episode(env: RolloutEnv, streaming_policy: RolloutPolicy, executor: ActionExecutor, spec: EpisodeSpec,
                 normalizer: Normalizer | None = None, image_size: int = 224, settle_steps: int = 0,
                 record_frames: bool = False, settle_action: np.ndarray | None = None,
                 controller: Controller | None = None) -> EpisodeResult:
@@ -190,7 +167,8 @@ def evaluate(env_factory: Callable[[], RolloutEnv], policy, specs: list[EpisodeS
         recs = by_key.get(spec.key, [])
         return any(r["error"] is None for r in recs) or len(recs) - earlier.get(spec.key, 0) > retries
 
-    policy = as_step_policy(policy)
+    # Checked before any simulator starts; a batch of several episodes needs select(rows).
+    policy = as_rollout_policy(policy, batched=num_envs > 1)
     env = env_factory()
     names = [env.task_name(i) for i in range(env.num_tasks)]
     pending = [s for s in specs if not finished(s)]

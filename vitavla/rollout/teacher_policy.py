@@ -6,8 +6,9 @@ for any :class:`~teachers.base.Teacher` through its :meth:`~teachers.base.Teache
 a short history by repeating the newest frame; with its per-step causal mask that padding never reaches the
 newest step's outputs, so running on the frames seen so far (T < S) gives the same actions more cheaply.
 
-It follows the batched policy protocol of the rollout runner: ``reset()``, ``step(obs) -> ActionOutput``
-with fields (B, action_chunk, ·), and ``select(rows)`` to drop finished episodes from the batch.
+It is a :class:`~vitavla.policy_protocol.RolloutPolicy`: ``reset()``, ``step(obs) -> ActionOutput`` with
+fields (B, action_chunk, ·), ``select(rows)`` to drop finished episodes from the batch, and the
+``image_size`` and ``robot`` of its teacher.
 """
 
 from __future__ import annotations

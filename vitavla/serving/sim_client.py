@@ -17,7 +17,8 @@ import time
 import numpy as np
 
 from vitavla.rollout.env import Obs, RolloutEnv
-from vitavla.rollout.runner import EpisodeResult, EpisodeSpec, run_episode
+from vitavla.rollout.episode import EpisodeResult, EpisodeSpec
+from vitavla.rollout.runner import run_episode
 from vitavla.serving.client import ChunkController, EnsembleController
 
 
