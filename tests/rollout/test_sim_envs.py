@@ -100,3 +100,25 @@ def test_aloha_env():
         np.testing.assert_array_equal(a, b)
     finally:
         env.close()
+
+
+def test_a_libero_env_left_open_exits_without_egl_tracebacks(tmp_path):
+    """A script that never closes its LiberoEnv: the env's atexit hook frees robosuite's render contexts
+    before EGL's own eglTerminate, so the interpreter exits cleanly (it printed an EGLError traceback from
+    every context's __del__ before)."""
+    pytest.importorskip("libero.libero")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "open_env.py"
+    script.write_text("from vitavla.rollout.libero_env import LiberoEnv\n"
+                      "env = LiberoEnv('libero_object', render_size=32, max_steps=2)\n"
+                      "print('frame', env.reset(0, 0).frame.shape)\n")
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "frame (32, 32, 3)" in run.stdout
+    assert "EGLError" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]

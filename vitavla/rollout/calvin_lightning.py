@@ -6,8 +6,9 @@
 only what differs for chains: how one spec is run, what is counted, and what is reported.
 
 Overridden :class:`~vitavla.rollout.lightning.RolloutTestCallback` methods: ``on_test_start`` (extends it:
-CALVIN metric, chains, oracle, instructions), ``run`` and ``run_batch`` (a chain instead of an episode;
-``num_envs`` chains at once in subtask waves), ``summary``, ``on_test_epoch_end`` and ``write`` (CALVIN's
+CALVIN metric, chains, oracle, instructions), ``_one``, ``_wave`` and ``_saved`` (an attempt is a chain
+instead of an episode, ``num_envs`` chains at once in subtask waves; resume and retries stay the base
+class's :func:`~vitavla.rollout.ledger.run_attempts`), ``summary``, ``on_test_epoch_end`` and ``write`` (CALVIN's
 ``avg_seq_len`` / ``chain_sr`` instead of per-task success, ``chain_sr.png``, the first/last sheet of every
 chain, and videos of the first ``record_videos`` chains).
 """
@@ -28,7 +29,7 @@ from vitavla.rollout.calvin_protocol import (NUM_SUBTASKS, ChainResult, chain_me
                                              run_chain_wave, summarize_chains, _close_quietly)
 from vitavla.rollout.episode import EpisodeResult, EpisodeSpec
 from vitavla.rollout.lightning import RolloutTestCallback
-from vitavla.rollout.records import append_record, final_record, read_records, record_key
+from vitavla.rollout.records import final_record, read_records, record_key
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class CalvinRolloutTestCallback(RolloutTestCallback):
         dm = trainer.datamodule
         self.chains, self.oracle, self.instructions = dm.chains, dm.oracle, dm.instructions
         self.ep_len, self.seed = dm.ep_len, dm.seed
-        for key, recs in self.by_key.items():
+        for key, recs in self.ledger.by_key.items():
             chain = self.chains[key[1]] if 0 <= key[1] < len(self.chains) else None
             if chain is None or any(r.get("subtasks") != chain.subtasks for r in recs):
                 raise ValueError(f"{self.out_dir}: records for chain {key[1]} do not match the configured chains "
@@ -72,47 +73,38 @@ class CalvinRolloutTestCallback(RolloutTestCallback):
         self.metrics = ChainCounts().to(pl_module.device)
         self.metrics.update(None)
 
-    def run(self, spec: EpisodeSpec) -> dict:
-        """The final record of chain ``spec.episode_index``: from an earlier run if finished there, else run
-        now; a crashed attempt is recorded, the env closed (it restarts on the next reset) and retried."""
-        while not self.finished(spec):
-            rec, res = run_chain_attempt(self.env, self.policy, self.chains[spec.episode_index], spec.episode_index,
-                                         self.oracle, self.instructions, attempt=len(self.by_key.get(spec.key, [])),
-                                         seed=spec.seed, ep_len=self.ep_len, executor=self.make_executor(),
-                                         normalizer=self.normalizer, image_size=self.image_size,
-                                         record_frames=self._records_video(spec))
-            self._add_chain(spec, rec, res)
-            if rec["error"] is not None:
-                _close_quietly(self.env)
-        return final_record(self.by_key[spec.key])
+    def _one(self, wave: list[EpisodeSpec]) -> list[tuple[dict, ChainResult]]:
+        """One attempt at a chain on the in-process env; after a crash the env is closed (it restarts on the
+        next reset)."""
+        (spec,) = wave
+        rec, res = run_chain_attempt(self.env, self.policy, self.chains[spec.episode_index], spec.episode_index,
+                                     self.oracle, self.instructions, attempt=self.ledger.attempts(spec.key),
+                                     seed=spec.seed, ep_len=self.ep_len, executor=self.make_executor(),
+                                     normalizer=self.normalizer, image_size=self.image_size,
+                                     record_frames=self._records_video(spec))
+        if rec["error"] is not None:
+            _close_quietly(self.env)
+        return [(self._named(rec), res)]
 
-    def run_batch(self, specs: list[EpisodeSpec]) -> list[dict]:
-        """Final records of ``specs`` (in order). With ``num_envs > 1`` the unfinished chains run concurrently
-        on the pool in subtask waves (:func:`run_chain_wave`); a crashed chain with retries left runs again
-        in the next wave, on a worker that rebuilt its simulator."""
-        if self.num_envs <= 1:
-            return [self.run(spec) for spec in specs]
-        if len(specs) > self.num_envs:
-            raise ValueError(f"a rollout batch has {len(specs)} chains but num_envs={self.num_envs}")
+    def _wave(self, wave: list[EpisodeSpec]) -> list[tuple[dict, ChainResult]]:
+        """One attempt of each chain, concurrently on the pool in subtask waves (:func:`run_chain_wave`)."""
         from vitavla.rollout.parallel import acquire_pool
 
-        while todo := [s for s in specs if not self.finished(s)]:
-            if self.pool is None:
-                self.pool = acquire_pool(self.env, self.num_envs, timeout=self.env_timeout)
-            items = [(s.episode_index, self.chains[s.episode_index], len(self.by_key.get(s.key, []))) for s in todo]
-            done = run_chain_wave(self.pool, self.policy, items, self.instructions, seed=todo[0].seed,
-                                  ep_len=self.ep_len, executor_factory=self.make_executor,
-                                  normalizer=self.normalizer, image_size=self.image_size,
-                                  record_frames=[self._records_video(s) for s in todo])
-            for spec, (rec, res) in zip(todo, done):
-                self._add_chain(spec, rec, res)
-        return [final_record(self.by_key[s.key]) for s in specs]
+        if self.pool is None:
+            self.pool = acquire_pool(self.env, self.num_envs, timeout=self.env_timeout)
+        items = [(s.episode_index, self.chains[s.episode_index], self.ledger.attempts(s.key)) for s in wave]
+        done = run_chain_wave(self.pool, self.policy, items, self.instructions, seed=wave[0].seed,
+                              ep_len=self.ep_len, executor_factory=self.make_executor,
+                              normalizer=self.normalizer, image_size=self.image_size,
+                              record_frames=[self._records_video(s) for s in wave])
+        return [(self._named(rec), res) for rec, res in done]
 
-    def _add_chain(self, spec: EpisodeSpec, rec: dict, res: ChainResult) -> None:
-        """Append one chain attempt (fsync'd); save its first/last frames and, when recorded, its video."""
+    def _named(self, rec: dict) -> dict:
         rec["task_name"] = self.names[0]
-        append_record(self.path, rec)
-        self.by_key.setdefault(spec.key, []).append(rec)
+        return rec
+
+    def _saved(self, spec: EpisodeSpec, rec: dict, res: ChainResult) -> None:
+        """After each recorded chain attempt: its first/last frames and, when recorded, its video."""
         if rec["error"] is not None:
             log.warning("chain %d crashed (attempt %d): %s", spec.episode_index, rec["attempt"], rec["error"])
         if res.first_last is not None:

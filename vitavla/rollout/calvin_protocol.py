@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 from vitavla.normalizer import Normalizer
 from vitavla.policy_protocol import RolloutPolicy, as_rollout_policy
 from vitavla.rollout.env import Obs
-from vitavla.rollout.episode import EnvError, sim_call
+from vitavla.rollout.episode import EnvError, EpisodeSpec, sim_call
 from vitavla.rollout.executors import ActionExecutor, FirstActionExecutor
-from vitavla.rollout.records import append_record, final_record, load_results
+from vitavla.rollout.ledger import Ledger, run_attempts
 from vitavla.rollout.runner import Controller
 
 log = logging.getLogger(__name__)
@@ -367,24 +367,13 @@ def evaluate_calvin(env_factory: Callable[[], CalvinEnv], policy, chains: Sequen
     executor defaults to Seer's (first action of each chunk). Returns :func:`summarize_chains` of the final
     records: ``avg_seq_len``, ``chain_sr`` {1..5}, ``chains`` (error-free), ``errors``, ``task_info``.
     """
-    if retries < 0:
-        raise ValueError(f"retries must be >= 0, got {retries}")
     if not chains:
         raise ValueError("evaluate_calvin needs at least one chain")
     path = Path(results_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    by_chain: dict[int, list[dict]] = {}
-    for r in load_results(path):
-        by_chain.setdefault(_check_record(path, r, chains), []).append(r)
-
-    earlier = {i: len(recs) for i, recs in by_chain.items()}
-
-    def finished(i: int) -> bool:
-        # Errors recorded by earlier runs are retried: they were the simulator's, never the policy's.
-        recs = by_chain.get(i, [])
-        return any(r["error"] is None for r in recs) or len(recs) - earlier.get(i, 0) > retries
-
-    pending = [i for i in range(len(chains)) if not finished(i)]
+    ledger = Ledger(path, retries, check=lambda file, record: _check_record(file, record, chains))
+    specs = [EpisodeSpec(0, i, seed) for i in range(len(chains))]
+    pending = [s for s in specs if not ledger.finished(s.key)]
     env = env_factory() if pending or oracle is None or instructions is None else None
     oracle = oracle if oracle is not None else getattr(env, "oracle", None)
     instructions = instructions if instructions is not None else getattr(env, "instructions", None)
@@ -396,27 +385,28 @@ def evaluate_calvin(env_factory: Callable[[], CalvinEnv], policy, chains: Sequen
     make_executor = executor_factory or FirstActionExecutor
     bar = tqdm(total=len(chains), initial=len(chains) - len(pending), desc="chains", disable=not progress,
                dynamic_ncols=True)
+
+    def one(wave: list[EpisodeSpec]) -> list[tuple[dict, ChainResult]]:
+        nonlocal env
+        (spec,) = wave
+        i = spec.episode_index
+        rec, res = run_chain_attempt(env, policy, chains[i], i, oracle, instructions,
+                                     attempt=ledger.attempts(spec.key), seed=seed, ep_len=ep_len,
+                                     executor=make_executor(), normalizer=normalizer, image_size=image_size)
+        if rec["error"] is not None:
+            # Rebuilt after every crash, the last attempt's too: no chain runs on a crashed simulator.
+            log.warning("chain %d crashed (attempt %d): %s", i, rec["attempt"], rec["error"])
+            _close_quietly(env)
+            env = env_factory()
+        return [(rec, res)]
+
     try:
-        for i in pending:
-            while True:
-                rec, _ = run_chain_attempt(env, policy, chains[i], i, oracle, instructions,
-                                        attempt=len(by_chain.get(i, [])), seed=seed, ep_len=ep_len,
-                                        executor=make_executor(), normalizer=normalizer, image_size=image_size)
-                append_record(path, rec)
-                by_chain.setdefault(i, []).append(rec)
-                if rec["error"] is not None:
-                    # Rebuilt even after the last attempt: the next chain must not run on a crashed simulator.
-                    log.warning("chain %d crashed (attempt %d): %s", i, rec["attempt"], rec["error"])
-                    _close_quietly(env)
-                    env = env_factory()
-                if rec["error"] is None or finished(i):
-                    break
-            bar.update(1)
+        finals = run_attempts(specs, ledger, one, on_finished=lambda spec, final: bar.update(1))
     finally:
         bar.close()
         if env is not None:
             _close_quietly(env)
-    return summarize_chains([final_record(by_chain[i]) for i in range(len(chains))])
+    return summarize_chains(finals)
 
 
 def _close_quietly(env) -> None:

