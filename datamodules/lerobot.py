@@ -58,7 +58,7 @@ class MissingExtra(UserFacingError, ImportError):
     """pyarrow or PyAV is not installed: the message names the extra that brings them."""
 
 
-def _deps():
+def lerobot_deps():
     """pyarrow and PyAV, imported on first use (the ``lerobot`` extra), with one error naming the extra."""
     try:
         import av
@@ -71,7 +71,7 @@ def _deps():
 
 def read_parquet(path: Path, columns: Sequence[str] | None = None):
     """A parquet file as a pyarrow table; a missing or unreadable file is a :class:`DataError`."""
-    pq, _ = _deps()
+    pq, _ = lerobot_deps()
     import pyarrow as pa
 
     if not path.is_file():
@@ -327,7 +327,7 @@ class LeRobotReader(EpisodeReader):
 
     def _load_data(self, path: Path) -> dict:
         """One data parquet file's columns, checked against info.json's features."""
-        pq, _ = _deps()
+        pq, _ = lerobot_deps()
         if not path.is_file():
             _fail(path, "data_path", "missing data file named by meta/episodes")
         try:
@@ -390,7 +390,7 @@ class LeRobotReader(EpisodeReader):
 
     def _probe(self, path: Path, cam: str) -> float:
         """The video's end time in seconds; checks it opens and plays at info.json's fps."""
-        _, av = _deps()
+        _, av = lerobot_deps()
         if not path.is_file():
             _fail(path, cam, "missing video file named by meta/episodes")
         try:
@@ -412,7 +412,7 @@ class LeRobotReader(EpisodeReader):
     def _container(self, path: Path):
         # Decoder state must not cross a fork: each worker process opens its own containers, and keeps the
         # most recently used ones open (a large dataset has more mp4s than a process may hold files).
-        _, av = _deps()
+        _, av = lerobot_deps()
         mine = self._containers.setdefault(os.getpid(), OrderedDict())
         if path in mine:
             mine.move_to_end(path)
@@ -436,7 +436,7 @@ class LeRobotReader(EpisodeReader):
 
     def decode(self, video: _Video, cam: str, times: np.ndarray) -> np.ndarray:
         """Frames (n, H, W, 3) uint8 shown at ``from_timestamp + times`` (increasing, seconds)."""
-        _, av = _deps()
+        _, av = lerobot_deps()
         c = self._container(video.path)
         s = c.streams.video[0]
         want = video.from_ts + np.asarray(times, dtype=np.float64)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.base import DataError, EpisodeReader
-from datamodules.lerobot import EPISODES_DIR, INFO, STATS, TASKS, _deps
+from datamodules.lerobot import EPISODES_DIR, INFO, STATS, TASKS, lerobot_deps
 
 CODEBASE_VERSION = "v3.0"
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
@@ -48,7 +48,7 @@ class VideoOptions:
 
 def default_video_options() -> VideoOptions:
     """lerobot's AV1 when this PyAV can encode it, else H.264."""
-    _, av = _deps()
+    _, av = lerobot_deps()
     return VideoOptions() if "libsvtav1" in av.codecs_available else VideoOptions(vcodec="libx264")
 
 
@@ -56,7 +56,7 @@ class _VideoFile:
     """One mp4 being written: frames of consecutive episodes on one timeline."""
 
     def __init__(self, path: Path, fps: int, height: int, width: int, opts: VideoOptions):
-        _, av = _deps()
+        _, av = lerobot_deps()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.fps, self.frames = path, fps, 0
         self.shape = (height, width)
@@ -67,7 +67,7 @@ class _VideoFile:
 
     def add(self, frames: np.ndarray) -> tuple[float, float]:
         """Append (T, H, W, 3) uint8 frames; their (from_timestamp, to_timestamp) in this file."""
-        _, av = _deps()
+        _, av = lerobot_deps()
         if frames.shape[1:3] != self.shape:
             raise DataError(self.path, "frames", f"episode frames are {frames.shape[1:3]}, earlier episodes "
                                                  f"of this file {self.shape}; one video file holds one size")
@@ -136,7 +136,7 @@ class LeRobotWriter:
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
             raise DataError(self.out, "--out", "already exists and is not empty; choose a new directory")
         self.video = video or default_video_options()
-        _, av = _deps()
+        _, av = lerobot_deps()
         try:
             if av.codec.Codec(self.video.vcodec, "w").type != "video":
                 raise ValueError("not a video codec")

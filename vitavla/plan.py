@@ -149,13 +149,13 @@ def _zero_row(stage: int, offload: bool) -> str | None:
 def strategy_row(strategy) -> str | None:
     """The plan's row for a ``trainer.strategy`` value (a Lightning name or a ``{class_path, init_args}``
     DeepSpeed node), or None where the plan has none (ZeRO-1, FSDP, a custom strategy)."""
-    from vitavla.strategies import _DEEPSPEED_PRESETS
+    from vitavla.strategies import DEEPSPEED_PRESETS
 
     if strategy is None or (isinstance(strategy, str) and strategy in _ZERO0_STRATEGIES):
         return "ZeRO-0 (DDP)"
     if isinstance(strategy, str):
-        if strategy in _DEEPSPEED_PRESETS:
-            return _zero_row(*_DEEPSPEED_PRESETS[strategy])
+        if strategy in DEEPSPEED_PRESETS:
+            return _zero_row(*DEEPSPEED_PRESETS[strategy])
         if strategy.startswith("deepspeed_cpu_stage_") and strategy[-1].isdigit():
             return _zero_row(int(strategy[-1]), False)
         return None

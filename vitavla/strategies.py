@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strateg
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 # Lightning's names for DeepSpeed presets -> (ZeRO stage, whether the preset offloads to host memory).
-_DEEPSPEED_PRESETS: dict[str, tuple[int, bool]] = {
+DEEPSPEED_PRESETS: dict[str, tuple[int, bool]] = {
     "deepspeed": (2, False),
     "deepspeed_stage_1": (1, False),
     "deepspeed_stage_2": (2, False),
@@ -135,14 +135,14 @@ def resolve_strategy(strategy: Any, accelerator: Any = "auto") -> Any:
     CPU when ``accelerator`` is ``"cpu"``, or ``"auto"``/None and CUDA is unavailable. An explicit
     ``"gpu"``/``"cuda"`` accelerator is left for Lightning to reject with its own message.
     """
-    if not isinstance(strategy, str) or strategy not in _DEEPSPEED_PRESETS:
+    if not isinstance(strategy, str) or strategy not in DEEPSPEED_PRESETS:
         return strategy
     acc = accelerator if isinstance(accelerator, str) or accelerator is None else type(accelerator).__name__
     acc = (acc or "auto").lower()
     on_cpu = acc in ("cpu", "cpuaccelerator") or (acc == "auto" and not torch.cuda.is_available())
     if not on_cpu:
         return strategy
-    stage, offload = _DEEPSPEED_PRESETS[strategy]
+    stage, offload = DEEPSPEED_PRESETS[strategy]
     if offload:
         # Offloading moves optimizer state and parameters to host memory, where a CPU run keeps them anyway.
         rank_zero_info(f"strategy={strategy!r} on CPU: using ZeRO stage {stage} without offload "

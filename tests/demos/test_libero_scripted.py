@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from datamodules.libero import LiberoReader
-from vitavla.demos.libero_scripted import Demo, _resolve_body, _Writer, parse_pick_place_goal
+from vitavla.demos.libero_scripted import Demo, _resolve_body, DemoWriter, parse_pick_place_goal
 from vitavla.demos.pick_place_expert import (OSC_POS_LIMIT, ExpertConfig, Phase, PickPlaceExpert, ScenePoses,
                                              _rotation_error)
 
@@ -182,7 +182,7 @@ def _fake_demo(i: int, t: int, size: int = 16) -> Demo:
 def test_writer_round_trip_and_top_up(tmp_path):
     path = tmp_path / "pick_up_the_soup_and_place_it_in_the_basket_demo.hdf5"
     info = {"language_instruction": "pick up the soup and place it in the basket"}
-    w = _Writer(path, info, {"env_name": "x"}, "x.bddl")
+    w = DemoWriter(path, info, {"env_name": "x"}, "x.bddl")
     demos = [_fake_demo(0, 5), _fake_demo(1, 7)]
     for d in demos:
         w.add(d)
@@ -190,7 +190,7 @@ def test_writer_round_trip_and_top_up(tmp_path):
     w.close(next_attempt=3)
     assert path.exists() and not path.with_name(path.name + ".tmp").exists()
 
-    w = _Writer(path, info, {"env_name": "x"}, "x.bddl")  # a rerun tops the file up...
+    w = DemoWriter(path, info, {"env_name": "x"}, "x.bddl")  # a rerun tops the file up...
     assert w.kept == 2
     w.add(_fake_demo(2, 4))
     w.abort()  # ...but an interrupted one leaves it untouched

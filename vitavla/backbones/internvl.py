@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from vitavla.backbones.llava import HFVLMBackbone, _side
+from vitavla.backbones.llava import HFVLMBackbone, square_side
 from vitavla.backbones.tiny import paper_internvl_config, tiny_internvl, tiny_internvl_config
 
 __all__ = ["InternVLBackbone", "paper_internvl_config"]
@@ -45,7 +45,7 @@ class InternVLBackbone(HFVLMBackbone):
 
     def _native_side(self, image_size: int) -> int:
         vision = self.config.vision_config
-        patch = _side(vision.patch_size)
+        patch = square_side(vision.patch_size)
         if image_size % patch:
             raise ValueError(f"image_size={image_size} is not divisible by the InternViT patch size {patch}")
         grid = image_size // patch

@@ -41,7 +41,7 @@ def parse_dtype(dtype: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
 
 
-def _side(size) -> int:
+def square_side(size) -> int:
     # HF configs store patch/image sizes either as an int or as an (h, w) pair.
     if isinstance(size, (list, tuple)):
         if len(set(size)) != 1:
@@ -338,7 +338,7 @@ class LlavaBackbone(HFVLMBackbone):
 
     def _native_side(self, image_size: int) -> int:
         vision = self.config.vision_config
-        patch = _side(vision.patch_size)
+        patch = square_side(vision.patch_size)
         if image_size % patch:
             raise ValueError(f"image_size={image_size} is not divisible by the vision patch size {patch} "
                              f"({vision.model_type})")
@@ -352,6 +352,6 @@ class LlavaBackbone(HFVLMBackbone):
         # CLIP/SigLIP keep a fixed position table for their trained resolution; other sizes need
         # interpolation, which they only do on request (and not every tower accepts the flag, so pass it
         # only when needed).
-        if self.image_size != _side(self.config.vision_config.image_size):
+        if self.image_size != square_side(self.config.vision_config.image_size):
             return {"interpolate_pos_encoding": True}
         return {}

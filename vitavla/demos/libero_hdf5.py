@@ -1,6 +1,6 @@
 """The LIBERO demo file the scripted recorder writes: ``<TASK_NAME>_demo.hdf5`` in LIBERO's own layout.
 
-:class:`_Writer` appends demos to ``<file>.tmp`` and renames it over the old file only when complete, so an
+:class:`DemoWriter` appends demos to ``<file>.tmp`` and renames it over the old file only when complete, so an
 interrupted run never corrupts an existing file; :func:`existing_demos` reads how far a file got, so a rerun
 tops it up. Kept apart from :mod:`vitavla.demos.libero_scripted` (simulator side and orchestration), which uses both.
 """
@@ -40,7 +40,7 @@ def existing_demos(path: Path) -> tuple[int, int]:
                          f"'data' group): {e}; move it away to start afresh") from e
 
 
-class _Writer:
+class DemoWriter:
     """Appends demos to ``<file>.tmp`` (a copy of any existing file) and renames it into place on close."""
 
     def __init__(self, path: Path, problem_info: dict, env_args: dict, bddl_file: str):

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitavla.demos.libero_hdf5 import _Writer, demo_path, existing_demos
+from vitavla.demos.libero_hdf5 import DemoWriter, demo_path, existing_demos
 from vitavla.demos.pick_place_expert import (
     OPEN,
     TALL_OBJECT,
@@ -399,7 +399,7 @@ def _collect(cfg: GenConfig, plan, stream: _demo_stream, log) -> list[TaskResult
                 if writer is not None:
                     writer.close(last_attempt[current] + 1)
                 path, info, env_args, bddl, _ = todo[demo.task]
-                writer, current = _Writer(path, info, env_args, bddl), demo.task
+                writer, current = DemoWriter(path, info, env_args, bddl), demo.task
                 stats[current] = TaskResult(current, path, writer.kept, 0, [], [])
             attempted += 1
             last_attempt[current] = demo.attempt

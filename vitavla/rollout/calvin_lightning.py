@@ -26,7 +26,8 @@ from torchmetrics import Metric
 
 from vitavla.rollout import report
 from vitavla.rollout.calvin_protocol import (NUM_SUBTASKS, ChainResult, chain_metrics, run_chain_attempt,
-                                             run_chain_wave, summarize_chains, _close_quietly)
+                                             run_chain_wave, summarize_chains)
+from vitavla.rollout.env import close_quietly
 from vitavla.rollout.episode import EpisodeResult, EpisodeSpec
 from vitavla.rollout.lightning import RolloutTestCallback
 from vitavla.rollout.records import final_record, read_records, record_key
@@ -83,7 +84,7 @@ class CalvinRolloutTestCallback(RolloutTestCallback):
                                      normalizer=self.normalizer, image_size=self.image_size,
                                      record_frames=self._records_video(spec))
         if rec["error"] is not None:
-            _close_quietly(self.env)
+            close_quietly(self.env)
         return [(self._named(rec), res)]
 
     def _wave(self, wave: list[EpisodeSpec]) -> list[tuple[dict, ChainResult]]:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from vitavla.normalizer import Normalizer
 from vitavla.policy_protocol import RolloutPolicy, as_rollout_policy
-from vitavla.rollout.env import Obs
+from vitavla.rollout.env import Obs, close_quietly
 from vitavla.rollout.episode import EnvError, EpisodeSpec, sim_call
 from vitavla.rollout.executors import ActionExecutor, FirstActionExecutor
 from vitavla.rollout.ledger import Ledger, run_attempts
@@ -396,7 +396,7 @@ def evaluate_calvin(env_factory: Callable[[], CalvinEnv], policy, chains: Sequen
         if rec["error"] is not None:
             # Rebuilt after every crash, the last attempt's too: no chain runs on a crashed simulator.
             log.warning("chain %d crashed (attempt %d): %s", i, rec["attempt"], rec["error"])
-            _close_quietly(env)
+            close_quietly(env)
             env = env_factory()
         return [(rec, res)]
 
@@ -405,17 +405,7 @@ def evaluate_calvin(env_factory: Callable[[], CalvinEnv], policy, chains: Sequen
     finally:
         bar.close()
         if env is not None:
-            _close_quietly(env)
+            close_quietly(env)
     return summarize_chains(finals)
 
 
-def _close_quietly(env) -> None:
-    """Close an env whose simulator may be the thing that crashed: a failing close must not hide the
-    recorded crash or stop the evaluation."""
-    close = getattr(env, "close", None)
-    if close is None:
-        return
-    try:
-        close()
-    except Exception as e:  # the simulator is being discarded anyway
-        log.warning("closing %s failed: %s: %s", type(env).__name__, type(e).__name__, e)

@@ -7,6 +7,7 @@ never imports a simulator, so it is testable without one.
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -204,3 +205,15 @@ class ScriptedStandInEnv(RolloutEnv):
         state[-1] = 1.0
         video = self._draw(self.video_size) if self._recording and self.video_size else None
         return Obs(static, wrist, state, self.instruction(self._task), video=video)
+
+
+def close_quietly(env) -> None:
+    """Close an env whose simulator may be the thing that crashed (None and an env without ``close`` are
+    fine): a failing close must not hide the recorded crash or stop the evaluation, so it is logged."""
+    close = getattr(env, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception as e:  # the simulator is being discarded anyway
+        logging.getLogger(__name__).warning("closing %s failed: %s: %s", type(env).__name__, type(e).__name__, e)

@@ -18,7 +18,7 @@ import traceback
 import numpy as np
 
 from vitavla.console import route_from_env
-from vitavla.rollout.env import RolloutEnv
+from vitavla.rollout.env import RolloutEnv, close_quietly
 
 
 def is_chain_env(obj) -> bool:
@@ -95,15 +95,6 @@ def _handle(env, cmd: str, arg, chain: _Chain):
     raise ValueError(f"unknown EnvPool command {cmd!r}")
 
 
-def _close_quietly(env) -> None:
-    if env is None:
-        return
-    try:
-        env.close()
-    except Exception:  # a crashed simulator may fail to close; it is dropped either way
-        pass
-
-
 def worker_main(conn, payload: bytes) -> None:
     """Worker main loop: build the env, then answer commands until ``close`` or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes the pool
@@ -130,13 +121,13 @@ def worker_main(conn, payload: bytes) -> None:
             reply = ("ok", _handle(env, cmd, arg, chain), time.perf_counter() - start)
         except Exception as e:  # any simulator failure: physics blow-up, renderer error, adapter bug
             reply = ("error", f"{type(e).__name__}: {e}", time.perf_counter() - start)
-            _close_quietly(env)
+            close_quietly(env)
             env, chain = None, _Chain()
         try:
             conn.send(reply)
         except (BrokenPipeError, OSError):
             break
-    _close_quietly(env)
+    close_quietly(env)
     conn.close()
     # Skip interpreter teardown (seconds with torch loaded); the env is closed and nothing else is pending.
     os._exit(0)

@@ -42,6 +42,7 @@ from vitavla.normalizer import Normalizer
 from vitavla.policy_protocol import as_rollout_policy
 from vitavla.rollout import report
 from vitavla.rollout.counts import KINDS, EpisodeCounts, summary_from_counts  # noqa: F401 (re-exported)
+from vitavla.rollout.env import close_quietly
 from vitavla.rollout.episode import EpisodeResult, EpisodeSpec
 from vitavla.rollout.ledger import Ledger, run_attempts
 from vitavla.rollout.records import final_record, read_records, record_key
@@ -298,7 +299,7 @@ class RolloutTestCallback(Callback):
         res = run_episode(self.env, self.policy, self.make_executor(), spec, self.normalizer, self.image_size,
                           self.settle_steps, record_frames=self._records_video(spec))
         if res.error is not None:
-            self.env.close()
+            close_quietly(self.env)
         return [(episode_record(spec, res, self.names, self.ledger.attempts(spec.key)), res)]
 
     def _wave(self, wave: list[EpisodeSpec]) -> list[tuple[dict, EpisodeResult]]:

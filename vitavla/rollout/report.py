@@ -14,7 +14,6 @@ written in a banner above the image.
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from vitavla.images import upscale_nearest
 from vitavla.rollout.episode import EpisodeResult
 from vitavla.rollout.records import final_record, load_results, record_key, result_record
-from vitavla.rollout.stats import success_ci95, wilson_interval  # noqa: F401  (re-exported for reports)
+from vitavla.rollout.stats import success_ci95
 
 BAR_COLOR = (46, 125, 50)  # a colour used nowhere else in the chart, so tests can count bar pixels
 CHART_W, CHART_H, PLOT_H, MARGIN = 640, 320, 240, 40

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from vitavla.normalizer import Normalizer
 from vitavla.policy_protocol import RolloutPolicy, as_rollout_policy
-from vitavla.rollout.env import Obs, RolloutEnv
+from vitavla.rollout.env import Obs, RolloutEnv, close_quietly
 # EpisodeSpec, EpisodeResult and to_observation live in episode.py (parallel.py needs them too, and runner.py
 # needs parallel.py); they are re-exported here, where callers have always imported them from.
 from vitavla.rollout.episode import EnvError, EpisodeResult, EpisodeSpec, sim_call, to_observation
@@ -180,7 +180,7 @@ def evaluate(env_factory: Callable[[], RolloutEnv], policy, specs: list[EpisodeS
         res = run_episode(env, policy, executor_factory(), spec, normalizer, image_size, settle_steps,
                           settle_action=settle_action)
         if res.error is not None:  # rebuilt after every crash: no episode runs on a crashed simulator
-            env.close()
+            close_quietly(env)
             env = env_factory()
         return [(episode_record(spec, res, names, ledger.attempts(spec.key)), res)]
 
