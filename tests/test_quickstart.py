@@ -122,3 +122,12 @@ def test_train_runs_stage1_only_when_a_mode_starts_from_it(monkeypatch, tmp_path
         assert f"--model.init_args.init_mode={init_mode}" in overrides
         assert f"--model.init_args.init_from={init_from}" in overrides
         assert configs == ["finetune.yaml"] + (["finetune_lora.yaml"] if lora else [])
+
+
+@pytest.mark.parametrize("argv, steps", [([], 3000), (["--tasks", "0", "1"], 6000), (["--tasks", "0", "1", "--teacher-steps", "50"], 50)])
+def test_teacher_steps_default_to_a_fixed_budget_per_task(tmp_path, argv, steps):
+    # Two tasks at the one-task budget halve the passes over each task's demos (task 0: 11/15 -> 3/15).
+    from vitavla import quickstart as qs
+
+    args, _ = qs.parse(qs.build_parser(), ["--out", str(tmp_path), *argv])
+    assert args.teacher_steps == steps

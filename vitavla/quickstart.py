@@ -40,6 +40,7 @@ INIT_MODE = {"two_stage": "two_stage", "only_finetune": "only_finetune", "freeze
              "two_stage_lora": "two_stage"}
 """The ``PolicyModule.init_mode`` of each quickstart mode."""
 INIT_STATES = 50  # fixed init states per LIBERO task
+TEACHER_STEPS_PER_TASK = 3000  # batch 64 over 20 demos of one task: about 65 passes
 
 
 def _config_dir() -> Path:
@@ -135,7 +136,10 @@ def build_parser(prog: str = "vitavla quickstart", description: str | None = __d
     ap.add_argument("--render-size", type=int, default=56,
                     help="camera size of demos and rollouts (px); the CPU configs' models read 56 px")
     ap.add_argument("--workers", type=int, default=2, help="simulator processes (demos and rollouts)")
-    ap.add_argument("--teacher-steps", type=int, default=3000, help="teacher training steps")
+    ap.add_argument("--teacher-steps", type=int, default=None,
+                    help=f"teacher training steps; default {TEACHER_STEPS_PER_TASK} per task, so each task gets "
+                         "the passes over its demos that the one-task teacher needs (two tasks at 3000 steps "
+                         "completed 3 of 15 task-0 episodes, at 6000 11 of 15; docs/quickstart.md)")
     ap.add_argument("--align-steps", type=int, default=800, help="stage-1 steps")
     ap.add_argument("--finetune-steps", type=int, default=6000, help="stage-2 steps per mode")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=["two_stage"],
@@ -162,6 +166,8 @@ def parse(ap: argparse.ArgumentParser, argv: list[str] | None):
     """``(args, layered)``: the checked options and ``layered(name)``, a step's config followed by the
     same-named override from ``--scale`` when there is one."""
     args = ap.parse_args(argv)
+    if args.teacher_steps is None:
+        args.teacher_steps = TEACHER_STEPS_PER_TASK * len(args.tasks)
     if args.demos < 2 or not 1 <= args.episodes <= INIT_STATES:
         # The held-out action error needs at least one demonstration kept out of training.
         ap.error(f"--demos must be >= 2 and --episodes in [1, {INIT_STATES}]")
