@@ -182,9 +182,25 @@ def write_dataset(root, lengths=(9, 10, 11), ids=(0, 2, 10), compress=False, **k
     return out
 
 
-# Short `vitavla fit` runs: the config-format tests and the LIBERO end-to-end test.
+# Short `vitavla fit` runs: the CLI, config-format, bf16 and LoRA tests and the LIBERO end-to-end test.
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FAST = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", "--trainer.num_sanity_val_steps=0"]
+# FAST on the tiny configs' synthetic data, cut to 4 episodes of 6 steps.
+FAST_SYNTHETIC = [*FAST, "--data.init_args.num_episodes=4", "--data.init_args.episode_length=6"]
+# Stage 2 from scratch: no stage-1 checkpoint to load.
+ONLY_FINETUNE = ["--model.init_args.init_mode=only_finetune", "--model.init_args.init_from=null"]
+
+
+def fit(config: str, root: Path, *extra: str) -> Path:
+    """`vitavla fit` of ``configs/<config>`` with FAST_SYNTHETIC into ``root``; returns its last.ckpt."""
+    from cli import main  # here, not at the top: most test modules never load the command
+
+    main(["fit", "--config", str(CONFIGS / config), f"--trainer.default_root_dir={root}",
+          f"--trainer.logger.init_args.save_dir={root}", *FAST_SYNTHETIC, *extra])
+    ckpts = sorted(root.glob("version_*/checkpoints/last.ckpt"))
+    assert ckpts, f"no checkpoint under {root}"
+    return ckpts[-1]
 
 
 def libero_fit_yaml(tmp: Path) -> str:

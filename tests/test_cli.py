@@ -9,19 +9,7 @@ import pytest
 import torch
 
 from cli import main
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-FAST = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", "--trainer.num_sanity_val_steps=0",
-        "--data.init_args.num_episodes=4", "--data.init_args.episode_length=6"]
-
-
-def fit(config: str, root: Path, *extra: str) -> Path:
-    main(["fit", "--config", str(CONFIGS / config), f"--trainer.default_root_dir={root}",
-          f"--trainer.logger.init_args.save_dir={root}", *FAST, *extra])
-    ckpts = sorted(root.glob("version_*/checkpoints/last.ckpt"))
-    assert ckpts, f"no checkpoint under {root}"
-    return ckpts[-1]
+from tests.conftest import CONFIGS, FAST_SYNTHETIC, ONLY_FINETUNE, fit
 
 
 def test_fit_stage1_then_stage2_from_the_command_line(tmp_path):
@@ -49,7 +37,7 @@ def test_teacher_is_swapped_by_class_path_alone(tmp_path):
 def test_deepspeed_stage_2_runs_a_step_on_cpu(tmp_path):
     pytest.importorskip("deepspeed")
     main(["fit", "--config", str(CONFIGS / "tiny_align.yaml"), f"--trainer.default_root_dir={tmp_path}",
-          f"--trainer.logger.init_args.save_dir={tmp_path}", *FAST, "--trainer.max_steps=1",
+          f"--trainer.logger.init_args.save_dir={tmp_path}", *FAST_SYNTHETIC, "--trainer.max_steps=1",
           "--trainer.strategy=deepspeed_stage_2"])
     assert list(tmp_path.glob("version_*/checkpoints/*.ckpt"))
 
@@ -57,14 +45,15 @@ def test_deepspeed_stage_2_runs_a_step_on_cpu(tmp_path):
 def test_inconsistent_config_fails_with_one_clear_message(tmp_path):
     with pytest.raises(SystemExit, match=r"mapper_out_dim=99 but the teacher \(SeerTeacher\) has hidden size"):
         main(["fit", "--config", str(CONFIGS / "tiny_align.yaml"), f"--trainer.default_root_dir={tmp_path}",
-              "--model.init_args.mapper_out_dim=99", *FAST])
+              "--model.init_args.mapper_out_dim=99", *FAST_SYNTHETIC])
     with pytest.raises(SystemExit, match="checkpoint not found: .*missing.ckpt"):
         main(["fit", "--config", str(CONFIGS / "tiny_finetune.yaml"), f"--trainer.default_root_dir={tmp_path}",
-              f"--model.init_args.init_from={tmp_path / 'missing.ckpt'}", *FAST])
+              f"--model.init_args.init_from={tmp_path / 'missing.ckpt'}", *FAST_SYNTHETIC])
     # Data images of another size than the backbone's: one line naming both keys (was a 35-line traceback).
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(CONFIGS / "tiny_align.yaml"), f"--trainer.default_root_dir={tmp_path}",
-              f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.init_args.image_size=64", *FAST])
+              f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.init_args.image_size=64",
+              *FAST_SYNTHETIC])
     assert str(e.value.code) == (
         "vitavla: error: ConfigError: data.init_args.image_size: SyntheticWindowDataModule yields 64px "
         "images but the student backbone is configured for 224px "
@@ -101,7 +90,6 @@ def test_eval_configs_parse():
 
 
 # -- issue 16: nothing silent, nothing lost ------------------------------------------------------------------
-ONLY_FINETUNE = ["--model.init_args.init_mode=only_finetune", "--model.init_args.init_from=null"]
 EVAL_TINY = ["--data.init_args.episodes_per_task=1", "--data.init_args.env.init_args.steps=2",
              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
@@ -119,7 +107,8 @@ def test_a_checkpoint_of_another_module_is_refused_by_every_loader(tmp_path):
         main(["test", "--config", str(CONFIGS / "eval_tiny.yaml"), "--ckpt_path", str(stage1),
               *dirs(tmp_path / "eval"), f"--data.init_args.out_dir={out}", *EVAL_TINY])
     assert not (out / "results.json").exists() and not list(out.glob("episodes*.jsonl"))
-    finetune = ["--config", str(CONFIGS / "tiny_finetune.yaml"), "--ckpt_path", str(stage1), *FAST, *ONLY_FINETUNE]
+    finetune = ["--config", str(CONFIGS / "tiny_finetune.yaml"), "--ckpt_path", str(stage1), *FAST_SYNTHETIC,
+                *ONLY_FINETUNE]
     with pytest.raises(SystemExit, match=refusal):
         main(["validate", *finetune, *dirs(tmp_path / "validate")])
     with pytest.raises(SystemExit, match=refusal):  # before the optimizer's "parameter group" error
@@ -131,8 +120,8 @@ def test_a_checkpoint_of_another_module_is_refused_by_every_loader(tmp_path):
     assert not list((tmp_path / "fit").rglob("*.ckpt"))
     # The teacher's export at the end of fit would write whatever weights were restored.
     with pytest.raises(SystemExit, match=rf"{stage1} does not fit TeacherModule"):
-        main(["fit", "--config", str(CONFIGS / "tiny_teacher.yaml"), "--ckpt_path", str(stage1), *FAST,
-              *dirs(tmp_path / "teacher")])
+        main(["fit", "--config", str(CONFIGS / "tiny_teacher.yaml"), "--ckpt_path", str(stage1),
+              *FAST_SYNTHETIC, *dirs(tmp_path / "teacher")])
     assert not list((tmp_path / "teacher").rglob("teacher.safetensors"))
 
 
@@ -149,8 +138,8 @@ def test_failed_checkpoint_save_keeps_last_ckpt_and_bad_files_fail_in_one_line(t
         f.write(b"\0" * 1000)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    resume = ["fit", "--config", str(CONFIGS / "tiny_align.yaml"), *FAST, *same_dir, "--ckpt_path", str(last),
-              "--trainer.max_steps=4"]
+    resume = ["fit", "--config", str(CONFIGS / "tiny_align.yaml"), *FAST_SYNTHETIC, *same_dir,
+              "--ckpt_path", str(last), "--trainer.max_steps=4"]
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(SystemExit, match=r"could not save checkpoint .*\.ckpt: No space left on device"):
         main(resume)
@@ -172,9 +161,10 @@ def test_failed_checkpoint_save_keeps_last_ckpt_and_bad_files_fail_in_one_line(t
     with pytest.raises(SystemExit, match=r"^vitavla: error: CheckpointReadError: .*cut.ckpt cannot be read"):
         main(["test", "--config", str(CONFIGS / "eval_tiny.yaml"), "--ckpt_path", str(cut),
               *dirs(tmp_path / "eval"), *EVAL_TINY])
+    # Stage 2's init_from: today the project's message naming the file is dropped.
     with pytest.raises(SystemExit, match=r"^vitavla: error: CheckpointReadError: .*cut.ckpt cannot be read"):
         main(["fit", "--config", str(CONFIGS / "tiny_finetune.yaml"), f"--model.init_args.init_from={cut}",
-              *FAST, *dirs(tmp_path / "finetune")])  # today: the project's message naming the file is dropped
+              *FAST_SYNTHETIC, *dirs(tmp_path / "finetune")])
 
 
 def test_missing_data_root_and_unwritable_output_dirs_fail_at_setup_naming_the_key(tmp_path):
@@ -188,7 +178,7 @@ def test_missing_data_root_and_unwritable_output_dirs_fail_at_setup_naming_the_k
     blocker.write_text("")
     with pytest.raises(SystemExit, match=r"^vitavla: error: UserFacingError: trainer.default_root_dir: "
                                          r".*a_file/run is not a writable directory"):
-        main(["fit", "--config", str(CONFIGS / "tiny_align.yaml"), *FAST, *dirs(blocker / "run")])
+        main(["fit", "--config", str(CONFIGS / "tiny_align.yaml"), *FAST_SYNTHETIC, *dirs(blocker / "run")])
     stage1 = fit("tiny_align.yaml", tmp_path / "align")
     with pytest.raises(SystemExit, match=r"^vitavla: error: UserFacingError: data.init_args.out_dir: "
                                          r".*a_file/rollout is not a writable directory"):

@@ -16,45 +16,14 @@ import torch
 from datamodules.base import DataError, resize_uint8
 from datamodules.calvin import CalvinDataModule, CalvinReader, CalvinSplit, pack_calvin
 from datamodules.calvin_pack import MANIFEST
+from tests.datamodules.conftest import STATIC, write_annotations, write_split
 
-STATIC, WRIST = (200, 200, 3), (84, 84, 3)  # the real native sizes
 NUM_STEPS = 4  # a window needs NUM_STEPS + 2 frames (chunk of 3)
 TRAIN_EPISODES = [(1000, 1029), (2000, 2029)]
 TRAIN_SEGMENTS = [(1000, 1015, "open the drawer"), (1006, 1029, "lift the red block"),
                   (2000, 2020, "push the button"), (2025, 2028, "too short to use")]
 VAL_EPISODES = [(500, 515)]
 VAL_SEGMENTS = [(500, 512, "turn on the light bulb")]
-
-
-
-def write_split(split_dir: Path, episodes, segments, seed: int = 0) -> dict[int, dict[str, np.ndarray]]:
-    """A CALVIN split as the official release lays it out; returns the arrays of every frame by frame id."""
-    rng = np.random.default_rng(seed)
-    split_dir.mkdir(parents=True)
-    src = {}
-    for a, b in episodes:
-        for f in range(a, b + 1):
-            obs = rng.normal(size=15)
-            obs[14] = rng.choice([-1.0, 1.0])
-            rel = np.concatenate([rng.uniform(-1, 1, 6), [rng.choice([-1.0, 1.0])]])
-            fr = {"rgb_static": rng.integers(0, 256, STATIC, dtype=np.uint8),
-                  "rgb_gripper": rng.integers(0, 256, WRIST, dtype=np.uint8),
-                  "robot_obs": obs, "rel_actions": rel, "actions": rng.normal(size=7),
-                  "scene_obs": np.zeros(24)}
-            np.savez_compressed(split_dir / f"episode_{f:07d}.npz", **fr)
-            src[f] = fr
-    np.save(split_dir / "ep_start_end_ids.npy", np.asarray(episodes, dtype=np.int64))
-    write_annotations(split_dir, segments)
-    return src
-
-
-def write_annotations(split_dir: Path, segments) -> None:
-    n = len(segments)
-    ann = {"language": {"ann": [t for *_, t in segments], "task": ["some_task"] * n,
-                        "emb": np.zeros((n, 1, 384), np.float32)},
-           "info": {"episodes": [], "indx": [(np.int64(a), b) for a, b, _ in segments]}}
-    (split_dir / "lang_annotations").mkdir(exist_ok=True)
-    np.save(split_dir / "lang_annotations" / "auto_lang_ann.npy", ann, allow_pickle=True)  # as CALVIN does
 
 
 def snapshot(root: Path) -> dict:

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 
 from cli import main
-from tests.conftest import write_dataset
-from tests.datamodules.test_calvin import write_split
-from tests.conftest import make_demo, write_libero
+from tests.conftest import make_demo, write_dataset, write_libero
+from tests.datamodules.conftest import write_split
 
 
 def _snapshot(root):

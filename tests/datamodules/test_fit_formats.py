@@ -6,10 +6,8 @@ import pytest
 import torch
 
 from cli import main
-from tests.conftest import FAST, libero_fit_yaml, write_dataset
-from tests.datamodules.test_calvin import write_split
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from tests.conftest import CONFIGS, FAST, libero_fit_yaml, write_dataset
+from tests.datamodules.conftest import write_split
 
 
 def _calvin(tmp: Path) -> str:

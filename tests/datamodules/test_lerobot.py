@@ -390,7 +390,7 @@ LEROBOT_CONFIGS = [f"{stage}_{robot}_lerobot" for robot in ("piper", "aloha")
 def test_lerobot_configs_name_the_robot_of_their_data(name, tmp_path):
     import yaml
 
-    from tests.datamodules.test_fit_formats import CONFIGS
+    from tests.conftest import CONFIGS
 
     cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     data = cfg["data"]
@@ -426,7 +426,7 @@ def test_lerobot_configs_name_the_robot_of_their_data(name, tmp_path):
 def test_lerobot_configs_chain_their_checkpoints_and_data(robot):
     import yaml
 
-    from tests.datamodules.test_fit_formats import CONFIGS
+    from tests.conftest import CONFIGS
 
     teacher, align, finetune = (yaml.safe_load((CONFIGS / f"{s}_{robot}_lerobot.yaml").read_text())
                                 for s in ("teacher", "align", "finetune"))
@@ -446,8 +446,7 @@ def test_lerobot_configs_chain_their_checkpoints_and_data(robot):
 
 def test_fit_both_stages_on_lerobot(tmp_path):
     from cli import main
-    from tests.conftest import FAST
-    from tests.datamodules.test_fit_formats import CONFIGS
+    from tests.conftest import CONFIGS, FAST
 
     write(tmp_path / "ds", lengths=(9, 10, 11))  # PiPer-style 6 joints + 1 gripper
     data_yaml = tmp_path / "data.yaml"
@@ -477,7 +476,7 @@ model:
 def test_convert_calvin_binary_gripper_state(tmp_path, capsys):
     from cli import main
     from datamodules.calvin import CalvinReader
-    from tests.datamodules.test_calvin import write_split
+    from tests.datamodules.conftest import write_split
 
     split = tmp_path / "task_D_D" / "training"
     write_split(split, [(0, 19)], [(0, 9, "open the drawer"), (10, 19, "push the block")])

@@ -18,33 +18,7 @@ import torch
 from datamodules.base import DataError, MemoryReader, WindowDataset, resize_uint8
 from datamodules.libero import LiberoDataModule, LiberoReader, instruction_from_filename
 from tests.conftest import make_demo, write_libero
-
-KITCHEN = "KITCHEN_SCENE3_turn_on_the_stove_and_put_the_moka_pot_on_it_demo.hdf5"
-LIVING = "LIVING_ROOM_SCENE2_put_both_the_alphabet_soup_and_the_tomato_sauce_in_the_basket_demo.hdf5"
-KITCHEN_TEXT = "Turn on the stove and put the moka pot on it"  # problem_info wins over the file name
-LIVING_TEXT = "put both the alphabet soup and the tomato sauce in the basket"  # from the file name
-
-
-@pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    """Two task files: 128px with ee_states and problem_info; 256px no-noops style with ee_pos + ee_ori and
-    demo numbers that sort differently as strings (demo_1, demo_9, demo_10)."""
-    root = tmp_path_factory.mktemp("libero_10")
-    rng = np.random.default_rng(0)
-    kitchen = {f"demo_{i}": make_demo(n, 128, rng) for i, n in enumerate((14, 12))}
-    living = {f"demo_{i}": make_demo(n, 256, rng) for i, n in zip((10, 9, 1), (16, 13, 20))}
-    info = {"language_instruction": KITCHEN_TEXT, "problem_name": "libero_kitchen_tabletop"}
-    write_libero(root / KITCHEN, kitchen, problem_info=json.dumps(info))
-    write_libero(root / LIVING, living, split_ee=True)
-    # Episode order: files sorted by name, demos numerically.
-    source = [kitchen["demo_0"], kitchen["demo_1"], living["demo_1"], living["demo_9"], living["demo_10"]]
-    return root, source
-
-
-def datamodule(root, tmp_path, **kw) -> LiberoDataModule:
-    args = dict(num_steps=4, image_size=64, batch_size=2, num_workers=0, val_fraction=0.2,
-                stats_cache_dir=str(tmp_path / "stats"))  # never the user's ~/.cache
-    return LiberoDataModule(str(root), **{**args, **kw})
+from tests.datamodules.conftest import KITCHEN, KITCHEN_TEXT, LIVING, LIVING_TEXT, libero_datamodule
 
 
 def windows(dm: LiberoDataModule, image_size: int | None = None) -> WindowDataset:
@@ -71,7 +45,7 @@ def test_index_order_instructions_and_robot(suite, tmp_path):
 
 def test_windows_match_the_source(suite, tmp_path):
     root, source = suite
-    dm = datamodule(root, tmp_path)
+    dm = libero_datamodule(root, tmp_path)
     ds = windows(dm, image_size=128)
     norm = dm.normalizer
     seen = set()
@@ -106,7 +80,7 @@ def test_windows_match_the_source(suite, tmp_path):
 def test_normalization_round_trip_and_gripper_conventions(suite, tmp_path):
     root, source = suite
     for convention, closed_target in (("close_positive", 1.0), ("open_positive", 0.0)):
-        dm = datamodule(root, tmp_path, gripper_action=convention)
+        dm = libero_datamodule(root, tmp_path, gripper_action=convention)
         dm.setup("fit")
         norm = dm.normalizer
         # Statistics are the training demos' own: the held-out demo's actions do not widen the range.
@@ -123,7 +97,7 @@ def test_normalization_round_trip_and_gripper_conventions(suite, tmp_path):
         # Un-normalizing always gives LIBERO's raw command back, whatever the convention.
         torch.testing.assert_close(norm.unnormalize_actions(n), raw, atol=1e-5, rtol=0)
     assert json.loads((next((tmp_path / "stats").glob("*.json"))).read_text())["mode"] == "minmax"
-    quantile = datamodule(root, tmp_path, normalization="quantile")
+    quantile = libero_datamodule(root, tmp_path, normalization="quantile")
     quantile.setup("fit")
     assert quantile.normalizer.mode == "quantile"
 
@@ -162,7 +136,7 @@ def test_handles_are_per_process_and_files_untouched(suite, tmp_path):
     reader._pid = -1  # as seen from a forked worker: the parent's handles are not reused
     reader.read(0, 0, 1)
     assert reader._pid > 0
-    dm = datamodule(root, tmp_path, num_workers=1, batch_size=4)
+    dm = libero_datamodule(root, tmp_path, num_workers=1, batch_size=4)
     batch = next(iter(dm.train_dataloader()))
     batch.validate(dm.robot, image_size=64, require_actions=True)
     reader.close()
@@ -272,13 +246,13 @@ def test_unknown_conventions_fail_before_reading(tmp_path):
 def test_short_demos_skipped_without_padding(tmp_path, suite):
     path = bad_file(tmp_path, lambda h: None, length=5)  # needs num_steps + 2 = 6 frames for one full window
     write_libero(path.parent / LIVING, {"demo_0": make_demo(9, 32, np.random.default_rng(2))})
-    dm = datamodule(path.parent, tmp_path, pad_tail=False, val_fraction=0.0)
+    dm = libero_datamodule(path.parent, tmp_path, pad_tail=False, val_fraction=0.0)
     with pytest.warns(UserWarning, match=rf"skipped 1 demo\(s\) shorter than 6 frames .*{KITCHEN}:demo_0 \("):
         dm.setup("fit")
     assert len(dm._train) == 9 - 6 + 1 and all(w["valid"].all() for w in dm._train)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # padding: the short demo is used, no warning
-        padded = datamodule(path.parent, tmp_path, val_fraction=0.0)
+        padded = libero_datamodule(path.parent, tmp_path, val_fraction=0.0)
         padded.setup("fit")
     assert len(padded._train) == 5 + 9
 
@@ -295,7 +269,7 @@ def test_short_fit(suite, tmp_path, stage, gripper_state):
     from vitavla.student import VLAStudent
 
     root, _ = suite
-    dm = datamodule(root, tmp_path, image_size=224, gripper_state=gripper_state)
+    dm = libero_datamodule(root, tmp_path, image_size=224, gripper_state=gripper_state)
     student = VLAStudent(InternVLBackbone(path="tiny", tokens_per_image=4, image_size=224),
                          gripper_state=gripper_state, max_steps=4,
                          gripper_state_dim=2 if gripper_state == "width" else None)
@@ -319,7 +293,7 @@ def test_short_fit(suite, tmp_path, stage, gripper_state):
 @pytest.mark.parametrize("gripper_state", ["width", "binary"])
 def test_normalize_state_uses_training_statistics(suite, tmp_path, gripper_state):
     root, source = suite
-    dm = datamodule(root, tmp_path, normalize_state=True, gripper_state=gripper_state)
+    dm = libero_datamodule(root, tmp_path, normalize_state=True, gripper_state=gripper_state)
     dm.setup("fit")
     reader, norm = dm.reader("train"), dm.normalizer
     train = dm.split_episodes(reader, "train")
@@ -342,7 +316,7 @@ def test_normalize_state_uses_training_statistics(suite, tmp_path, gripper_state
     obs = Obs(fr.static[0], fr.wrist[0], fr.state[0], "x")
     torch.testing.assert_close(to_observation(obs, dm.image_size, normalizer=norm).state[0], w["state"][0])
     # A different flag is a different cache entry, never a stale one.
-    plain = datamodule(root, tmp_path, gripper_state=gripper_state)
+    plain = libero_datamodule(root, tmp_path, gripper_state=gripper_state)
     plain.setup("fit")
     assert not plain.normalizer.normalizes_state
 
@@ -356,8 +330,8 @@ def test_cache_frames_serves_the_same_windows_without_touching_files(suite, tmp_
     root, source = suite
     if one_file:
         root, source = root / KITCHEN, source[:2]
-    plain = datamodule(root, tmp_path, normalize_state=normalize_state, val_fraction=0.5 if one_file else 0.2)
-    cached = datamodule(root, tmp_path, cache_frames=True, normalize_state=normalize_state,
+    plain = libero_datamodule(root, tmp_path, normalize_state=normalize_state, val_fraction=0.5 if one_file else 0.2)
+    cached = libero_datamodule(root, tmp_path, cache_frames=True, normalize_state=normalize_state,
                         val_fraction=0.5 if one_file else 0.2)
     for dm in (plain, cached):
         dm.setup("fit")

@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 from cli import build_cli
 from datamodules.resumable import EpochSampler, ResumableLoader, resumable_loader
-from tests.datamodules.test_libero import datamodule, suite  # noqa: F401  (fixture)
+from tests.datamodules.conftest import libero_datamodule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STEPS = 8
@@ -127,9 +127,9 @@ def test_loader_order_is_a_function_of_seed_and_epoch_and_its_state_skips_handed
         ResumableLoader(ds, batch_size=3)
 
 
-def test_real_format_datamodules_train_on_the_resumable_loader(suite, tmp_path):  # noqa: F811
+def test_real_format_datamodules_train_on_the_resumable_loader(suite, tmp_path):
     root, _ = suite
-    dm = datamodule(root, tmp_path, num_workers=0, batch_size=4)
+    dm = libero_datamodule(root, tmp_path, num_workers=0, batch_size=4)
     train = dm.train_dataloader()
     assert isinstance(train, ResumableLoader) and isinstance(train.sampler, EpochSampler)
     assert train.sampler.seed == dm.seed and train.drop_last

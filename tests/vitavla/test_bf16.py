@@ -6,9 +6,8 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import tiny_policy, window
-from tests.test_cli import ONLY_FINETUNE, fit
-from tests.vitavla.test_modules import _overfit, student, teacher
+from tests.conftest import ONLY_FINETUNE, fit, tiny_policy, window
+from tests.vitavla.conftest import overfit, student, teacher
 from vitavla.checkpoint_io import read_state_dict
 from vitavla.losses import action_loss
 from vitavla.modules import DistillationModule, PolicyModule
@@ -46,8 +45,8 @@ def test_stage_losses_under_bf16_autocast_match_float32(batch):
 
 def test_stage2_learns_under_bf16_autocast(batch):
     m2 = PolicyModule(student(), teacher(), init_mode="only_finetune")
-    first, last = _overfit(m2, lambda: bf16(lambda: action_loss(m2(batch), batch.actions, batch.action_valid,
-                                                                 m2.policy.robot)[0]), steps=60, lr=3e-3)
+    first, last = overfit(m2, lambda: bf16(lambda: action_loss(m2(batch), batch.actions, batch.action_valid,
+                                                                m2.policy.robot)[0]), steps=60, lr=3e-3)
     assert last < first / 5, (first, last)
     assert all(p.dtype == torch.float32 for p in m2.parameters())  # autocast leaves the master weights alone
 

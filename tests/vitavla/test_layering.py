@@ -125,3 +125,30 @@ def test_the_policy_protocol_is_a_core_module():
     imported = _modules(ROOT / "vitavla" / "policy_protocol.py")
     assert {m.split(".")[0] for m in imported} <= {"__future__", "sys", "typing", "vitavla"}
     assert not any(m.startswith(("vitavla.rollout", "vitavla.modules", "vitavla.serving")) for m in imported)
+
+
+def _test_module_imports(path: Path) -> list[str]:
+    """``line: statement`` of each import in ``path`` that names a module called test_* (relative and
+    function-local imports included)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            modules = [node.module or ""]  # ``from .test_y import z`` too: relative
+            if node.level or modules[0].split(".")[0] == "tests":  # ``from tests.x import test_y``: a module
+                modules += [f"{modules[0]}.{a.name}" for a in node.names]
+        else:
+            continue
+        if any(part.startswith("test_") for m in modules for part in m.split(".")):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_test_module_imports_another_test_module():
+    # Tests mirror the package layout: a builder two test modules share lives in the conftest.py of the
+    # narrowest package holding both (tests/, tests/vitavla/, tests/datamodules/, ...), fixtures there need no
+    # import, and a test module never imports another one (moving or renaming one would break the other).
+    offenders = {str(p.relative_to(ROOT)): found for p in sorted((ROOT / "tests").rglob("*.py"))
+                 if (found := _test_module_imports(p))}
+    assert offenders == {}

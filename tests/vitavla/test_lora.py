@@ -194,7 +194,7 @@ def test_merged_policy_acts_like_the_adapted_one_with_the_plain_key_layout(train
 
 # -- vitavla plan: LoRA shrinks gradients and optimizer states, and changes what a block keeps ---------------
 def _plan_config(path: str = "tiny", lora: dict | None = None) -> dict:
-    from tests.vitavla.test_plan import config
+    from tests.vitavla.conftest import config
 
     cfg = config("stage2", path)
     if lora is not None:
@@ -210,7 +210,7 @@ def _plan_config(path: str = "tiny", lora: dict | None = None) -> dict:
 ])
 def test_plan_activations_with_lora_are_within_20_percent_of_the_measured_saved_tensors(scale, lora, tmp_path,
                                                                                         one_thread):
-    from tests.vitavla.test_plan import measured_and_planned, saved_tensor_bytes, small_backbone_dir
+    from tests.vitavla.conftest import measured_and_planned, saved_tensor_bytes, small_backbone_dir
 
     path = "tiny" if scale == "tiny" else small_backbone_dir(tmp_path)
     module, batch, plan = measured_and_planned(_plan_config(path, lora))
@@ -250,7 +250,7 @@ def test_plan_of_the_libero_lora_config_at_paper_size(capsys):
 
 # -- vitavla fit from the tiny LoRA config -------------------------------------------------------------------
 def test_vitavla_fit_with_the_tiny_lora_config_saves_the_adapters(tmp_path):
-    from tests.test_cli import ONLY_FINETUNE, fit
+    from tests.conftest import ONLY_FINETUNE, fit
 
     ckpt = fit("tiny_finetune_lora.yaml", tmp_path / "lora", *ONLY_FINETUNE)
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -261,7 +261,7 @@ def test_vitavla_fit_with_the_tiny_lora_config_saves_the_adapters(tmp_path):
     assert "lora:\n      rank: 4\n      alpha: 8.0\n      dropout: 0.0" in config
     # `vitavla export` merges the adapters: the directory has the plain layout and acts like the adapted policy.
     from cli import build_cli
-    from tests.test_cli import CONFIGS
+    from tests.conftest import CONFIGS
     from vitavla.serving.export import export_from_config, load_checkpoint_into, load_policy_dir
 
     out = export_from_config([str(CONFIGS / "tiny_finetune_lora.yaml")], ckpt, tmp_path / "policy",

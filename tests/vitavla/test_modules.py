@@ -4,19 +4,10 @@ import lightning as L
 import pytest
 import torch
 
-from teachers.transformer_teacher import TransformerTeacher
-from tests.conftest import tiny_backbone, window
+from tests.conftest import window
+from tests.vitavla.conftest import overfit, student, teacher
 from vitavla.checkpoint_io import CheckpointMismatchError, read_state_dict
 from vitavla.modules import DistillationModule, OptimConfig, PolicyModule
-from vitavla.student import VLAStudent
-
-
-def student(**kw):
-    return VLAStudent(tiny_backbone("internvl"), max_steps=4, **kw)
-
-
-def teacher(**kw):
-    return TransformerTeacher(hidden_size=32, num_layers=1, max_steps=8, **kw)
 
 
 def grad_names(module, loss):
@@ -70,18 +61,6 @@ def _llm_prefix(m):
     raise AssertionError("language model not found in backbone")
 
 
-def _overfit(module, loss_fn, steps, lr):
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
-    first = None
-    for _ in range(steps):
-        loss = loss_fn()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        first = first if first is not None else loss.item()
-    return first, loss_fn().item()
-
-
 @pytest.fixture(scope="module")
 def smooth_batch():
     """A batch from the (learnable) synthetic datamodule: consecutive actions of smooth trajectories."""
@@ -94,7 +73,7 @@ def smooth_batch():
 
 def test_stage1_overfits_a_fixed_batch(smooth_batch):
     m1 = DistillationModule(student(), teacher())
-    first, last = _overfit(m1, lambda: m1.losses(smooth_batch)["loss"], steps=250, lr=3e-3)
+    first, last = overfit(m1, lambda: m1.losses(smooth_batch)["loss"], steps=250, lr=3e-3)
     assert last < first / 10, (first, last)
 
 
@@ -103,8 +82,8 @@ def test_stage2_overfits_a_fixed_batch(smooth_batch):
 
     w = smooth_batch
     m2 = PolicyModule(student(), teacher(), init_mode="only_finetune")
-    first, last = _overfit(m2, lambda: action_loss(m2(w), w.actions, w.action_valid, m2.policy.robot)[0],
-                           steps=60, lr=3e-3)
+    first, last = overfit(m2, lambda: action_loss(m2(w), w.actions, w.action_valid, m2.policy.robot)[0],
+                          steps=60, lr=3e-3)
     assert last < first / 10, (first, last)
 
 
