@@ -15,15 +15,15 @@ the trainable / frozen split is the one the stage module sets after construction
 * **Activations** per micro-batch: bytes autograd keeps from forward to backward in the LLM, counted op by
   op for a Qwen2/LLaMA decoder block with fused SDPA attention (the method of Korthikanti et al. 2022,
   §4.1, recounted for RMSNorm, rotary embeddings, grouped-query attention and a SwiGLU MLP); see
-  :func:`llm_activation_bytes`. The sequence length is the student's token layout per window.
+  :func:`vitavla.activation_bytes.llm_activation_bytes`. The sequence length is the student's token layout per window.
 * **LoRA** (``model.init_args.lora``): the LLM's weights are frozen and only the adapters join the trainable
   set, so its gradients and optimizer states shrink to the adapters'; the blocks keep what the adapters need
-  instead of the weight inputs (:func:`_lora_layer_bytes`).
+  instead of the weight inputs (:mod:`vitavla.activation_bytes`).
 * **This config's figure**: ``trainer.strategy`` picks the row (:func:`strategy_row`) and the backbone's
   ``gradient_checkpointing`` the activation column; that per-GPU total (:attr:`Plan.configured_total`) and
   the global batch (ranks x micro-batch x ``accumulate_grad_batches``) close the report.
 
-Several ``--config`` files are layered as ``vitavla fit`` layers them (:func:`merge_configs`).
+Several ``--config`` files are layered as ``vitavla fit`` layers them (:func:`vitavla.config_layers.merge_configs`).
 
 ``tests/vitavla/test_plan.py`` checks both against tensor-level measurements of real CPU training steps.
 """
@@ -31,7 +31,6 @@ Several ``--config`` files are layered as ``vitavla fit`` layers them (:func:`me
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import json
 import tempfile
@@ -41,6 +40,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitavla.activation_bytes import (ActivationEstimate, LLMShape, LoraActivations, llm_activation_bytes,
+                                      lora_activations)
+from vitavla.config_layers import import_class, load_configs
 from vitavla.errors import ConfigError
 
 GIB = 1024 ** 3
@@ -64,73 +66,6 @@ def _precision(value) -> str:
     if key not in PRECISIONS:
         raise ConfigError(f"trainer.precision: vitavla plan knows {sorted(PRECISIONS)}, got {value!r}")
     return key
-
-
-# ---- layered configs (`--config A --config B`) -------------------------------------------------------
-def _same_class(a: str, b: str) -> bool:
-    # jsonargparse resolves a bare class name against the known subclasses; "TensorBoardLogger" and
-    # "lightning.pytorch.loggers.TensorBoardLogger" are the same class for layering.
-    return a == b or a.rpartition(".")[2] == b or b.rpartition(".")[2] == a
-
-
-def _accepted_init_args(class_path: str, init_args: dict, key: str) -> dict:
-    """The ``init_args`` the class at ``class_path`` accepts: what jsonargparse keeps when a later config
-    swaps the class of a ``{class_path, init_args}`` node."""
-    cls = _import(class_path, key)
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(init_args)
-    return {k: v for k, v in init_args.items() if k in params}
-
-
-def merge_configs(base: dict, override: dict, key: str = "") -> dict:
-    """``override`` layered over ``base`` the way ``vitavla fit --config base --config override`` layers them
-    (jsonargparse): mappings merge key by key, anything else (scalars, lists) is replaced; a node whose
-    ``class_path`` changes keeps only the earlier ``init_args`` the new class accepts. Neither input is
-    modified."""
-    out = dict(base)
-    new_class = override.get("class_path")
-    if (isinstance(base.get("class_path"), str) and isinstance(new_class, str)
-            and not _same_class(base["class_path"], new_class)):
-        where = key or "config"
-        out = {"class_path": new_class,
-               "init_args": _accepted_init_args(new_class, dict(base.get("init_args") or {}), where)}
-    for name, value in override.items():
-        sub = f"{key}.{name}" if key else str(name)
-        if isinstance(value, dict) and isinstance(out.get(name), dict):
-            out[name] = merge_configs(out[name], value, sub)
-        else:
-            out[name] = value
-    return out
-
-
-def load_configs(paths: list[str | Path]) -> dict:
-    """Read and layer YAML training configs, later over earlier; ConfigError naming the file on bad input."""
-    import yaml
-
-    if not paths:
-        raise ConfigError("--config: at least one training YAML is needed")
-    merged: dict = {}
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--config {path}: not valid YAML ({err})") from err
-        if data is None:
-            continue
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config {path}: expected a mapping of sections (trainer, model, data), "
-                              f"got {type(data).__name__}")
-        try:
-            merged = merge_configs(merged, data)
-        except ConfigError as err:
-            raise ConfigError(f"--config {path}: {err}") from err
-    return merged
 
 
 # ---- the configured strategy -----------------------------------------------------------------------------
@@ -228,14 +163,6 @@ def _ranks(trainer: dict) -> int:
 
 
 # ---- building the config's module on the meta device ------------------------------------------------------
-def _import(class_path: str, key: str):
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError(f"{key}.class_path: cannot import {class_path!r} ({err})") from err
-
-
 def _backbone_dir(path: str, backbone_config: str | None, tmp: Path) -> str:
     """A directory holding the backbone's config.json: the configured one, or ``--backbone_config``."""
     if backbone_config is None:
@@ -261,7 +188,7 @@ def _build(node, key: str, overrides: dict | None = None):
     """Instantiate a ``{class_path, init_args}`` node; plain values pass through."""
     if not (isinstance(node, dict) and "class_path" in node):
         return node
-    cls = _import(node["class_path"], key)
+    cls = import_class(node["class_path"], key)
     args = dict(node.get("init_args") or {})
     args.update(overrides or {})
     try:
@@ -279,7 +206,7 @@ def build_planned_module(config: dict, backbone_config: str | None = None, devic
     model = config.get("model")
     if not isinstance(model, dict) or "class_path" not in model:
         raise ConfigError("model.class_path: the config has no model section to plan")
-    module_cls = _import(model["class_path"], "model")
+    module_cls = import_class(model["class_path"], "model")
     args = dict(model.get("init_args") or {})
     student_node = args.get("student") or {}
     student_args = dict(student_node.get("init_args") or {})
@@ -297,7 +224,7 @@ def build_planned_module(config: dict, backbone_config: str | None = None, devic
         student = _build({"class_path": student_node["class_path"], "init_args": student_args},
                          "model.init_args.student")
         teacher_node = args.get("teacher")
-        teacher_cls = _import(teacher_node["class_path"], "model.init_args.teacher")
+        teacher_cls = import_class(teacher_node["class_path"], "model.init_args.teacher")
         params = inspect.signature(teacher_cls).parameters
         # Weights files fill values, never shapes: plan without them.
         extra = {"init": "random"} if "init" in params else {}
@@ -321,137 +248,6 @@ def build_planned_module(config: dict, backbone_config: str | None = None, devic
             return module_cls(**args)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"model: {module_cls.__name__} cannot be built for planning: {err}") from err
-
-
-# ---- activations -------------------------------------------------------------------------------------------
-@dataclass
-class LLMShape:
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-
-    @classmethod
-    def of(cls, config) -> LLMShape:
-        return cls(int(config.num_hidden_layers), int(config.hidden_size), int(config.num_attention_heads),
-                   int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
-                   int(config.intermediate_size))
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-
-@dataclass(frozen=True)
-class LoraActivations:
-    """What LoRA adapters change in a block's saved tensors: which projections carry one, their rank, and
-    whether adapter dropout is on (read from the built module by :func:`lora_activations`)."""
-
-    targets: frozenset[str]
-    rank: int
-    dropout: bool
-
-
-# Where each projection's input comes from: q/k/v share the attention norm's output, gate/up the MLP norm's,
-# o reads the attention output (which SDPA keeps anyway) and down the SwiGLU product.
-_ATTN_IN, _MLP_IN = {"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}
-_PROJECTIONS = _ATTN_IN | _MLP_IN | {"o_proj", "down_proj"}
-
-
-def lora_activations(llm: nn.Module) -> LoraActivations | None:
-    """The LoRA layout of ``llm`` (None without adapters); ConfigError for adapters the plan cannot place."""
-    from vitavla.lora import ADAPTER_NAME, KEY, adapted_modules
-
-    layers = adapted_modules(llm)
-    if not layers:
-        return None
-    targets = frozenset(name.rpartition(".")[2] for name in layers)
-    if not targets <= _PROJECTIONS:
-        raise ConfigError(f"{KEY}.target_modules: the plan models adapters on a Qwen2/LLaMA block's projections "
-                          f"{sorted(_PROJECTIONS)}, got {sorted(targets - _PROJECTIONS)}")
-    first = next(iter(layers.values()))
-    dropout = first.lora_dropout[ADAPTER_NAME]
-    return LoraActivations(targets, int(first.r[ADAPTER_NAME]), isinstance(dropout, nn.Dropout) and dropout.p > 0)
-
-
-def _lora_layer_bytes(shape: LLMShape, e: int, lora: LoraActivations) -> float:
-    """Per token, what a block's adapters keep beyond its frozen computation.
-
-    Each adapter keeps its rank-r intermediate (for B's gradient), e*r. Without dropout A reads the
-    projection's own input, kept once per shared input; with dropout each adapter keeps its own dropped copy
-    and the dropout mask, and the shared inputs are no longer needed. The mask is counted at e bytes a value,
-    as CPU dropout keeps it (in the input's dtype); CUDA's fused dropout keeps a 1-byte bool mask, so on a
-    GPU this term is up to (e - 1) bytes a value high: the plan errs towards "does not fit".
-    """
-    h, i = shape.hidden, shape.intermediate
-    kept = len(lora.targets) * e * lora.rank
-    if lora.dropout:
-        return kept + sum(2 * e * (i if t == "down_proj" else h) for t in lora.targets)
-    shared_inputs = (e * h * bool(lora.targets & _ATTN_IN) + e * h * bool(lora.targets & _MLP_IN)
-                     + e * i * ("down_proj" in lora.targets))
-    return kept + shared_inputs
-
-
-def layer_activation_bytes(shape: LLMShape, e: int, trainable: bool, lora: LoraActivations | None = None
-                           ) -> float:
-    """Bytes one decoder block keeps for backward, per token, with activations of ``e`` bytes.
-
-    Counted op by op on transformers' Qwen2 block (SDPA; measured with saved-tensor hooks):
-      - each RMSNorm upcasts to fp32 and keeps its fp32 input and 1/rms: 4h + 4; with a trainable weight
-        also the normalized activation, e*h;
-      - attention keeps q, k, v (k and v expanded to all heads: transformers repeats KV heads whenever a
-        custom mask is passed) and the output, 4*e*h, plus the fp32 log-sum-exp per head, 4*heads. The fused
-        kernels (flash, memory-efficient, CPU flash) keep no (L x L) score matrix;
-      - the SwiGLU MLP keeps gate, silu(gate) and up, 3*e*i;
-      - with trainable weights, every Linear also keeps its input for the weight gradient: the q/k/v input
-        (shared), the MLP input (shared by gate and up) and the down-projection input, e*(2h + i); the
-        attention output, which o_proj reads, is already kept by SDPA;
-      - with ``lora``, the block's own weights (norms included) are frozen and the adapters keep what
-        :func:`_lora_layer_bytes` counts instead of the weight inputs.
-    """
-    h, i = shape.hidden, shape.intermediate
-    if lora is not None:
-        return 2 * (4 * h + 4) + 4 * e * h + 4 * shape.heads + 3 * e * i + _lora_layer_bytes(shape, e, lora)
-    norms = 2 * (4 * h + 4 + (e * h if trainable else 0))
-    attention = 4 * e * h + 4 * shape.heads
-    mlp = 3 * e * i
-    weight_inputs = e * (2 * h + i) if trainable else 0
-    return norms + attention + mlp + weight_inputs
-
-
-@dataclass
-class ActivationEstimate:
-    per_layer: float
-    """Bytes one block keeps, whole micro-batch."""
-    shared: float
-    """Kept once per forward: the additive mask, rotary tables and the final norm."""
-    checkpoint: float
-    """What activation checkpointing keeps per block: its input."""
-    layers: int
-
-    @property
-    def saved(self) -> float:
-        return self.layers * self.per_layer + self.shared
-
-    @property
-    def saved_checkpointed(self) -> float:
-        return self.layers * self.checkpoint + self.shared
-
-    @property
-    def peak_checkpointed(self) -> float:
-        # Backward recomputes one block at a time, whose activations then live next to the checkpoints.
-        return self.saved_checkpointed + self.per_layer
-
-
-def llm_activation_bytes(shape: LLMShape, batch: int, seq: int, e: int, trainable: bool,
-                         lora: LoraActivations | None = None) -> ActivationEstimate:
-    tokens = batch * seq
-    # The final norm's weight trains with the LLM, not with LoRA (which leaves every LLM weight frozen).
-    norm = 4 * shape.hidden + 4 + (e * shape.hidden if trainable and lora is None else 0)
-    shared = batch * seq * seq * e + 2 * tokens * shape.head_dim * e + tokens * norm
-    return ActivationEstimate(per_layer=tokens * layer_activation_bytes(shape, e, trainable, lora), shared=shared,
-                              checkpoint=tokens * e * shape.hidden, layers=shape.layers)
 
 
 def window_tokens(student, num_steps: int, instruction_tokens: int) -> dict[str, int]:

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from vitavla.errors import ConfigError
-from vitavla.plan import GIB, load_configs, main, make_plan, merge_configs, strategy_row
+from vitavla.config_layers import load_configs, merge_configs
+from vitavla.plan import GIB, main, make_plan, strategy_row
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"

@@ -152,3 +152,17 @@ def test_no_test_module_imports_another_test_module():
     offenders = {str(p.relative_to(ROOT)): found for p in sorted((ROOT / "tests").rglob("*.py"))
                  if (found := _test_module_imports(p))}
     assert offenders == {}
+
+
+def test_no_module_imports_a_private_name_of_another_project_module():
+    # A helper another module needs is part of its module's interface: it gets a public name (or moves next
+    # to its users), so that renaming a private helper can never break a distant import.
+    found = []
+    for path in [ROOT / "cli.py", *(p for pkg in ("vitavla", "teachers", "datamodules")
+                                    for p in sorted((ROOT / pkg).rglob("*.py")))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.split(".")[0] in ("vitavla", "teachers", "datamodules", "cli"):
+                found += [f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, found
