@@ -109,12 +109,13 @@ def augment_views(images: Tensor, pads: tuple[int, ...], generator: torch.Genera
     b, t, v = images.shape[:3]
     if len(pads) != v:
         raise ValueError(f"got {len(pads)} random-shift pads for {v} views")
-    keep = list(range(t)) if frames is None else list(frames)
+    keep = slice(None) if frames is None else list(frames)  # a slice: no copy of the whole window
+    kept = t if frames is None else len(keep)
     views, drawn = [], []
     for i, pad in enumerate(pads):
         offsets = draw_shifts(b * t, pad, images.device, generator).unflatten(0, (b, t))[:, keep].flatten(0, 1)
         shifted = random_shift(images[:, keep, i].flatten(0, 1), pad, offsets)
-        views.append(shifted.unflatten(0, (b, len(keep))))
+        views.append(shifted.unflatten(0, (b, kept)))
         drawn.append(offsets)
     return torch.stack(views, dim=2), drawn
 
@@ -218,11 +219,11 @@ def seer_training_loss(teacher: SeerTeacher, window: Window, objective: SeerObje
         keep = [*range(s), *range(future, s + future)]
         valid, future = valid[:, keep], s
     else:
-        keep = list(range(window.num_steps))
+        keep = None  # every frame is used
     if teacher.training:
         with torch.no_grad():
             images, _ = augment_views(images, objective.pads(images.shape[-1]), frames=keep)
-    else:
+    elif keep is not None:
         images = images[:, keep]
     images = teacher.normalize_images(images)
     out = teacher.run(seen, images[:, :s], predict_images=True)
