@@ -137,6 +137,23 @@ def test_funnel_descends_only_as_the_gripper_lines_up():
     assert a[6] < 0  # still open
 
 
+def test_descend_xy_gain_scales_only_the_sideways_command_while_descending():
+    """A gain of 3 triples the x/y label of a small sideways error in DESCEND and leaves z, the other phases
+    and the default expert unchanged."""
+    def command(gain: float, phase: Phase) -> np.ndarray:
+        scene = FakeScene()
+        scene.eef = scene.obj + [0.004, -0.002, 0.02]  # 4 mm / 2 mm off, 2 cm above the grasp point
+        expert = PickPlaceExpert(ExpertConfig(descend_xy_gain=gain, xy_tolerance=0.001, z_tolerance=0.001))
+        expert.phase = phase
+        return expert.act(scene.poses())
+
+    base, strong = command(1.0, Phase.DESCEND), command(3.0, Phase.DESCEND)
+    np.testing.assert_allclose(base[:2], [-0.08, 0.04], atol=1e-9)  # error / 5 cm per full-scale step
+    np.testing.assert_allclose(strong[:2], 3 * base[:2], atol=1e-9)
+    assert strong[2] == pytest.approx(base[2]) and base[2] < 0  # still descending at the same rate
+    np.testing.assert_array_equal(command(3.0, Phase.ABOVE_OBJECT), command(1.0, Phase.ABOVE_OBJECT))
+
+
 def test_stuck_arm_times_out():
     scene = FakeScene(move=0.0)  # the arm never moves: the first waypoint is never reached
     expert = PickPlaceExpert(ExpertConfig(phase_timeout=20))

@@ -161,6 +161,11 @@ class GenConfig:
     """Most unrecorded steps spent reaching the displaced start pose."""
     funnel_radius: float = 0.0
     """The expert's funnel approach (:attr:`ExpertConfig.funnel_radius`, metres); 0 = line up, then descend."""
+    descend_xy_gain: float = 1.0
+    """The expert's horizontal gain factor while descending (:attr:`ExpertConfig.descend_xy_gain`)."""
+    xy_tolerance: float = 0.008
+    """Horizontal error (metres) below which the expert counts a waypoint reached and may close
+    (:attr:`ExpertConfig.xy_tolerance`)."""
     fast_render: bool = True
     progress: bool = True
 
@@ -202,7 +207,9 @@ class _Worker:
         poses = LiberoPoses(sim_env, env.task_name(task))
         rng = np.random.default_rng([cfg.seed, task, attempt])
         expert = PickPlaceExpert(ExpertConfig(noise=cfg.noise, waypoint_noise=cfg.waypoint_noise,
-                                               funnel_radius=cfg.funnel_radius), rng=rng)
+                                               funnel_radius=cfg.funnel_radius,
+                                               descend_xy_gain=cfg.descend_xy_gain,
+                                               xy_tolerance=cfg.xy_tolerance), rng=rng)
         if cfg.start_offset > 0:
             obs = self._displace(poses, rng, obs)
         robot = sim_env.robots[0]
@@ -475,6 +482,12 @@ def main(argv: list[str] | None = None) -> list[TaskResult]:
     lib.add_argument("--funnel-radius", type=float, default=0.0,
                      help="metres; > 0: the gripper descends only as it lines up with the object, a smooth "
                           "approach a policy imitates more easily (default: %(default)s = line up, then descend)")
+    lib.add_argument("--descend-xy-gain", type=float, default=1.0,
+                     help="factor on the expert's sideways gain while descending onto the object; > 1 gives "
+                          "labels that correct a small sideways error decisively (default: %(default)s)")
+    lib.add_argument("--xy-tolerance", type=float, default=0.008,
+                     help="metres of sideways error within which the expert counts a waypoint reached and "
+                          "closes the gripper (default: %(default)s)")
     lib.add_argument("--full-render", action="store_true",
                      help="keep MSAA, shadows and reflections (about 3x slower on CPU)")
     lib.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -489,6 +502,7 @@ def main(argv: list[str] | None = None) -> list[TaskResult]:
                     waypoint_noise=args.waypoint_noise,
                     settle_steps=args.settle_steps, settle_action=args.settle_action,
                     start_offset=args.start_offset, funnel_radius=args.funnel_radius,
+                    descend_xy_gain=args.descend_xy_gain, xy_tolerance=args.xy_tolerance,
                     fast_render=not args.full_render,
                     progress=not args.no_progress)
     try:

@@ -75,6 +75,11 @@ class ExpertConfig:
     """Vertical error below which a waypoint counts as reached."""
     gain: float = 1.0
     """Proportional gain: action = gain * error / (the controller's metres per full-scale step)."""
+    descend_xy_gain: float = 1.0
+    """Extra factor on the horizontal gain while descending onto the object. At 1 a 5 mm sideways error
+    commands 0.1 of full scale, a label a policy hardly tells from 0; > 1 makes the labels near the object
+    correct a sideways error decisively, which a flat object with millimetres of room (libero_object's
+    cream cheese) needs from a policy that arrives a little off."""
     max_speed: float = 1.0
     """Largest position action while moving freely (actions are clipped to [-1, 1] anyway)."""
     slow_speed: float = 0.5
@@ -139,7 +144,10 @@ class PickPlaceExpert:
             self.failed = True
         action = np.zeros(7)
         if self.phase != Phase.DONE:
-            action[:6] = reach_action(eef, goal, self._ref_quat, p.eef_quat, speed, c.gain, c.rot_gain)
+            gain = c.gain
+            if self.phase == Phase.DESCEND and c.descend_xy_gain != 1.0:
+                gain = c.gain * np.array([c.descend_xy_gain, c.descend_xy_gain, 1.0])
+            action[:6] = reach_action(eef, goal, self._ref_quat, p.eef_quat, speed, gain, c.rot_gain)
         action[6] = grip
         # The expert's own command for this state: the label a DART-style recorder stores while it executes
         # the noisy one, so demos visit states off the clean path and teach the way back from them.
@@ -205,9 +213,9 @@ class PickPlaceExpert:
 
 
 def reach_action(eef: np.ndarray, goal: np.ndarray, ref_quat: np.ndarray, quat: np.ndarray,
-                 speed: float = 1.0, gain: float = 1.0, rot_gain: float = 1.0) -> np.ndarray:
+                 speed: float = 1.0, gain: float | np.ndarray = 1.0, rot_gain: float = 1.0) -> np.ndarray:
     """The 6 arm values of an OSC_POSE action moving ``eef`` toward ``goal`` while holding ``ref_quat``:
-    proportional in position and in rotation.
+    proportional in position and in rotation (``gain``: one number, or one per axis).
 
     A position command larger than ``speed`` on some axis is scaled down as a whole, not clipped per axis, so
     the gripper moves in a straight line to the goal: every axis's error shrinks over the whole approach.
