@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from datamodules.libero import LiberoReader
-from vitavla.demos.libero_scripted import Demo, _resolve_body, DemoWriter, parse_pick_place_goal
+from vitavla.demos.libero_poses import _resolve_body, parse_pick_place_goal
+from vitavla.demos.libero_scripted import Demo, DemoWriter
 from vitavla.demos.pick_place_expert import (OSC_POS_LIMIT, ExpertConfig, Phase, PickPlaceExpert, ScenePoses,
                                              _rotation_error)
 

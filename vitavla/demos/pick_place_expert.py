@@ -2,7 +2,7 @@
 
 :class:`PickPlaceExpert` runs the phases above-object, descend, close, lift, above-target, lower, open and
 retreat on the :class:`ScenePoses` a simulator adapter reads each step (see
-:class:`vitavla.demos.libero_scripted.LiberoPoses`). Kept apart from the recorder so its logic is tested
+:class:`vitavla.demos.libero_poses.LiberoPoses`). Kept apart from the recorder so its logic is tested
 without MuJoCo.
 """
 
