@@ -131,3 +131,25 @@ def test_teacher_steps_default_to_a_fixed_budget_per_task(tmp_path, argv, steps)
 
     args, _ = qs.parse(qs.build_parser(), ["--out", str(tmp_path), *argv])
     assert args.teacher_steps == steps
+
+
+def test_record_demos_hands_the_expert_options_to_the_generator(monkeypatch, tmp_path):
+    from vitavla import quickstart as qs
+    from vitavla.demos import libero_hdf5, libero_scripted
+
+    seen = []
+
+    def fake_generate(cfg):
+        seen.append(cfg)
+        return [libero_scripted.TaskResult(t, tmp_path / f"{t}.hdf5", cfg.episodes, cfg.episodes, [], [])
+                for t in cfg.tasks]
+
+    monkeypatch.setattr(libero_scripted, "generate", fake_generate)
+    monkeypatch.setattr(libero_hdf5, "existing_demos", lambda path: (20, 23))
+    args, _ = qs.parse(qs.build_parser(), ["--out", str(tmp_path), "--tasks", "0", "1", "--descend-xy-gain", "3",
+                                           "--xy-tolerance", "0.004", "--noise", "0.2", "--start-offset", "0.05"])
+    demos = qs.record_demos(args, tmp_path)
+    (cfg,) = seen
+    assert (cfg.tasks, cfg.descend_xy_gain, cfg.xy_tolerance, cfg.noise, cfg.start_offset) == ((0, 1), 3.0, 0.004,
+                                                                                               0.2, 0.05)
+    assert (demos.kept, demos.attempts_used) == (20, 23)

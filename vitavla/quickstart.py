@@ -133,6 +133,11 @@ def build_parser(prog: str = "vitavla quickstart", description: str | None = __d
                          "cover states around the one path LIBERO's fixed start pose gives")
     ap.add_argument("--noise", type=float, default=0.3,
                     help="std of the DART noise on the demos' executed actions (labels stay clean)")
+    ap.add_argument("--descend-xy-gain", type=float, default=1.0,
+                    help="factor on the expert's sideways gain while it descends onto the object (vitavla demos "
+                         "libero --descend-xy-gain)")
+    ap.add_argument("--xy-tolerance", type=float, default=0.008,
+                    help="sideways error (m) within which the expert counts a waypoint reached and closes")
     ap.add_argument("--render-size", type=int, default=56,
                     help="camera size of demos and rollouts (px); the CPU configs' models read 56 px")
     ap.add_argument("--workers", type=int, default=2, help="simulator processes (demos and rollouts)")
@@ -220,7 +225,8 @@ def record_demos(args: argparse.Namespace, out: Path) -> Demos:
     start = time.perf_counter()
     gen = generate(GenConfig(suite=args.suite, tasks=tuple(args.tasks), episodes=args.demos, out=str(demos),
                              image_size=args.render_size, workers=args.workers, start_offset=args.start_offset,
-                             noise=args.noise))
+                             noise=args.noise, descend_xy_gain=args.descend_xy_gain,
+                             xy_tolerance=args.xy_tolerance))
     seconds = time.perf_counter() - start
     if any(r.kept < args.demos for r in gen):
         raise SystemExit(f"the scripted expert kept {[r.kept for r in gen]} demos of {args.demos}; "
