@@ -223,10 +223,13 @@ def record_demos(args: argparse.Namespace, out: Path) -> Demos:
 
     demos = out / "demos"
     start = time.perf_counter()
-    gen = generate(GenConfig(suite=args.suite, tasks=tuple(args.tasks), episodes=args.demos, out=str(demos),
-                             image_size=args.render_size, workers=args.workers, start_offset=args.start_offset,
-                             noise=args.noise, descend_xy_gain=args.descend_xy_gain,
-                             xy_tolerance=args.xy_tolerance))
+    try:
+        gen = generate(GenConfig(suite=args.suite, tasks=tuple(args.tasks), episodes=args.demos, out=str(demos),
+                                 image_size=args.render_size, workers=args.workers, start_offset=args.start_offset,
+                                 noise=args.noise, descend_xy_gain=args.descend_xy_gain,
+                                 xy_tolerance=args.xy_tolerance))
+    except ValueError as e:  # e.g. demos in --out recorded with other settings: say so, no traceback
+        raise SystemExit(f"vitavla quickstart: error: {e}") from None
     seconds = time.perf_counter() - start
     if any(r.kept < args.demos for r in gen):
         raise SystemExit(f"the scripted expert kept {[r.kept for r in gen]} demos of {args.demos}; "

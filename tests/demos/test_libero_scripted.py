@@ -197,6 +197,29 @@ def _fake_demo(i: int, t: int, size: int = 16) -> Demo:
     return Demo(0, i, i, True, t, 1.0, arrays)
 
 
+def test_files_record_their_recipe_and_refuse_other_settings(tmp_path):
+    """A file remembers the generator settings; topping it up (or reusing it) with other ones is an error
+    naming the file and each differing setting, and the file is left as it was."""
+    from vitavla.demos.libero_hdf5 import recorded_recipe
+    from vitavla.demos.libero_scripted import GenConfig, check_recipe
+
+    path = tmp_path / "pick_up_the_soup_and_place_it_in_the_basket_demo.hdf5"
+    cfg = GenConfig(noise=0.3, start_offset=0.04, descend_xy_gain=3.0)
+    w = DemoWriter(path, {"language_instruction": "x"}, {"env_name": "x"}, "x.bddl", cfg.recipe())
+    w.add(_fake_demo(0, 5))
+    w.close(next_attempt=1)
+    assert recorded_recipe(path)["descend_xy_gain"] == 3.0 and "workers" not in recorded_recipe(path)
+    check_recipe(path, GenConfig(noise=0.3, start_offset=0.04, descend_xy_gain=3.0, workers=4, episodes=50))
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="was recorded with other settings") as e:
+        check_recipe(path, GenConfig(noise=0.2, start_offset=0.04))
+    assert str(path) in str(e.value) and "noise=0.3 (this run: 0.2)" in str(e.value)
+    assert "descend_xy_gain=3.0 (this run: 1.0)" in str(e.value) and "start_offset" not in str(e.value)
+    assert path.read_bytes() == before
+    # A file without a recipe (a LIBERO release) is not checked.
+    check_recipe(tmp_path / "missing.hdf5", cfg)
+
+
 def test_writer_round_trip_and_top_up(tmp_path):
     path = tmp_path / "pick_up_the_soup_and_place_it_in_the_basket_demo.hdf5"
     info = {"language_instruction": "pick up the soup and place it in the basket"}
@@ -241,6 +264,9 @@ def test_generate_one_libero_demo(libero_demo):
     assert frames.state.shape == (ep.length, 8)
     assert np.all(np.abs(frames.action) <= 1.0)
     assert frames.action[0, 6] == -1.0 and frames.action[-1, 6] == -1.0 and (frames.action[:, 6] == 1.0).any()
+    from vitavla.demos.libero_hdf5 import recorded_recipe
+
+    assert recorded_recipe(res.path) == cfg.recipe()  # what a rerun checks before topping the file up
 
 
 @pytest.mark.sim

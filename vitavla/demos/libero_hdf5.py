@@ -2,7 +2,8 @@
 
 :class:`DemoWriter` appends demos to ``<file>.tmp`` and renames it over the old file only when complete, so an
 interrupted run never corrupts an existing file; :func:`existing_demos` reads how far a file got, so a rerun
-tops it up. Kept apart from :mod:`vitavla.demos.libero_scripted` (simulator side and orchestration), which uses both.
+tops it up, and :func:`recorded_recipe` the generator settings it was recorded with, so a top-up or a reuse with
+other settings is refused instead of mixing two kinds of demos in one file. Kept apart from :mod:`vitavla.demos.libero_scripted` (simulator side and orchestration), which uses both.
 """
 
 from __future__ import annotations
@@ -40,10 +41,23 @@ def existing_demos(path: Path) -> tuple[int, int]:
                          f"'data' group): {e}; move it away to start afresh") from e
 
 
-class DemoWriter:
-    """Appends demos to ``<file>.tmp`` (a copy of any existing file) and renames it into place on close."""
+def recorded_recipe(path: Path) -> dict | None:
+    """The generator settings an existing file was recorded with (``data.attrs["recipe"]``); None when there
+    is no file or it does not say (a LIBERO release, or a file from before recipes were stored)."""
+    if not path.exists():
+        return None
+    import h5py
 
-    def __init__(self, path: Path, problem_info: dict, env_args: dict, bddl_file: str):
+    with h5py.File(path, "r") as h:
+        raw = h["data"].attrs.get("recipe") if "data" in h else None
+    return None if raw is None else json.loads(raw)
+
+
+class DemoWriter:
+    """Appends demos to ``<file>.tmp`` (a copy of any existing file) and renames it into place on close.
+    ``recipe``: the generator settings, stored as JSON in ``data.attrs["recipe"]``."""
+
+    def __init__(self, path: Path, problem_info: dict, env_args: dict, bddl_file: str, recipe: dict | None = None):
         import h5py
 
         self.path, self.tmp = path, path.with_name(path.name + ".tmp")
@@ -62,6 +76,8 @@ class DemoWriter:
         data.attrs["env_args"] = json.dumps(env_args)
         data.attrs["bddl_file_name"] = bddl_file
         data.attrs["generator"] = "vitavla.demos.libero_scripted"
+        if recipe is not None:
+            data.attrs["recipe"] = json.dumps(recipe, sort_keys=True)
         self.data = data
         self.kept = sum(1 for k in data if re.fullmatch(r"demo_\d+", k))
 

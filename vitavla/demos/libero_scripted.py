@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitavla.demos.libero_hdf5 import DemoWriter, demo_path, existing_demos
+from vitavla.demos.libero_hdf5 import DemoWriter, demo_path, existing_demos, recorded_recipe
 from vitavla.demos.libero_poses import LiberoPoses
 from vitavla.demos.pick_place_expert import OPEN, ExpertConfig, Phase, PickPlaceExpert, reach_action
 
@@ -80,6 +80,12 @@ class GenConfig:
     (:attr:`ExpertConfig.xy_tolerance`)."""
     fast_render: bool = True
     progress: bool = True
+
+    def recipe(self) -> dict:
+        """The settings that shape a demo (stored in every file): a file is only topped up, or reused, by a
+        run with the same ones. Suite and task are in the file's name; workers and progress change nothing."""
+        skip = {"suite", "tasks", "episodes", "out", "max_attempts", "workers", "progress"}
+        return {k: v for k, v in vars(self).items() if k not in skip}
 
 
 @dataclass
@@ -249,6 +255,7 @@ def generate(cfg: GenConfig, log: Callable[[str], None] = print) -> list[TaskRes
         name, info, env_args, bddl = _task_info(cfg, t)
         path = demo_path(cfg.out, name)
         kept, next_attempt = existing_demos(path)
+        check_recipe(path, cfg)
         plan.append((t, path, info, env_args, bddl, kept, next_attempt))
         if kept >= cfg.episodes:
             log(f"{path}: already has {kept} demos, nothing to do")
@@ -259,6 +266,21 @@ def generate(cfg: GenConfig, log: Callable[[str], None] = print) -> list[TaskRes
         return [TaskResult(t, p, kept, 0, [], []) for t, p, _, _, _, kept, _ in plan]
     with _demo_stream(cfg, jobs) as stream:
         return _collect(cfg, plan, stream, log)
+
+
+def check_recipe(path: Path, cfg: GenConfig) -> None:
+    """Refuse to top up or reuse a file recorded with other generator settings (settings the file does not
+    record are taken at their defaults)."""
+    old = recorded_recipe(path)
+    if old is None:
+        return
+    defaults = GenConfig().recipe()
+    new = cfg.recipe()
+    diff = [f"{k}={old.get(k, defaults[k])!r} (this run: {v!r})" for k, v in new.items()
+            if old.get(k, defaults[k]) != v]
+    if diff:
+        raise ValueError(f"{path} was recorded with other settings: {', '.join(diff)}; record into another "
+                         "--out, or move the file away to record it afresh")
 
 
 class _demo_stream:
@@ -318,7 +340,7 @@ def _collect(cfg: GenConfig, plan, stream: _demo_stream, log) -> list[TaskResult
                 if writer is not None:
                     writer.close(last_attempt[current] + 1)
                 path, info, env_args, bddl, _ = todo[demo.task]
-                writer, current = DemoWriter(path, info, env_args, bddl), demo.task
+                writer, current = DemoWriter(path, info, env_args, bddl, cfg.recipe()), demo.task
                 stats[current] = TaskResult(current, path, writer.kept, 0, [], [])
             attempted += 1
             last_attempt[current] = demo.attempt
