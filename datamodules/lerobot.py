@@ -25,104 +25,23 @@ before the first one asked for. Open containers are cached per process.
 from __future__ import annotations
 
 import json
-import math
-import os
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 from torch.utils.data import DataLoader
 
-from datamodules.base import DataError, Episode, EpisodeReader, Frames, WindowDataModule
+from datamodules.base import Episode, EpisodeReader, Frames, WindowDataModule
+from datamodules.lerobot_format import (EPISODE_COLUMNS, EPISODES_DIR, INDEX_COLUMNS, INFO, STATS, TASKS,
+                                        VIDEO_COLUMNS, bad_data, column_matrix, lerobot_deps, read_parquet,
+                                        scalar_column)
+from datamodules.lerobot_video import VideoDecoder, VideoSpan, probe_video
 from datamodules.resumable import ResumableLoader
 from vitavla.batch import RobotSpec
-from vitavla.errors import UserFacingError
 from vitavla.normalizer import Normalizer
 
-INFO, TASKS, STATS, EPISODES_DIR = "meta/info.json", "meta/tasks.parquet", "meta/stats.json", "meta/episodes"
-INDEX_COLUMNS = ("index", "episode_index", "frame_index", "timestamp", "task_index")
-EPISODE_COLUMNS = ("episode_index", "length", "dataset_from_index", "dataset_to_index", "data/chunk_index",
-                   "data/file_index")
-VIDEO_COLUMNS = ("chunk_index", "file_index", "from_timestamp", "to_timestamp")
 GRIPPER_CONVENTION = "gripper target 0 = raw {low}, 1 = raw {high}"
-
-
-def _fail(path, key: str, problem: str) -> NoReturn:
-    raise DataError(path, key, problem)
-
-
-class MissingExtra(UserFacingError, ImportError):
-    """pyarrow or PyAV is not installed: the message names the extra that brings them."""
-
-
-def lerobot_deps():
-    """pyarrow and PyAV, imported on first use (the ``lerobot`` extra), with one error naming the extra."""
-    try:
-        import av
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise MissingExtra(f"LeRobot datasets need pyarrow and PyAV: pip install -e '.[lerobot]' "
-                           f"({e})") from e
-    return pq, av
-
-
-def read_parquet(path: Path, columns: Sequence[str] | None = None):
-    """A parquet file as a pyarrow table; a missing or unreadable file is a :class:`DataError`."""
-    pq, _ = lerobot_deps()
-    import pyarrow as pa
-
-    if not path.is_file():
-        _fail(path, str(path.name), "missing file (LeRobot v3 layout: see meta/info.json's path templates)")
-    try:
-        schema = pq.read_schema(path)
-        if columns is not None:
-            missing = [c for c in columns if c not in schema.names]
-            if missing:
-                _fail(path, missing[0], f"column missing; columns present: {schema.names}")
-        return pq.read_table(path, columns=list(columns) if columns is not None else None)
-    except (pa.ArrowException, OSError) as e:
-        _fail(path, "<file>", f"not a readable parquet file: {e}")
-
-
-def column_matrix(table, path: Path, key: str, dim: int | None = None) -> np.ndarray:
-    """A vector feature column (list or fixed-size list of numbers, or a scalar) as an (N, d) float64
-    array."""
-    import pyarrow as pa
-
-    col = table.column(key).combine_chunks()
-    n = len(col)
-    t = pa.types
-    if t.is_list(col.type) or t.is_large_list(col.type) or t.is_fixed_size_list(col.type):
-        if col.null_count:
-            _fail(path, key, "has null rows; expected one vector per frame")
-        lengths = np.asarray(pa.compute.list_value_length(col))
-        if n and (lengths != lengths[0]).any():
-            _fail(path, key, f"rows have different lengths {sorted(set(lengths.tolist()))[:5]}; expected one "
-                             f"fixed length")
-        width = int(lengths[0]) if n else (dim or 0)
-        values = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float64)
-        out = values.reshape(n, width)
-    elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-        out = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64).reshape(n, 1)
-    else:
-        _fail(path, key, f"has type {col.type}; expected a list of numbers per frame")
-    if dim is not None and out.shape[1] != dim:
-        _fail(path, key, f"has {out.shape[1]} values per frame; meta/info.json features give shape [{dim}]")
-    return out
-
-
-def _scalar_column(table, key: str) -> np.ndarray:
-    return np.asarray(table.column(key).combine_chunks().to_numpy(zero_copy_only=False))
-
-
-@dataclass
-class _Video:
-    path: Path
-    from_ts: float
-    to_ts: float
 
 
 @dataclass
@@ -131,7 +50,7 @@ class _Source:
     state: np.ndarray  # (T, state_dim) float32, reordered to (arm..., gripper...)
     action: np.ndarray  # (T, action_dim) float32, raw units, reordered
     timestamp: np.ndarray  # (T,) float64, seconds from the episode start
-    videos: tuple[_Video, _Video]  # static, wrist
+    videos: tuple[VideoSpan, VideoSpan]  # static, wrist
 
 
 class LeRobotReader(EpisodeReader):
@@ -170,7 +89,7 @@ class LeRobotReader(EpisodeReader):
         self.static_camera, self.wrist_camera = _camera_key(static_camera), _camera_key(wrist_camera)
         self.state_key, self.action_key, self.tolerance_s = state_key, action_key, float(tolerance_s)
         if gripper_range is not None and len(gripper_range) != 2:
-            _fail(self.root, "gripper_range", f"expected [target-0 value, target-1 value], "
+            bad_data(self.root, "gripper_range", f"expected [target-0 value, target-1 value], "
                                               f"got {gripper_range!r}")
         self.gripper_range = tuple(float(v) for v in gripper_range) if gripper_range is not None else None
         info = self._info()
@@ -184,13 +103,13 @@ class LeRobotReader(EpisodeReader):
         self.state_columns = self._columns(state_columns, state_width, "state_columns")
         n_grip, n_grip_state = len(self.action_columns) - arm_dim, len(self.state_columns) - arm_dim
         if arm_dim < 1 or n_grip < 1 or n_grip_state < 1:
-            _fail(self.root / INFO, "arm_dim",
+            bad_data(self.root / INFO, "arm_dim",
                   f"arm_dim={arm_dim} must leave at least one gripper value in the action "
                   f"({len(self.action_columns)} columns) and the state ({len(self.state_columns)} columns)")
         if gripper_state not in ("width", "binary"):
-            _fail(self.root, "gripper_state", f"expected 'width' or 'binary', got {gripper_state!r}")
+            bad_data(self.root, "gripper_state", f"expected 'width' or 'binary', got {gripper_state!r}")
         if gripper_state == "binary" and n_grip_state != n_grip:
-            _fail(self.root / INFO, "gripper_state", f"'binary' needs one state value per gripper "
+            bad_data(self.root / INFO, "gripper_state", f"'binary' needs one state value per gripper "
                                                      f"({n_grip}); the state has {n_grip_state} after "
                                                      f"arm_dim={arm_dim}")
         self.robot = RobotSpec(arm_dim=arm_dim, gripper_dim=n_grip, gripper_state=gripper_state,
@@ -203,34 +122,33 @@ class LeRobotReader(EpisodeReader):
             if not isinstance(ft, dict) or ft.get("dtype") != "video":
                 cams = sorted(k for k, v in features.items()
                               if isinstance(v, dict) and v.get("dtype") == "video")
-                _fail(self.root / INFO, f"features.{cam}", f"not a video feature; video features: {cams} "
+                bad_data(self.root / INFO, f"features.{cam}", f"not a video feature; video features: {cams} "
                                                            f"(set static_camera/wrist_camera)")
         tasks = self._tasks()
         self._sources: list[_Source] = []
         self.episodes: list[Episode] = []
         self._index(tasks)
-        self._containers: dict[int, OrderedDict] = {}
-        self.max_open_videos = 64
+        self.decoder = VideoDecoder(self.tolerance_s)
 
     # -- metadata ---------------------------------------------------------------------------------
     def _info(self) -> dict:
         if not self.root.is_dir():
-            _fail(self.root, "root", "not a directory (expected a LeRobot v3 dataset with meta/info.json)")
+            bad_data(self.root, "root", "not a directory (expected a LeRobot v3 dataset with meta/info.json)")
         path = self.root / INFO
         if not path.is_file():
-            _fail(path, INFO, "missing meta file; a LeRobot v3 dataset has meta/info.json, "
+            bad_data(path, INFO, "missing meta file; a LeRobot v3 dataset has meta/info.json, "
                               "meta/tasks.parquet and meta/episodes/")
         try:
             info = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            _fail(path, INFO, f"not valid JSON: {e}")
+            bad_data(path, INFO, f"not valid JSON: {e}")
         version = str(info.get("codebase_version", ""))
         if not version.startswith("v3"):
-            _fail(path, "codebase_version", f"is {version!r}; only LeRobotDataset v3.x is read here (convert "
+            bad_data(path, "codebase_version", f"is {version!r}; only LeRobotDataset v3.x is read here (convert "
                                             f"v2.1 with lerobot's convert_dataset_v21_to_v30)")
         for key, kind in (("fps", (int, float)), ("features", dict), ("data_path", str), ("video_path", str)):
             if not isinstance(info.get(key), kind) or (key == "fps" and not info[key] > 0):
-                _fail(path, key, f"missing or invalid ({info.get(key)!r}); expected a "
+                bad_data(path, key, f"missing or invalid ({info.get(key)!r}); expected a "
                                  f"{'positive number' if key == 'fps' else kind.__name__}")
         return info
 
@@ -238,7 +156,7 @@ class LeRobotReader(EpisodeReader):
         ft = features.get(key)
         shape = ft.get("shape") if isinstance(ft, dict) else None
         if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int)):
-            _fail(self.root / INFO, f"features.{key}", f"missing or not a vector feature (shape [d]); "
+            bad_data(self.root / INFO, f"features.{key}", f"missing or not a vector feature (shape [d]); "
                                                        f"features: {sorted(features)}")
         return shape[0]
 
@@ -247,25 +165,25 @@ class LeRobotReader(EpisodeReader):
             return list(range(width))
         cols = [int(c) for c in columns]
         if not cols or min(cols) < 0 or max(cols) >= width or len(set(cols)) != len(cols):
-            _fail(self.root / INFO, name, f"{cols} must be distinct column numbers in [0, {width})")
+            bad_data(self.root / INFO, name, f"{cols} must be distinct column numbers in [0, {width})")
         return cols
 
     def _tasks(self) -> dict[int, str]:
         path = self.root / TASKS
         if not path.is_file():
-            _fail(path, TASKS, "missing meta file (one row per task: task_index and the task text)")
+            bad_data(path, TASKS, "missing meta file (one row per task: task_index and the task text)")
         table = read_parquet(path)
         text_col = next((c for c in ("task", "__index_level_0__") if c in table.column_names), None)
         if "task_index" not in table.column_names or text_col is None:
-            _fail(path, "task_index" if text_col else "task", f"columns task_index and task expected; found "
+            bad_data(path, "task_index" if text_col else "task", f"columns task_index and task expected; found "
                                                               f"{table.column_names}")
-        return dict(zip(_scalar_column(table, "task_index").tolist(), table.column(text_col).to_pylist()))
+        return dict(zip(scalar_column(table, "task_index").tolist(), table.column(text_col).to_pylist()))
 
     def _episode_rows(self) -> list[tuple[Path, dict]]:
         folder = self.root / EPISODES_DIR
         files = sorted(folder.glob("chunk-*/file-*.parquet"))
         if not files:
-            _fail(folder, EPISODES_DIR, "missing meta files (expected "
+            bad_data(folder, EPISODES_DIR, "missing meta files (expected "
                                         "meta/episodes/chunk-000/file-000.parquet)")
         cams = dict.fromkeys((self.static_camera, self.wrist_camera))
         need = [*EPISODE_COLUMNS, *(f"videos/{c}/{k}" for c in cams for k in VIDEO_COLUMNS)]
@@ -293,7 +211,7 @@ class LeRobotReader(EpisodeReader):
             d = data[data_file]
             lo, hi, length = int(ep["dataset_from_index"]), int(ep["dataset_to_index"]), int(ep["length"])
             if hi - lo != length or length < 1:
-                _fail(meta_file, "length", f"episode {e}: length {length} but dataset_from_index.."
+                bad_data(meta_file, "length", f"episode {e}: length {length} but dataset_from_index.."
                                            f"dataset_to_index is {lo}..{hi}")
             # Rows by global index, found by binary search (a file can hold thousands of episodes).
             order, sorted_index = d["order"], d["sorted_index"]
@@ -301,14 +219,14 @@ class LeRobotReader(EpisodeReader):
             ep_col = d["episode_index"][rows_of]
             if len(rows_of) != length or (ep_col != e).any():
                 found = sorted(set(ep_col.tolist()))
-                _fail(data_file, "episode_index", f"rows with index {lo}..{hi} belong to episodes {found}, "
+                bad_data(data_file, "episode_index", f"rows with index {lo}..{hi} belong to episodes {found}, "
                                                   f"{len(rows_of)} rows; {meta_file.relative_to(self.root)} "
                                                   f"says episode {e} with {length} frames")
             seen_data_episodes[data_file].add(e)
             self._check_frames(data_file, e, d, rows_of)
             task = tasks.get(int(d["task_index"][rows_of[0]]))
             if task is None:
-                _fail(data_file, "task_index", f"episode {e}: task_index {int(d['task_index'][rows_of[0]])} "
+                bad_data(data_file, "task_index", f"episode {e}: task_index {int(d['task_index'][rows_of[0]])} "
                                                f"is not in {TASKS} (task indices: {sorted(tasks)})")
             videos = tuple(self._video(meta_file, ep, e, cam, length, probed)
                            for cam in (self.static_camera, self.wrist_camera))
@@ -320,26 +238,26 @@ class LeRobotReader(EpisodeReader):
         for data_file, d in data.items():
             extra = sorted(set(d["episode_index"].tolist()) - seen_data_episodes[data_file])
             if extra:
-                _fail(data_file, "episode_index", f"holds episodes {extra[:10]} that no "
+                bad_data(data_file, "episode_index", f"holds episodes {extra[:10]} that no "
                                                   f"{EPISODES_DIR}/*.parquet row lists")
         if not self.episodes:
-            _fail(self.root / EPISODES_DIR, "episode_index", "no episodes")
+            bad_data(self.root / EPISODES_DIR, "episode_index", "no episodes")
 
     def _load_data(self, path: Path) -> dict:
         """One data parquet file's columns, checked against info.json's features."""
         pq, _ = lerobot_deps()
         if not path.is_file():
-            _fail(path, "data_path", "missing data file named by meta/episodes")
+            bad_data(path, "data_path", "missing data file named by meta/episodes")
         try:
             names = pq.read_schema(path).names
         except Exception as e:  # pyarrow raises several types for a damaged file
-            _fail(path, "<file>", f"not a readable parquet file: {e}")
+            bad_data(path, "<file>", f"not a readable parquet file: {e}")
         features = self.info["features"]
         for key, ft in features.items():
             if isinstance(ft, dict) and ft.get("dtype") not in ("video",) and key not in names:
-                _fail(path, key, f"feature named in {INFO} is not a column of this file; columns: {names}")
+                bad_data(path, key, f"feature named in {INFO} is not a column of this file; columns: {names}")
         table = read_parquet(path, [*INDEX_COLUMNS, *dict.fromkeys((self.state_key, self.action_key))])
-        out = {k: _scalar_column(table, k) for k in INDEX_COLUMNS}
+        out = {k: scalar_column(table, k) for k in INDEX_COLUMNS}
         out["timestamp"] = out["timestamp"].astype(np.float64)
         out["order"] = np.argsort(out["index"], kind="stable")
         out["sorted_index"] = out["index"][out["order"]]
@@ -348,7 +266,7 @@ class LeRobotReader(EpisodeReader):
             bad = ~np.isfinite(m)
             if bad.any():
                 r, c = np.argwhere(bad)[0]
-                _fail(path, key, f"NaN/inf at episode {int(out['episode_index'][r])} frame "
+                bad_data(path, key, f"NaN/inf at episode {int(out['episode_index'][r])} frame "
                                  f"{int(out['frame_index'][r])} column {c}; expected finite values")
             out[key] = m
         return out
@@ -357,126 +275,50 @@ class LeRobotReader(EpisodeReader):
         frame, ts = d["frame_index"][rows], d["timestamp"][rows]
         if not np.array_equal(frame, np.arange(len(rows))):
             at = int(np.flatnonzero(frame != np.arange(len(rows)))[0])
-            _fail(path, "frame_index", f"episode {e}: row {at} has frame_index {int(frame[at])}; "
+            bad_data(path, "frame_index", f"episode {e}: row {at} has frame_index {int(frame[at])}; "
                                        f"expected 0, 1, 2, ... in index order")
         if len(ts) > 1 and (np.diff(ts) <= 0).any():
             at = int(np.flatnonzero(np.diff(ts) <= 0)[0]) + 1
-            _fail(path, "timestamp", f"episode {e}: timestamps out of order at frame {at} "
+            bad_data(path, "timestamp", f"episode {e}: timestamps out of order at frame {at} "
                                      f"({ts[at - 1]:.6f} s then {ts[at]:.6f} s); expected strictly "
                                      f"increasing")
         off = np.abs(ts - frame / self.fps)
         if (off > self.tolerance_s).any():
             at = int(np.flatnonzero(off > self.tolerance_s)[0])
-            _fail(path, "timestamp", f"episode {e}: frame {at} at {ts[at]:.6f} s but frame_index / fps = "
+            bad_data(path, "timestamp", f"episode {e}: frame {at} at {ts[at]:.6f} s but frame_index / fps = "
                                      f"{frame[at] / self.fps:.6f} s (fps {self.info['fps']} in {INFO}); fps "
                                      f"mismatch between {INFO} and the recorded timestamps")
 
-    def _video(self, meta_file: Path, ep: dict, e: int, cam: str, length: int, probed: dict) -> _Video:
+    def _video(self, meta_file: Path, ep: dict, e: int, cam: str, length: int, probed: dict) -> VideoSpan:
         path = self.root / self.info["video_path"].format(
             video_key=cam, chunk_index=ep[f"videos/{cam}/chunk_index"],
             file_index=ep[f"videos/{cam}/file_index"])
         start, stop = float(ep[f"videos/{cam}/from_timestamp"]), float(ep[f"videos/{cam}/to_timestamp"])
         if path not in probed:
-            probed[path] = self._probe(path, cam)
+            probed[path] = probe_video(path, cam, self.fps)
         end = probed[path]
         # The last frame of the episode is shown at start + (length - 1) / fps and lasts one frame period.
         need = start + length / self.fps
         if end + self.tolerance_s < need or stop + self.tolerance_s < need:
-            _fail(path, cam, f"video shorter than its episode: episode {e} ({length} frames at "
+            bad_data(path, cam, f"video shorter than its episode: episode {e} ({length} frames at "
                              f"{self.info['fps']} fps from {start:.4f} s) needs {need:.4f} s, the video ends "
                              f"at {end:.4f} s (to_timestamp {stop:.4f} s in "
                              f"{meta_file.relative_to(self.root)})")
-        return _Video(path, start, stop)
-
-    def _probe(self, path: Path, cam: str) -> float:
-        """The video's end time in seconds; checks it opens and plays at info.json's fps."""
-        _, av = lerobot_deps()
-        if not path.is_file():
-            _fail(path, cam, "missing video file named by meta/episodes")
-        try:
-            with av.open(str(path)) as c:
-                if not c.streams.video:
-                    _fail(path, cam, "no video stream")
-                s = c.streams.video[0]
-                rate = s.average_rate or s.base_rate
-                if rate is not None and abs(float(rate) - self.fps) > 1e-3 * self.fps:
-                    _fail(path, cam, f"fps mismatch: the video plays at {float(rate):g} fps, {INFO} says "
-                                     f"{self.info['fps']}")
-                if s.duration is not None:
-                    return float((s.start_time or 0) * s.time_base + s.duration * s.time_base)
-                return float(c.duration or 0) / av.time_base
-        except av.error.FFmpegError as e:
-            _fail(path, cam, f"cannot open the video (corrupt mp4?): {e}")
+        return VideoSpan(path, start, stop)
 
     # -- reading ----------------------------------------------------------------------------------
-    def _container(self, path: Path):
-        # Decoder state must not cross a fork: each worker process opens its own containers, and keeps the
-        # most recently used ones open (a large dataset has more mp4s than a process may hold files).
-        _, av = lerobot_deps()
-        mine = self._containers.setdefault(os.getpid(), OrderedDict())
-        if path in mine:
-            mine.move_to_end(path)
-            return mine[path]
-        try:
-            mine[path] = av.open(str(path))
-        except av.error.FFmpegError as e:
-            _fail(path, "<file>", f"cannot open the video (corrupt mp4?): {e}")
-        while len(mine) > self.max_open_videos:
-            mine.popitem(last=False)[1].close()
-        return mine[path]
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_containers"] = {}  # spawned workers get the reader pickled; open containers do not pickle
-        return state
-
     def close(self) -> None:
-        for c in self._containers.pop(os.getpid(), {}).values():
-            c.close()
-
-    def decode(self, video: _Video, cam: str, times: np.ndarray) -> np.ndarray:
-        """Frames (n, H, W, 3) uint8 shown at ``from_timestamp + times`` (increasing, seconds)."""
-        _, av = lerobot_deps()
-        c = self._container(video.path)
-        s = c.streams.video[0]
-        want = video.from_ts + np.asarray(times, dtype=np.float64)
-        out: list[np.ndarray | None] = [None] * len(want)
-        tb = float(s.time_base)
-        try:
-            # Seek to the keyframe at or before the first frame (one tick earlier guards rounding), decode on.
-            c.seek(max(int(math.floor(want[0] / tb)) - 1, 0), stream=s, backward=True, any_frame=False)
-            i = 0
-            for fr in c.decode(s):
-                if fr.pts is None:
-                    continue
-                t = fr.pts * tb
-                if i < len(want) and t > want[i] + self.tolerance_s:
-                    _fail(video.path, cam, f"no frame at {want[i]:.6f} s (next decoded frame at {t:.6f} s); "
-                                           f"the video and meta/episodes timestamps disagree")
-                if i < len(want) and abs(t - want[i]) <= self.tolerance_s:
-                    out[i] = fr.to_ndarray(format="rgb24")
-                    i += 1
-                    while i < len(want) and abs(t - want[i]) <= self.tolerance_s:  # repeated request
-                        out[i] = out[i - 1]
-                        i += 1
-                if i == len(want):
-                    break
-        except av.error.FFmpegError as e:
-            _fail(video.path, cam, f"cannot decode frames at {want[0]:.4f}..{want[-1]:.4f} s "
-                                   f"(corrupt mp4?): {e}")
-        if i < len(want):
-            _fail(video.path, cam, f"video shorter than its episode: no frame at {want[i]:.6f} s")
-        return np.stack(out)
+        self.decoder.close()
 
     def read(self, index: int, start: int, stop: int) -> Frames:
         src = self._sources[index]
         if not 0 <= start < stop <= len(src.state):
-            _fail(src.data_file, "frame_index", f"a frame range inside [0, {len(src.state)}), "
+            bad_data(src.data_file, "frame_index", f"a frame range inside [0, {len(src.state)}), "
                                                 f"got [{start}, {stop})")
         times = src.timestamp[start:stop]
-        static = self.decode(src.videos[0], self.static_camera, times)
+        static = self.decoder.decode(src.videos[0], self.static_camera, times)
         wrist = (static if self.wrist_camera == self.static_camera
-                 else self.decode(src.videos[1], self.wrist_camera, times))
+                 else self.decoder.decode(src.videos[1], self.wrist_camera, times))
         return Frames(static=static, wrist=wrist, state=src.state[start:stop], action=src.action[start:stop])
 
     # -- contract ---------------------------------------------------------------------------------
@@ -502,18 +344,18 @@ class LeRobotReader(EpisodeReader):
         """A normalizer from ``meta/stats.json`` (all episodes, as lerobot computed them) instead of a fit."""
         path = self.root / STATS
         if not path.is_file():
-            _fail(path, STATS, "missing meta file (use_stats_json=True reads it)")
+            bad_data(path, STATS, "missing meta file (use_stats_json=True reads it)")
         try:
             stats = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            _fail(path, STATS, f"not valid JSON: {e}")
+            bad_data(path, STATS, f"not valid JSON: {e}")
         lo_key, hi_key = ("q01", "q99") if mode == "quantile" else ("min", "max")
 
         def get(feature: str, stat: str, cols: list[int]) -> np.ndarray:
             value = (stats.get(feature) or {}).get(stat)
             arr = np.asarray(value, dtype=np.float64).reshape(-1) if value is not None else None
             if arr is None or len(arr) != self._vector_width(self.info["features"], feature):
-                _fail(path, f"{feature}.{stat}", f"missing or not a vector of the feature's width "
+                bad_data(path, f"{feature}.{stat}", f"missing or not a vector of the feature's width "
                                                  f"({'quantile' if mode == 'quantile' else 'minmax'} "
                                                  f"normalization reads it)")
             return arr[cols]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.base import DataError, EpisodeReader
-from datamodules.lerobot import EPISODES_DIR, INFO, STATS, TASKS, lerobot_deps
+from datamodules.lerobot_format import EPISODES_DIR, INFO, STATS, TASKS, lerobot_deps
 
 CODEBASE_VERSION = "v3.0"
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
