@@ -97,3 +97,34 @@ def test_evidence_runs_seeds_curves_and_summary_in_libero(tmp_path):
     assert "| two_stage |" in table and "| teacher |" in table and "- two_stage >= only_finetune: " in table
     assert Image.open(out / "curves.png").size == (960, 320)
     assert len(list((out / "demos").glob("*_demo.hdf5"))) == 1  # one set of demos serves every seed
+
+
+def test_default_tasks_and_budget(tmp_path):
+    """Two tasks by default (0 and 3; the next test checks why those), the teacher's per-task step budget
+    for both, three seeds, 15 held-out init states per task, the paper's three modes."""
+    from vitavla import evidence, quickstart as qs
+
+    args, _ = qs.parse(evidence.build_parser(), ["--out", str(tmp_path)])
+    assert args.tasks == [0, 3] and args.teacher_steps == 2 * qs.TEACHER_STEPS_PER_TASK
+    assert args.seeds == [0, 1, 2] and args.episodes == 15 and args.modes == list(qs.PAPER_MODES)
+
+
+@pytest.mark.sim
+def test_default_tasks_pick_objects_in_different_places():
+    """Tasks 0 (alphabet soup) and 3 (bbq sauce) of libero_object start their objects over 20 cm apart, so a
+    policy has to read the instruction to know where to reach."""
+    pytest.importorskip("libero.libero")
+    from vitavla import evidence, quickstart as qs
+    from vitavla.demos.libero_poses import LiberoPoses
+    from vitavla.rollout.libero_env import LiberoEnv
+
+    args, _ = qs.parse(evidence.build_parser(), [])
+    env = LiberoEnv(args.suite, protocol="seer", render_size=16, max_steps=1, settle_steps=0, seed=0)
+    try:
+        spots = []
+        for task in args.tasks:
+            env.reset(task, 0, seed=0)
+            spots.append(LiberoPoses(env._env.env, env.task_name(task)).read().object_grasp[:2])
+    finally:
+        env.close()
+    assert np.linalg.norm(spots[0] - spots[1]) > 0.2
