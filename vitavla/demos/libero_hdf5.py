@@ -3,7 +3,8 @@
 :class:`DemoWriter` appends demos to ``<file>.tmp`` and renames it over the old file only when complete, so an
 interrupted run never corrupts an existing file; :func:`existing_demos` reads how far a file got, so a rerun
 tops it up, and :func:`recorded_recipe` the generator settings it was recorded with, so a top-up or a reuse with
-other settings is refused instead of mixing two kinds of demos in one file. Kept apart from :mod:`vitavla.demos.libero_scripted` (simulator side and orchestration), which uses both.
+other settings is refused instead of mixing two kinds of demos in one file. Kept apart from
+:mod:`vitavla.demos.libero_scripted` (simulator side and orchestration), which uses both.
 """
 
 from __future__ import annotations
