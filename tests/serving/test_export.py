@@ -23,6 +23,12 @@ from vitavla.streaming import StreamingPolicy
 from tests.serving.conftest import (EVAL_TINY, NORMALIZER, TINY_ALIGN, make_checkpoint, observations,
                                     trained_module)
 
+# A policy loaded from its exported directory has bit-identical weights, config and buffers, and its LLM and
+# vision tower give bit-identical outputs on the same inputs; its actions still differ from the in-process
+# module's by float round-off (1.3e-7 measured with transformers 5.24 and torch 2.13), so actions are compared
+# to 1e-6: far below what a wrong or missing weight changes (1e-2 and more).
+ACTION_ATOL = 1e-6
+
 
 def _rollout(policy, obs_list, normalizer, image_size):
     out = []
@@ -42,7 +48,7 @@ def test_exported_dir_gives_identical_actions_and_records_provenance(tiny_export
     obs = observations(6)
     src = _rollout(StreamingPolicy(module.policy.eval()), obs, NORMALIZER, 224)
     dst = _rollout(exported.streaming(), obs, exported.normalizer, exported.image_size)
-    assert torch.equal(src, dst)
+    torch.testing.assert_close(src, dst, rtol=0, atol=ACTION_ATOL)
     # Every weight is in the file, frozen vision tower included, bit for bit.
     ref = module.policy.state_dict()
     got = exported.policy.state_dict()
@@ -141,12 +147,13 @@ def test_observation_keys_are_set_at_export_and_checked(tiny_export, tmp_path):
 
 
 def _same_policy(exported, policy):
-    """Bit-identical weights (frozen ones included) and identical actions over a 6-step episode."""
+    """Bit-identical weights (frozen ones included) and the same actions over a 6-step episode."""
     ref, got = policy.state_dict(), exported.policy.state_dict()
     assert set(ref) == set(got) and all(torch.equal(ref[k], got[k]) for k in ref)
     obs = observations(6, seed=7)
     src = _rollout(StreamingPolicy(policy.eval()), obs, NORMALIZER, 224)
-    assert torch.equal(src, _rollout(exported.streaming(), obs, exported.normalizer, exported.image_size))
+    torch.testing.assert_close(src, _rollout(exported.streaming(), obs, exported.normalizer, exported.image_size),
+                               rtol=0, atol=ACTION_ATOL)
 
 
 def test_stage1_checkpoint_exports_the_aligned_student(tmp_path):

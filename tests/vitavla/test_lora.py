@@ -188,7 +188,10 @@ def test_merged_policy_acts_like_the_adapted_one_with_the_plain_key_layout(train
     out = export_policy(policy, tmp_path / "policy", normalizer=None)
     exported = load_policy_dir(out)
     with torch.no_grad():
-        assert torch.equal(plain(w).arm, merged.arm) and torch.equal(exported.policy(w).arm, merged.arm)
+        assert torch.equal(plain(w).arm, merged.arm)
+        # Loaded from its exported directory: the same weights, actions equal up to float round-off (the
+        # export tests say why, tests/serving/test_export.py ACTION_ATOL).
+        torch.testing.assert_close(exported.policy(w).arm, merged.arm, rtol=0, atol=1e-6)
     assert merge_lora(plain) is plain and set(plain.state_dict()) == set(policy.state_dict())  # no adapters: no-op
 
 
