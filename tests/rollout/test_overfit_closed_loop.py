@@ -14,7 +14,7 @@ import h5py
 import pytest
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "quickstart"
-STEPS = 1200  # batch 64 on one ~150-frame demo, ~500 passes: 800 sufficed before and failed after a fresh install (Dec 2026)
+STEPS = 1200  # one ~150-frame demo, ~500 passes at batch 64 (800 failed after a fresh install)
 
 
 @pytest.mark.sim
