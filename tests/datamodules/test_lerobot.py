@@ -1,11 +1,10 @@
-"""LeRobotDataset v3: the reader on datasets written here in the published layout, the converter, and
-`vitavla data check --format lerobot` on broken copies."""
+"""LeRobotDataset v3: the reader on datasets written here in the published layout, and the converter
+(`vitavla data check` on broken copies is in test_lerobot_check.py)."""
 
 from __future__ import annotations
 
 import json
 import pickle
-import shutil
 
 import numpy as np
 import pytest
@@ -19,47 +18,8 @@ from datamodules.base import DataError, resize_uint8  # noqa: E402
 from datamodules.lerobot import LeRobotDataModule, LeRobotReader  # noqa: E402
 from datamodules.lerobot_write import LeRobotWriter, VideoOptions  # noqa: E402
 from datamodules.normalization import Normalizer  # noqa: E402
-
-LOSSLESS = VideoOptions(vcodec="libx264rgb", pix_fmt="rgb24", crf=0)
-H264 = VideoOptions(vcodec="libx264", pix_fmt="yuv420p", crf=10)
-AV1 = VideoOptions(vcodec="libsvtav1", pix_fmt="yuv420p", crf=10)
-CAMS = ("top", "wrist")
-ALOHA_COLUMNS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 6, 13]  # left 6, right 6, left gripper, right gripper
-FPS = 10
-
-
-def frames(t: int, hw=(32, 48), seed: int = 0, cam: int = 0) -> np.ndarray:
-    """Smooth colour ramps that move with the frame and differ per camera (so swaps and shifts show)."""
-    yy, xx = np.mgrid[: hw[0], : hw[1]]
-    out = np.empty((t, *hw, 3), np.uint8)
-    for i in range(t):
-        out[i, ..., 0] = (xx * 150 // hw[1] + 9 * i + 7 * seed) % 256
-        out[i, ..., 1] = yy * 150 // hw[0] + 40 * cam
-        out[i, ..., 2] = 60 + 30 * cam + 5 * seed
-    return out
-
-
-def write(root, lengths=(7, 9, 8), width=7, video=LOSSLESS, per_file=2, tasks=None,
-          hw=(32, 48)) -> list[dict]:
-    """Episodes with smooth state/action vectors; ``per_file`` episodes share a parquet file and an mp4."""
-    w = LeRobotWriter(root, FPS, width, width, list(CAMS), robot_type="piper", video=video,
-                      episodes_per_file=per_file)
-    out = []
-    for e, t in enumerate(lengths):
-        rng = np.random.default_rng(e)
-        state = (np.sin(0.3 * np.arange(t)[:, None] + np.arange(width)) + rng.normal(0, 0.01, (t, width)))
-        action = state + rng.normal(0, 0.05, state.shape)
-        ep = {"state": state.astype(np.float32), "action": action.astype(np.float32),
-              "images": {c: frames(t, hw, e, i) for i, c in enumerate(CAMS)},
-              "task": (tasks or ["pick up the cup", "open the drawer", "pick up the cup"])[e]}
-        w.add_episode(ep["state"], ep["action"], ep["images"], ep["task"])
-        out.append(ep)
-    w.finish()
-    return out
-
-
-def reader(root, **kw) -> LeRobotReader:
-    return LeRobotReader(root, static_camera="top", wrist_camera="wrist", **kw)
+from tests.datamodules.lerobot_data import (  # noqa: E402
+    ALOHA_COLUMNS, AV1, FPS, H264, LOSSLESS, frames, reader, write)
 
 
 def test_layout_is_lerobot_v3(tmp_path):
@@ -178,125 +138,6 @@ def test_stats_json_when_asked(tmp_path):
     states = np.concatenate([ep["state"] for ep in src])
     assert dm.normalizer.state_mean == pytest.approx(states.mean(0).tolist(), abs=1e-6)
     assert not (tmp_path / "cache").exists()  # nothing fitted, nothing cached
-
-
-# -- vitavla data check --format lerobot: each broken copy fails with one line naming file and key --------
-
-def _rewrite_parquet(path, column, fn):
-    table = pq.read_table(path)
-    values = fn(table.column(column).to_pylist())
-    i = table.column_names.index(column)
-    pq.write_table(table.set_column(i, column, pa.array(values, table.schema.field(column).type)), path)
-
-
-def _reencode(path, keep: int | None = None, fps: int = FPS):
-    with av.open(str(path)) as c:
-        imgs = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-    imgs = imgs[:keep] if keep is not None else imgs
-    with av.open(str(path), "w", format="mp4") as c:
-        s = c.add_stream("libx264rgb", rate=fps, options={"crf": "0", "g": "2"})
-        s.width, s.height, s.pix_fmt = imgs[0].shape[1], imgs[0].shape[0], "rgb24"
-        for i, img in enumerate(imgs):
-            fr = av.VideoFrame.from_ndarray(img, format="rgb24")
-            fr.pts = i
-            c.mux(s.encode(fr))
-        c.mux(s.encode())
-
-
-def _nan(values):
-    values[3][2] = float("nan")
-    return values
-
-
-def _swap(values):
-    values[2], values[3] = values[3], values[2]
-    return values
-
-
-DATA0 = "data/chunk-000/file-000.parquet"
-TOP0 = "videos/observation.images.top/chunk-000/file-000.mp4"
-BREAKS = {
-    "missing meta file": (lambda r: (r / "meta/tasks.parquet").unlink(),
-                          "meta/tasks.parquet: meta/tasks.parquet: missing meta file"),
-    "feature absent from parquet": (
-        lambda r: pq.write_table(pq.read_table(r / DATA0).drop_columns(["task_index"]), r / DATA0),
-        f"{DATA0}: task_index: feature named in meta/info.json is not a column of this file"),
-    "video shorter than episode": (lambda r: _reencode(r / TOP0, keep=12),
-                                   f"{TOP0}: observation.images.top: video shorter than its episode: "
-                                   f"episode 1"),
-    "timestamps out of order": (lambda r: _rewrite_parquet(r / DATA0, "timestamp", _swap),
-                                f"{DATA0}: timestamp: episode 0: timestamps out of order at frame 3"),
-    "fps mismatch (info.json)": (
-        lambda r: (r / "meta/info.json").write_text(
-            (r / "meta/info.json").read_text().replace('"fps": 10', '"fps": 15')),
-        f"{DATA0}: timestamp: episode 0: frame 1 at 0.100000 s but frame_index / fps = 0.066667 s (fps 15"),
-    "fps mismatch (video)": (lambda r: _reencode(r / TOP0, fps=20),
-                             f"{TOP0}: observation.images.top: fps mismatch: the video plays at 20 fps"),
-    "NaN": (lambda r: _rewrite_parquet(r / DATA0, "action", _nan),
-            f"{DATA0}: action: NaN/inf at episode 0 frame 3 column 2"),
-    "corrupt mp4": (lambda r: (r / TOP0).write_bytes((r / TOP0).read_bytes()[: (r / TOP0).stat().st_size // 2]
-                                                     ),
-                    f"{TOP0}: observation.images.top: cannot"),
-    "corrupt mp4 (frame data)": (lambda r: _zero_bytes(r / TOP0, (0.3, 0.5, 0.7)),
-                                 f"{TOP0}: observation.images.top: cannot decode frames at"),
-    "episode indices disagree": (
-        lambda r: _rewrite_parquet(r / DATA0, "episode_index", lambda v: [5 if x == 1 else x for x in v]),
-        f"{DATA0}: episode_index: rows with index 7..16 belong to episodes [5]"),
-}
-
-
-def _zero_bytes(path, fractions):
-    """Damage the compressed frames (the header stays readable, so this shows only when decoding)."""
-    data = bytearray(path.read_bytes())
-    for f in fractions:
-        i = int(len(data) * f)
-        data[i:i + 200] = bytes(200)
-    path.write_bytes(bytes(data))
-
-
-def _snapshot(root):
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
-
-
-@pytest.fixture(scope="module")
-def clean_dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lerobot") / "clean"
-    write(root)
-    return root
-
-
-def test_check_clean_dataset(clean_dataset, capsys):
-    from cli import main
-
-    before = _snapshot(clean_dataset)
-    main(["data", "check", str(clean_dataset), "--format", "lerobot", "--option", "static_camera=top",
-          "--option", "wrist_camera=wrist"])
-    out = capsys.readouterr().out
-    assert "OK" in out and "episodes:      3" in out and "frames:        24" in out
-    assert "'pick up the cup' x2" in out and "static 32x48" in out
-    assert _snapshot(clean_dataset) == before
-
-
-@pytest.mark.parametrize("case", list(BREAKS))
-def test_check_names_file_and_key(clean_dataset, tmp_path, case):
-    from cli import main
-
-    root = tmp_path / "ds"
-    shutil.copytree(clean_dataset, root)
-    breaker, message = BREAKS[case]
-    breaker(root)
-    before = _snapshot(root)
-    with pytest.raises(SystemExit) as e:
-        main(["data", "check", str(root), "--format", "lerobot", "--option", "static_camera=top",
-              "--option", "wrist_camera=wrist"])
-    text = str(e.value.code)
-    assert text.startswith(f"vitavla data check: FAILED: {root}/") and "\n" not in text
-    assert message in text, text
-    assert _snapshot(root) == before
-    with pytest.raises(DataError):  # the reader itself raises the project's DataError
-        r = LeRobotReader(root, static_camera="top", wrist_camera="wrist")
-        for e, ep in enumerate(r.episodes):
-            r.read(e, 0, ep.length)
 
 
 # -- vitavla data convert --to lerobot: the converted dataset gives the source's windows --------------------
