@@ -32,20 +32,32 @@ def alignment_loss(student: Tensor, teacher: Tensor, valid: Tensor | None = None
     return _masked_mean((student - teacher.to(student.dtype)) ** 2, valid)
 
 
-def action_loss(pred, target: Tensor, mask: Tensor | None, robot: RobotSpec,
-                gripper_weight: float = 0.01) -> tuple[Tensor, dict[str, Tensor]]:
-    """Stage 2: MAE on arm actions + ``gripper_weight`` * BCE on gripper targets.
+ARM_LOSSES = ("mae", "smooth_l1")
 
+
+def action_loss(pred, target: Tensor, mask: Tensor | None, robot: RobotSpec,
+                gripper_weight: float = 0.01, arm_loss: str = "mae") -> tuple[Tensor, dict[str, Tensor]]:
+    """Stage 2: arm term + ``gripper_weight`` * BCE on gripper targets.
+
+    The arm term is the paper's MAE (``arm_loss="mae"``) or Seer's own smooth L1 with beta 1
+    (``"smooth_l1"``): quadratic for errors under 1, so on normalised actions it regresses the mean of the
+    labels seen at one observation, where MAE regresses their median. ``arm_mae`` is reported either way.
     ``pred`` is an :class:`~teachers.base.ActionOutput` with (B, T, C, ·) fields; ``target`` is
     (B, T, C, arm_dim + gripper_dim); ``mask`` (B, T, C) marks the chunk entries inside the episode.
     """
+    if arm_loss not in ARM_LOSSES:
+        raise ValueError(f"arm_loss must be one of {ARM_LOSSES}, got {arm_loss!r}")
     arm_t, grip_t = target[..., : robot.arm_dim], target[..., robot.arm_dim :]
-    arm = _masked_mean((pred.arm - arm_t).abs(), mask)
+    mae = _masked_mean((pred.arm - arm_t).abs(), mask)
+    if arm_loss == "mae":
+        arm = mae
+    else:
+        arm = _masked_mean(F.smooth_l1_loss(pred.arm, arm_t.to(pred.arm.dtype), reduction="none", beta=1.0), mask)
     bce = F.binary_cross_entropy_with_logits(pred.gripper_logit, grip_t.to(pred.gripper_logit.dtype),
                                              reduction="none")
     grip = _masked_mean(bce, mask)
     loss = arm + gripper_weight * grip
-    return loss, {"arm_mae": arm.detach(), "gripper_bce": grip.detach()}
+    return loss, {"arm_mae": mae.detach(), "gripper_bce": grip.detach()}
 
 
 def gripper_accuracy(pred, target: Tensor, mask: Tensor | None, robot: RobotSpec) -> Tensor:
@@ -65,4 +77,4 @@ def action_metrics(pred, target: Tensor, mask: Tensor | None, robot: RobotSpec,
     return {"loss": loss.detach(), **parts, "gripper_acc": gripper_accuracy(pred, target, mask, robot).detach()}
 
 
-__all__ = ["alignment_loss", "action_loss", "action_metrics", "gripper_accuracy", "masked_mean"]
+__all__ = ["ARM_LOSSES", "alignment_loss", "action_loss", "action_metrics", "gripper_accuracy", "masked_mean"]

@@ -132,3 +132,45 @@ def test_data_whose_robot_differs_fails_before_the_first_step(tmp_path):
                         default_root_dir=tmp_path, enable_model_summary=False)
     with pytest.raises(ValueError, match=r"data \(SyntheticWindowDataModule\).robot.arm_dim=12 but student"):
         trainer.fit(DistillationModule(student(), teacher()), datamodule=data)
+
+
+
+def _fit_three_steps(tmp_path, optim: OptimConfig, precision: str = "32-true"):
+    from datamodules.synthetic import SyntheticWindowDataModule
+
+    data = SyntheticWindowDataModule(num_episodes=4, episode_length=6, num_steps=3, batch_size=2, val_fraction=0.25)
+    torch.manual_seed(0)
+    m = PolicyModule(student(), teacher(), init_mode="only_finetune", optim=optim)
+    start = {n: p.detach().clone() for n, p in m.named_parameters()}
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", precision=precision, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        limit_val_batches=0, enable_model_summary=False, gradient_clip_val=0.5)
+    trainer.fit(m, datamodule=data)
+    return m, start, trainer.optimizers[0]
+
+
+def test_fused_adamw_is_the_cpu_default_and_steps_as_the_per_tensor_loop(tmp_path):
+    m, start, opt = _fit_three_steps(tmp_path, OptimConfig(lr=1e-2))
+    assert opt.defaults["fused"] is True
+    ref, ref_start, ref_opt = _fit_three_steps(tmp_path, OptimConfig(lr=1e-2, fused=False))
+    assert not ref_opt.defaults["fused"]
+    moved = 0
+    for (n, a), b in zip(m.named_parameters(), ref.parameters()):
+        assert torch.equal(start[n], ref_start[n]), n
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=n)
+            moved += not torch.equal(a, start[n])
+    assert moved > 10  # the steps did train
+
+
+def test_mixed_precision_with_clipping_keeps_the_unfused_kernel(tmp_path):
+    """Lightning refuses gradient clipping with a fused optimizer under mixed precision: auto stays off."""
+    from vitavla.modules.common import use_fused_adamw
+
+    m, start, opt = _fit_three_steps(tmp_path, OptimConfig(lr=1e-2), precision="bf16-mixed")
+    assert not opt.defaults["fused"]
+    assert any(not torch.equal(p, start[n]) for n, p in m.named_parameters())
+    cpu, meta = [torch.zeros(1)], [torch.zeros(1, device="meta")]
+    assert use_fused_adamw(OptimConfig(), cpu, "32-true") and not use_fused_adamw(OptimConfig(), meta, "32-true")
+    assert use_fused_adamw(OptimConfig(fused=True), cpu, "bf16-mixed")
+    assert not use_fused_adamw(OptimConfig(fused=False), cpu, "32-true")

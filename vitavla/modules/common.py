@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from vitavla.batch import Window
 from vitavla.checkpoint_io import check_fit
@@ -29,6 +29,11 @@ class OptimConfig:
     """Warmup in optimizer steps; overrides ``warmup_epochs`` when set."""
     min_lr_ratio: float = 0.0
     """Floor of the cosine decay, as a fraction of ``lr``."""
+    fused: bool | None = None
+    """torch's fused AdamW kernel. None (auto): on when every trained parameter is on the CPU and the trainer
+    runs without mixed precision. There torch otherwise steps one tensor at a time, 6-8x slower for the
+    quickstart's models (benchmarks/optimizer_step.py); Lightning refuses gradient clipping with a fused
+    optimizer under mixed precision, and on GPUs torch's default (foreach) is already batched."""
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -49,11 +54,19 @@ def schedule_lengths(trainer: L.Trainer, cfg: OptimConfig) -> tuple[int, int]:
     return min(total, int(round(cfg.warmup_epochs * per_epoch))), total
 
 
+def use_fused_adamw(cfg: OptimConfig, params: list[Tensor], precision: str) -> bool:
+    """``cfg.fused``, or when unset: every parameter on the CPU and no mixed precision (see ``fused``)."""
+    if cfg.fused is not None:
+        return cfg.fused
+    return all(p.device.type == "cpu" for p in params) and "mixed" not in precision
+
+
 def configure_adamw(module: L.LightningModule, cfg: OptimConfig):
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(module).__name__} has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                            fused=use_fused_adamw(cfg, params, str(module.trainer.precision)))
     warmup, total = schedule_lengths(module.trainer, cfg)
 
     def factor(step: int) -> float:

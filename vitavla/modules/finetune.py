@@ -12,7 +12,7 @@ from vitavla.batch import Window
 from vitavla.checkpoint_io import CheckpointMismatchError, load_strict, read_state_dict, select_prefix
 from vitavla.errors import ConfigError
 from vitavla.lora import KEY as LORA_KEY, LoraConfig, apply_lora, is_adapter_parameter
-from vitavla.losses import action_loss, gripper_accuracy
+from vitavla.losses import ARM_LOSSES, action_loss, gripper_accuracy
 from vitavla.modules.alignment import check_compatible
 from vitavla.modules.common import OptimConfig, WindowModule, configure_adamw
 from vitavla.policy import VLAPolicy
@@ -39,7 +39,7 @@ class PolicyModule(WindowModule):
     def __init__(self, student: VLAStudent, teacher: Teacher, init_mode: InitMode = "two_stage",
                  init_from: str | None = None, mapper_hidden_dim: int | None = None,
                  gripper_loss_weight: float = 0.01, optim: OptimConfig | None = None,
-                 lora: LoraConfig | None = None):
+                 lora: LoraConfig | None = None, arm_loss: Literal["mae", "smooth_l1"] = "mae"):
         """
         Args:
             student: the VLM student.
@@ -51,12 +51,16 @@ class PolicyModule(WindowModule):
             optim: optimizer and schedule (paper Table 5: lr 1e-4, 2 warmup epochs, 2 epochs).
             lora: LoRA adapters on the LLM (rank, alpha, dropout, target_modules) instead of fine-tuning all
                 of its weights; off (null) in the paper. Needs the ``lora`` extra (peft).
+            arm_loss: ``mae`` (paper) or ``smooth_l1`` (Seer's own arm loss, beta 1: the mean of the labels at
+                one observation instead of their median; see :func:`vitavla.losses.action_loss`).
         """
         super().__init__()
         if init_mode not in ("two_stage", "only_finetune", "freeze_vlm"):
             raise ValueError(f"init_mode must be two_stage, only_finetune or freeze_vlm, got {init_mode!r}")
         if init_mode != "only_finetune" and init_from is None:
             raise ValueError(f"init_mode={init_mode!r} needs init_from=<stage-1 checkpoint>")
+        if arm_loss not in ARM_LOSSES:
+            raise ConfigError(f"arm_loss must be one of {ARM_LOSSES}, got {arm_loss!r}")
         if lora is not None and init_mode == "freeze_vlm":
             raise ConfigError(f"{LORA_KEY}: LoRA adapts the LLM, which init_mode=freeze_vlm keeps frozen; use "
                               "init_mode two_stage or only_finetune, or lora: null")
@@ -66,6 +70,7 @@ class PolicyModule(WindowModule):
         self.policy = VLAPolicy(student, mapper, head)
         self.init_mode = init_mode
         self.gripper_loss_weight = gripper_loss_weight
+        self.arm_loss = arm_loss
         self.optim = optim or OptimConfig(warmup_epochs=2.0)
         if init_from is not None:
             self.load_alignment(init_from)
@@ -154,7 +159,7 @@ class PolicyModule(WindowModule):
         batch.validate(self.policy.robot, require_actions=True)
         pred = self.policy(batch)
         loss, parts = action_loss(pred, batch.actions, batch.action_valid, self.policy.robot,
-                                  self.gripper_loss_weight)
+                                  self.gripper_loss_weight, self.arm_loss)
         bs = batch.batch_size
         sync = stage != "train"
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=sync, batch_size=bs)
