@@ -174,3 +174,38 @@ def test_mixed_precision_with_clipping_keeps_the_unfused_kernel(tmp_path):
     assert use_fused_adamw(OptimConfig(), cpu, "32-true") and not use_fused_adamw(OptimConfig(), meta, "32-true")
     assert use_fused_adamw(OptimConfig(fused=True), cpu, "bf16-mixed")
     assert not use_fused_adamw(OptimConfig(fused=False), cpu, "32-true")
+
+
+@pytest.mark.parametrize("arm_loss,expected", [("mae", 0.0), ("smooth_l1", 1 / 6)])
+def test_arm_loss_regresses_median_or_mean_of_labels_that_share_an_observation(arm_loss, expected):
+    """Five "hold" labels (0) and one "lift" label (1) at one observation, as a scripted grasp gives a
+    one-frame policy: MAE settles on the median (hold, so a closed-loop policy never lifts), smooth L1 on
+    the mean (a small lift that leaves the ambiguous state)."""
+    from vitavla.action_head import ActionOutput
+    from vitavla.batch import RobotSpec
+    from vitavla.losses import action_loss
+
+    robot = RobotSpec(arm_dim=1, gripper_dim=1)
+    target = torch.tensor([0.0, 0, 0, 0, 0, 1]).view(6, 1, 1, 1).expand(6, 1, 1, 2).clone()
+    mask = torch.ones(6, 1, 1, dtype=torch.bool)
+    arm = torch.full((1, 1, 1, 1), 0.5, requires_grad=True)
+    opt = torch.optim.SGD([arm], lr=0.02)
+    for _ in range(1500):
+        pred = ActionOutput(arm.expand(6, 1, 1, 1), torch.zeros(6, 1, 1, 1))
+        loss, parts = action_loss(pred, target, mask, robot, gripper_weight=0.0, arm_loss=arm_loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert arm.item() == pytest.approx(expected, abs=0.02)
+    pred = ActionOutput(arm.detach().expand(6, 1, 1, 1), torch.zeros(6, 1, 1, 1))
+    _, parts = action_loss(pred, target, mask, robot, gripper_weight=0.0, arm_loss=arm_loss)
+    assert parts["arm_mae"].item() == pytest.approx((5 * abs(arm.item()) + abs(1 - arm.item())) / 6, abs=1e-5)
+    with pytest.raises(ValueError, match="arm_loss must be one of"):
+        action_loss(pred, target, mask, robot, arm_loss="mse")
+
+
+def test_policy_module_names_a_bad_arm_loss():
+    from vitavla.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"arm_loss must be one of \('mae', 'smooth_l1'\), got 'l2'"):
+        PolicyModule(student(), teacher(), init_mode="only_finetune", arm_loss="l2")
