@@ -31,7 +31,7 @@ class OptimConfig:
     """Floor of the cosine decay, as a fraction of ``lr``."""
     fused: bool | None = None
     """torch's fused AdamW kernel. None (auto): on when every trained parameter is on the CPU and the trainer
-    runs without mixed precision. There torch otherwise steps one tensor at a time, 6-8x slower for the
+    runs without mixed precision. There torch otherwise steps one tensor at a time, about 5x slower for the
     quickstart's models (benchmarks/optimizer_step.py); Lightning refuses gradient clipping with a fused
     optimizer under mixed precision, and on GPUs torch's default (foreach) is already batched."""
 
