@@ -15,6 +15,10 @@ import pytest
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "quickstart"
 STEPS = 1200  # one ~150-frame demo, ~500 passes at batch 64 (800 failed after a fresh install)
+# One episode at the edge of reproduction is sensitive to round-off: with the fused AdamW kernel (the CPU
+# default, same algorithm) this 1200-step teacher missed the episode; the test keeps the per-tensor kernel it
+# was calibrated with. tests/vitavla/test_modules.py checks that both kernels step alike.
+KERNEL = "--model.init_args.optim.fused=false"
 
 
 @pytest.mark.sim
@@ -38,7 +42,7 @@ def test_teacher_overfit_on_one_demo_reproduces_it_closed_loop(tmp_path):
               "--trainer.enable_model_summary=false", "--trainer.enable_progress_bar=false"]
     cli = build_cli(["--config", str(CONFIGS / "teacher.yaml"), *common, f"--trainer.max_steps={STEPS}",
                      f"--data.init_args.root={res.path.parent}", f"--data.init_args.stats_cache_dir={tmp_path / 's'}",
-                     "--data.init_args.val_fraction=0"], run=False)
+                     "--data.init_args.val_fraction=0", KERNEL], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     ckpt = cli.trainer.checkpoint_callback.last_model_path
     # The fit itself: the logged arm loss (smooth L1, normalised actions) starts near 0.2.
