@@ -134,7 +134,6 @@ def test_data_whose_robot_differs_fails_before_the_first_step(tmp_path):
         trainer.fit(DistillationModule(student(), teacher()), datamodule=data)
 
 
-
 def _fit_three_steps(tmp_path, optim: OptimConfig, precision: str = "32-true"):
     from datamodules.synthetic import SyntheticWindowDataModule
 
