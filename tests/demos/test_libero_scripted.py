@@ -220,6 +220,21 @@ def test_files_record_their_recipe_and_refuse_other_settings(tmp_path):
     check_recipe(tmp_path / "missing.hdf5", cfg)
 
 
+def test_files_from_before_mesh_lod_count_as_full_detail(tmp_path):
+    """Demos recorded before the recipe had ``mesh_lod`` were rendered at full mesh detail: a run with the
+    new default (simplified meshes) refuses to mix into them, and a ``--full-render``-style run may."""
+    from vitavla.demos.libero_scripted import GenConfig, check_recipe
+
+    path = tmp_path / "old_demo.hdf5"
+    old = {k: v for k, v in GenConfig().recipe().items() if k != "mesh_lod"}
+    w = DemoWriter(path, {"language_instruction": "x"}, {"env_name": "x"}, "x.bddl", old)
+    w.add(_fake_demo(0, 5))
+    w.close(next_attempt=1)
+    with pytest.raises(ValueError, match=r"mesh_lod=False \(this run: True\)"):
+        check_recipe(path, GenConfig())
+    check_recipe(path, GenConfig(mesh_lod=False))
+
+
 def test_writer_round_trip_and_top_up(tmp_path):
     path = tmp_path / "pick_up_the_soup_and_place_it_in_the_basket_demo.hdf5"
     info = {"language_instruction": "pick up the soup and place it in the basket"}

@@ -75,7 +75,7 @@ def test_libero_rollout_inputs_equal_training_windows(libero_demo, tmp_path):
     env = LiberoEnv(cfg.suite, protocol="seer", render_size=cfg.image_size, max_steps=cfg.max_steps,
                     settle_steps=cfg.settle_steps, settle_action=cfg.settle_action, flip_images=False,
                     gripper_state="width", seed=cfg.seed,
-                    fast_render=cfg.fast_render, video_size=128)
+                    fast_render=cfg.fast_render, mesh_lod=cfg.mesh_lod, video_size=128)
     try:
         env.set_recording(True)
         obs = env.reset(cfg.tasks[0], init_state, seed=cfg.seed + attempt)
@@ -118,7 +118,7 @@ def test_libero_demo_replays_open_loop_to_success(libero_demo):
     env = LiberoEnv(cfg.suite, protocol="seer", render_size=cfg.image_size, max_steps=len(actions) + 5,
                     settle_steps=cfg.settle_steps, settle_action=cfg.settle_action, flip_images=False,
                     gripper_state="width", seed=cfg.seed,
-                    fast_render=cfg.fast_render)
+                    fast_render=cfg.fast_render, mesh_lod=cfg.mesh_lod)
     try:
         env.reset(cfg.tasks[0], init_state, seed=cfg.seed + attempt)
         outcomes = [env.step(a)[2] for a in actions]

@@ -79,6 +79,8 @@ class GenConfig:
     """Horizontal error (metres) below which the expert counts a waypoint reached and may close
     (:attr:`ExpertConfig.xy_tolerance`)."""
     fast_render: bool = True
+    mesh_lod: bool = True
+    """Render-only meshes with fewer triangles (:mod:`vitavla.rollout.mesh_lod`); rollouts must match it."""
     progress: bool = True
 
     def recipe(self) -> dict:
@@ -86,6 +88,10 @@ class GenConfig:
         run with the same ones. Suite and task are in the file's name; workers and progress change nothing."""
         skip = {"suite", "tasks", "episodes", "out", "max_attempts", "workers", "progress"}
         return {k: v for k, v in vars(self).items() if k not in skip}
+
+
+RECIPE_BEFORE_KEY = {"mesh_lod": False}
+"""What a setting was before it was recorded in the files' recipe (when its default changed the demos)."""
 
 
 @dataclass
@@ -111,7 +117,7 @@ class _Worker:
         self.env = LiberoEnv(cfg.suite, protocol="seer", render_size=cfg.image_size, max_steps=cfg.max_steps,
                              settle_steps=cfg.settle_steps, settle_action=cfg.settle_action,
                              flip_images=False, gripper_state="width",
-                             seed=cfg.seed, fast_render=cfg.fast_render)
+                             seed=cfg.seed, fast_render=cfg.fast_render, mesh_lod=cfg.mesh_lod)
 
     def record(self, task: int, attempt: int) -> Demo:
         cfg, env = self.cfg, self.env
@@ -223,6 +229,7 @@ def _task_info(cfg: GenConfig, task: int) -> tuple[str, dict, dict, str]:
     env_args = {"env_name": t.name, "suite": cfg.suite, "task_index": task, "camera_heights": cfg.image_size,
                 "camera_widths": cfg.image_size, "controller": "OSC_POSE", "control_freq": 20,
                 "settle_steps": cfg.settle_steps, "settle_action": cfg.settle_action, "fast_render": cfg.fast_render,
+                "mesh_lod": cfg.mesh_lod,
                 "image_orientation": "native (upside down; LiberoEnv flip_images=False)"}
     return t.name, info, env_args, bddl
 
@@ -274,7 +281,8 @@ def check_recipe(path: Path, cfg: GenConfig) -> None:
     old = recorded_recipe(path)
     if old is None:
         return
-    defaults = GenConfig().recipe()
+    # Files older than a setting were recorded without it: mesh_lod came after demos at full mesh detail.
+    defaults = {**GenConfig().recipe(), **RECIPE_BEFORE_KEY}
     new = cfg.recipe()
     diff = [f"{k}={old.get(k, defaults[k])!r} (this run: {v!r})" for k, v in new.items()
             if old.get(k, defaults[k]) != v]
@@ -423,7 +431,7 @@ def main(argv: list[str] | None = None) -> list[TaskResult]:
                      help="metres of sideways error within which the expert counts a waypoint reached and "
                           "closes the gripper (default: %(default)s)")
     lib.add_argument("--full-render", action="store_true",
-                     help="keep MSAA, shadows and reflections (about 3x slower on CPU)")
+                     help="keep MSAA, shadows, reflections and every mesh triangle (about 8x slower on CPU)")
     lib.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:
@@ -437,7 +445,7 @@ def main(argv: list[str] | None = None) -> list[TaskResult]:
                     settle_steps=args.settle_steps, settle_action=args.settle_action,
                     start_offset=args.start_offset, funnel_radius=args.funnel_radius,
                     descend_xy_gain=args.descend_xy_gain, xy_tolerance=args.xy_tolerance,
-                    fast_render=not args.full_render,
+                    fast_render=not args.full_render, mesh_lod=not args.full_render,
                     progress=not args.no_progress)
     try:
         results = generate(cfg)
