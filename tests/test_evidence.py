@@ -55,6 +55,23 @@ def test_verdict_says_whether_the_ordering_holds_beyond_seed_noise():
                             "estimate of seed noise)."]
 
 
+def test_summary_gives_a_shared_teacher_its_interval_and_students_their_spread():
+    import argparse
+
+    from vitavla.evidence import format_summary
+
+    runs = per_seed()
+    for seed in (1, 2):
+        del runs[seed]["teacher"]  # one teacher, trained with the first seed, serves every seed
+    agg = aggregate(runs)
+    assert agg["teacher"]["seeds"] == [0] and agg["two_stage"]["seeds"] == [0, 1, 2]
+    args = argparse.Namespace(suite="libero_object", tasks=[0, 3], demos=20, episodes=5)
+    table = format_summary(agg, verdict(agg), args, 12.0)
+    # 9/10 with its 95% Wilson interval [0.60, 0.98]; the students' mean ± sample std over three seeds.
+    assert "| teacher | 90% | 90% [60, 98] (one run, 9/10) | 0.0500 |" in table
+    assert "| two_stage | 80%, 80%, 70% | 77% ± 6 | 0.1000 |" in table
+
+
 def test_learning_curves_average_seeds_and_draw_both_modes(tmp_path):
     series = curve_series(per_seed(), "success")
     assert series["two_stage"] == [pytest.approx((100, 0.2, 0.2, 0.2)), pytest.approx((200, 0.7, 0.6, 0.8))]
@@ -76,27 +93,66 @@ def test_evidence_runs_seeds_curves_and_summary_in_libero(tmp_path):
     from vitavla.evidence import main as evidence
 
     out = tmp_path / "ev"
-    summary = evidence(["--out", str(out), "--tasks", "0", "--demos", "2", "--teacher-steps", "2",
-                        "--align-steps", "2", "--finetune-steps", "4", "--curve-points", "2", "--curve-episodes",
-                        "1", "--episodes", "1", "--max-steps", "3", "--workers", "1", "--render-size", "32",
-                        "--batch-size", "4", "--seeds", "0", "1", "--modes", "two_stage", "only_finetune"])
+    argv = ["--out", str(out), "--tasks", "0", "--demos", "2", "--teacher-steps", "2", "--align-steps", "2",
+            "--finetune-steps", "4", "--curve-points", "2", "--curve-episodes", "1", "--episodes", "1",
+            "--max-steps", "3", "--workers", "1", "--render-size", "32", "--batch-size", "4",
+            "--seeds", "0", "1", "--modes", "two_stage", "only_finetune"]
+    summary = evidence(argv)
     per_seed = json.loads((out / "per_seed.json").read_text())
     assert sorted(per_seed) == ["0", "1"]
+    # One teacher, the first seed's, serves both seeds' students: trained and rolled out once.
+    assert list(per_seed["0"]) == ["teacher", "two_stage", "only_finetune"]
+    assert list(per_seed["1"]) == ["two_stage", "only_finetune"] and not (out / "seed1" / "teacher").exists()
+    assert per_seed["0"]["teacher"]["curve"] == []
     for runs in per_seed.values():
-        assert list(runs) == ["teacher", "two_stage", "only_finetune"]
         for mode in ("two_stage", "only_finetune"):
             curve = runs[mode]["curve"]
             assert [p["step"] for p in curve] == [2, 4] and all(Path(p["checkpoint"]).is_file() for p in curve)
+            assert [p["final"] for p in curve] == [False, True]
             assert all(math.isfinite(p["val"]["val/arm_mae"]) for p in curve)
-            assert all(p["rollout"]["episodes"] + p["rollout"]["errors"] == 1 for p in curve)
-            # The step-4 checkpoint holds the final weights: the same held-out error as the run's own.
+            assert curve[0]["rollout"]["episodes"] + curve[0]["rollout"]["errors"] == 1
+            assert curve[0]["rollout"]["wall_seconds"] != runs[mode]["rollout"]["wall_seconds"]  # its own rollout
+            # The step-4 checkpoint holds the final weights: the same held-out error as the run's own, and
+            # its point is the run's own evaluation rather than a second one.
             assert curve[-1]["val"]["val/arm_mae"] == pytest.approx(runs[mode]["val"]["val/arm_mae"], rel=1e-5)
-        assert runs["teacher"]["curve"] == []
+            assert curve[-1]["rollout"] == runs[mode]["rollout"]
     assert summary["policies"]["two_stage"]["seeds"] == [0, 1] and len(summary["verdict"]) == 2
+    assert summary["policies"]["teacher"]["seeds"] == [0]
     table = (out / "summary.md").read_text()
     assert "| two_stage |" in table and "| teacher |" in table and "- two_stage >= only_finetune: " in table
+    assert "(one run, " in table.split("| teacher |")[1].split("\n")[0]
     assert Image.open(out / "curves.png").size == (960, 320)
     assert len(list((out / "demos").glob("*_demo.hdf5"))) == 1  # one set of demos serves every seed
+
+    # Resumed with a third seed: seeds 0 and 1 are read back, seed 2 trains against seed 0's teacher.
+    before = json.loads((out / "per_seed.json").read_text())
+    more = evidence(argv[:-6] + ["--seeds", "0", "1", "2", "--modes", "two_stage", "only_finetune"])
+    after = json.loads((out / "per_seed.json").read_text())
+    assert sorted(after) == ["0", "1", "2"] and {k: after[k] for k in ("0", "1")} == before
+    assert list(after["2"]) == ["two_stage", "only_finetune"] and not (out / "seed2" / "teacher").exists()
+    assert more["resumed_seeds"] == [0, 1] and more["policies"]["two_stage"]["seeds"] == [0, 1, 2]
+    assert "seeds [0, 1] were finished by an earlier one" in (out / "summary.md").read_text()
+
+
+def test_resume_reads_finished_seeds_and_refuses_other_settings(tmp_path):
+    from vitavla import evidence, quickstart as qs
+
+    def args(*extra):
+        return qs.parse(evidence.build_parser(), ["--out", str(tmp_path), *extra])[0]
+
+    assert evidence.resume(args(), tmp_path) == {}  # nothing there yet: the settings are recorded
+    assert json.loads((tmp_path / "run_args.json").read_text())["finetune_steps"] == 6000
+    (tmp_path / "per_seed.json").write_text(json.dumps({"0": {"two_stage": run(7)}, "5": {"two_stage": run(3)}}))
+    # Seeds, workers and verbosity change no result: a run that differs only in them resumes.
+    finished = evidence.resume(args("--seeds", "0", "1", "--workers", "1", "--verbose"), tmp_path)
+    assert finished == {0: {"two_stage": run(7)}, 5: {"two_stage": run(3)}}
+    recorded = (tmp_path / "run_args.json").read_bytes()
+    with pytest.raises(SystemExit, match=r"other settings: finetune_steps=6000 \(this run: 100\)"):
+        evidence.resume(args("--finetune-steps", "100"), tmp_path)
+    assert (tmp_path / "run_args.json").read_bytes() == recorded
+    (tmp_path / "run_args.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="run_args.json is not valid JSON"):
+        evidence.resume(args(), tmp_path)
 
 
 def test_default_tasks_and_budget(tmp_path):

@@ -2,10 +2,11 @@
 to see whether the paper's claims hold at small scale beyond seed noise.
 
 One set of scripted demonstrations (``--tasks``, default two libero_object tasks trained together, so the
-instruction matters), then for every ``--seeds`` value: the teacher, stage 1 and the stage-2 ``--modes``
-(default all three), each rolled out on ``--episodes`` held-out init states per task. two_stage and
-only_finetune also save ``--curve-points`` intermediate checkpoints; each is validated (held-out action error)
-and rolled out on ``--curve-episodes`` init states per task.
+instruction matters) and one teacher trained on them (the first seed's; ``--teacher-per-seed`` trains one per
+seed), then for every ``--seeds`` value: stage 1 and the stage-2 ``--modes`` (default all three), each rolled
+out on ``--episodes`` held-out init states per task. two_stage and only_finetune also save ``--curve-points``
+checkpoints; each is validated (held-out action error) and rolled out on ``--curve-episodes`` init states per
+task, except the last, the final weights, whose point is the run's own evaluation.
 
 Writes ``<out>/summary.md`` (success per policy and seed, mean ± std over seeds, the teacher gap, and whether
 two_stage >= only_finetune > freeze_vlm holds beyond seed noise), ``summary.json`` and ``curves.png``
@@ -23,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vitavla import quickstart as qs
+from vitavla.rollout.stats import wilson_interval
 
 CURVE_MODES = ("two_stage", "only_finetune")
 NOISE_SE = 2.0  # a difference counts as beyond seed noise when it exceeds this many standard errors
@@ -129,11 +131,16 @@ def format_summary(agg: dict[str, dict], lines: list[str], args: argparse.Namesp
     seeds = next(iter(agg.values()))["seeds"]
     head = (f"Evidence run: suite {args.suite}, tasks {args.tasks}, {args.demos} demos per task, seeds {seeds}, "
             f"{args.episodes} held-out init states per task and policy.")
-    rows = ["| policy | success per seed | mean ± std | held-out arm MAE (mean) |", "|---|---|---|---|"]
+    rows = ["| policy | success per seed | mean ± std over seeds | held-out arm MAE (mean) |", "|---|---|---|---|"]
     for policy, a in agg.items():
         per = ", ".join(f"{s * 100:.0f}%" for s in a["success"])
-        rows.append(f"| {policy} | {per} | {a['mean'] * 100:.0f}% ± {a['std'] * 100:.0f} "
-                    f"| {a['arm_mae_mean']:.4f} |")
+        if len(a["success"]) == 1:  # one run (the shared teacher): its 95% Wilson interval, not a spread
+            wins, n = round(a["success"][0] * a["episodes"][0]), a["episodes"][0]
+            lo, hi = wilson_interval(wins, n) or (float("nan"), float("nan"))
+            spread = f"{a['mean'] * 100:.0f}% [{lo * 100:.0f}, {hi * 100:.0f}] (one run, {wins}/{n})"
+        else:
+            spread = f"{a['mean'] * 100:.0f}% ± {a['std'] * 100:.0f}"
+        rows.append(f"| {policy} | {per} | {spread} | {a['arm_mae_mean']:.4f} |")
     return "\n".join([head, "", *rows, "", *[f"- {line}" for line in lines], "",
                       f"Learning curves: curves.png. Total wall time: {minutes:.1f} min"])
 
@@ -147,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (all stages)")
     ap.add_argument("--curve-points", type=int, default=4,
                     help="intermediate checkpoints per two_stage / only_finetune run (learning curves)")
+    ap.add_argument("--teacher-per-seed", action="store_true",
+                    help="train and evaluate a teacher for every seed; by default one teacher (the first seed's) "
+                         "serves every seed's students, so seeds compare the students' training alone and the "
+                         "run saves a teacher's training and rollouts per extra seed")
     ap.add_argument("--curve-episodes", type=int, default=5,
                     help="rollouts per task of every learning-curve checkpoint")
     return ap
@@ -162,24 +173,74 @@ def main(argv: list[str] | None = None) -> dict:
     return qs.run_routed(args, "evidence.log", _run, layered)
 
 
+RESUME_IGNORED = ("out", "seeds", "verbose", "workers")
+"""Options that may differ between a run and the one it resumes: they change no trained policy or result."""
+
+
+def resume(args: argparse.Namespace, out: Path) -> dict[int, dict[str, dict]]:
+    """Every seed an earlier run into ``out`` finished (``per_seed.json``), when it used the same settings.
+
+    A seed is written only once its policies are trained and rolled out, so a stopped run resumes at the
+    first seed it had not finished. Settings that shape the results must match the earlier run's
+    (``run_args.json``); a difference is an error naming each one, and nothing in ``out`` is changed."""
+    recorded, done = out / "run_args.json", out / "per_seed.json"
+    now = {k: v for k, v in vars(args).items() if k not in RESUME_IGNORED}
+    if recorded.is_file():
+        try:
+            before = json.loads(recorded.read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"vitavla evidence: error: {recorded} is not valid JSON ({e}); move it away to start "
+                             "afresh") from None
+        diff = [f"{k}={before.get(k)!r} (this run: {now.get(k)!r})" for k in sorted(set(before) | set(now))
+                if k not in RESUME_IGNORED and before.get(k) != now.get(k)]
+        if diff:
+            raise SystemExit(f"vitavla evidence: error: {out} holds a run with other settings: {', '.join(diff)}; "
+                             "use another --out, or the same settings to resume it")
+    out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(now, indent=2, default=str) + "\n")
+    if not done.is_file():
+        return {}
+    return {int(seed): runs for seed, runs in json.loads(done.read_text()).items()}
+
+
 def _run(args: argparse.Namespace, out: Path, layered) -> dict:
     wall = time.perf_counter()
+    finished = resume(args, out)
     demos = qs.record_demos(args, out)
     every = max(1, args.finetune_steps // args.curve_points)
-    per_seed: dict[int, dict[str, dict]] = {}
+    stored: dict[int, dict[str, dict]] = dict(finished)  # every finished seed, asked for now or not
+    # The teacher every seed's students distil from (unless per seed): a finished seed's, else the first's.
+    shared = None
+    owner = next((s for s in args.seeds if "teacher" in finished.get(s, {})), None)
+    if owner is not None and not args.teacher_per_seed:
+        shared = qs.RunResult(**finished[owner]["teacher"])
+        teacher_file = Path(shared.log_dir) / "teacher.safetensors"
+        if any(s not in finished for s in args.seeds) and not teacher_file.is_file():
+            raise SystemExit(f"vitavla evidence: error: seed {owner}'s teacher {teacher_file} is gone; the remaining "
+                             "seeds need it (or start afresh in another --out)")
     for seed in args.seeds:
+        if seed in finished:
+            print(f"seed {seed}: finished by an earlier run into {out} (per_seed.json), reused")
+            continue
         run_dir = out / f"seed{seed}"
-        results, _, teacher = qs.train(args, run_dir, layered, demos, seed, every, CURVE_MODES)
+        results, _, teacher = qs.train(args, run_dir, layered, demos, seed, every, CURVE_MODES,
+                                       teacher_run=None if args.teacher_per_seed else shared)
+        shared = shared or results.get("teacher")
         qs.evaluate(args, run_dir, layered, demos, results, teacher, args.curve_episodes)
-        per_seed[seed] = {name: asdict(r) for name, r in results.items()}
-        # Written after every seed, so a stopped run keeps what finished.
-        (out / "per_seed.json").write_text(json.dumps(per_seed, indent=2) + "\n")
+        stored[seed] = {name: asdict(r) for name, r in results.items()}
+        # Written after every seed, so a stopped run keeps what finished (and resumes after it).
+        (out / "per_seed.json").write_text(json.dumps(stored, indent=2) + "\n")
+    per_seed = {seed: stored[seed] for seed in args.seeds}
+    reused = sorted(seed for seed in args.seeds if seed in finished)
     agg = aggregate(per_seed)
     lines = verdict(agg)
     write_curves(per_seed, out / "curves.png")
     minutes = (time.perf_counter() - wall) / 60
     table = format_summary(agg, lines, args, minutes)
-    summary = {"policies": agg, "verdict": lines, "wall_minutes": minutes, "args": vars(args)}
+    if reused:
+        table += f" (this invocation; seeds {reused} were finished by an earlier one)"
+    summary = {"policies": agg, "verdict": lines, "wall_minutes": minutes, "args": vars(args),
+               "resumed_seeds": reused}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     (out / "summary.md").write_text(table + "\n")
     print(table)

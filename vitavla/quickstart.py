@@ -60,7 +60,8 @@ class RunResult:
     val: dict[str, float]
     rollout: dict = field(default_factory=dict)
     curve: list[dict] = field(default_factory=list)
-    """Learning curve (``vitavla evidence``): ``{"step", "checkpoint", "val", "rollout"}`` per saved step."""
+    """Learning curve (``vitavla evidence``): ``{"step", "checkpoint", "val", "rollout", "final"}`` per saved step;
+    the final step's ``rollout`` is the run's own (``--episodes`` per task, not ``--curve-episodes``)."""
 
 
 def _cli(configs: list[Path], overrides: list[str]):
@@ -87,14 +88,16 @@ def _fit(configs: list[Path], run_dir: Path, name: str, steps: int, overrides: l
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start
     # Read now: validating from a curve checkpoint restores the callbacks' state saved in it (an empty path).
-    last = trainer.checkpoint_callback.last_model_path
+    last, final_step = trainer.checkpoint_callback.last_model_path, trainer.global_step
     val = trainer.validate(model, datamodule=data, verbose=False)[0]  # the final weights, before any reload
     curve = []
     saved = sorted(curve_dir.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1])) if curve_every else []
     for ckpt in saved:
         point = trainer.validate(model, datamodule=data, ckpt_path=str(ckpt), verbose=False)[0]
-        curve.append({"step": int(ckpt.stem.split("=")[1]), "checkpoint": str(ckpt),
-                      "val": {k: float(v) for k, v in point.items()}})
+        step = int(ckpt.stem.split("=")[1])
+        # The last point holds the final weights, which the run's own evaluation rolls out already.
+        curve.append({"step": step, "checkpoint": str(ckpt), "val": {k: float(v) for k, v in point.items()},
+                      "final": step == final_step})
     trainable = sum(c["trainable"] for c in model.parameter_counts().values())
     return RunResult(name, last, trainer.log_dir, trainable, seconds, {k: float(v) for k, v in val.items()},
                      curve=curve)
@@ -240,15 +243,19 @@ def record_demos(args: argparse.Namespace, out: Path) -> Demos:
 
 
 def train(args: argparse.Namespace, out: Path, layered, demos: Demos, seed: int,
-          curve_every: int = 0, curve_modes: tuple[str, ...] = ()) -> tuple[dict[str, RunResult], RunResult, list[str]]:
+          curve_every: int = 0, curve_modes: tuple[str, ...] = (),
+          teacher_run: RunResult | None = None) -> tuple[dict[str, RunResult], RunResult, list[str]]:
     """Steps 2-4 under ``out``: the teacher, stage 1 and stage 2 in ``args.modes`` (the paper's order), all
     with training seed ``seed``. Returns the policies (teacher first), the stage-1 run, and the overrides
-    that point a student's config at this teacher."""
+    that point a student's config at this teacher. ``teacher_run``: a teacher trained earlier, which the
+    students distil from instead of training one (it is then not among the returned policies)."""
     data = [f"--data.init_args.root={demos.path}", f"--data.init_args.batch_size={args.batch_size}",
             f"--data.init_args.stats_cache_dir={out / 'stats'}", f"--seed_everything={seed}"]
     results: dict[str, RunResult] = {}
-    results["teacher"] = _fit(layered("teacher.yaml"), out / "teacher", "teacher", args.teacher_steps, data)
-    teacher_file = Path(results["teacher"].log_dir) / "teacher.safetensors"
+    if teacher_run is None:
+        teacher_run = results["teacher"] = _fit(layered("teacher.yaml"), out / "teacher", "teacher",
+                                                args.teacher_steps, data)
+    teacher_file = Path(teacher_run.log_dir) / "teacher.safetensors"
     if not teacher_file.is_file():
         raise SystemExit(f"teacher training finished without writing {teacher_file}")
     teacher = [f"--model.init_args.teacher.init_args.checkpoint={teacher_file}"]
@@ -309,6 +316,9 @@ def evaluate(args: argparse.Namespace, out: Path, layered, demos: Demos, results
             run.rollout = _rollout(train_cfg + layered("eval.yaml"), run.checkpoint, out / f"eval_{name}",
                                    env + held_out + model)
             for point in run.curve if curve_episodes else []:
+                if point.get("final"):  # the final weights: their full evaluation, not a smaller one again
+                    point["rollout"] = run.rollout
+                    continue
                 point["rollout"] = _rollout(train_cfg + layered("eval.yaml"), point["checkpoint"],
                                             out / f"curve_{name}" / f"step{point['step']}",
                                             env + curve_held_out + model)
