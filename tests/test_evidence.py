@@ -112,6 +112,9 @@ def test_evidence_runs_seeds_curves_and_summary_in_libero(tmp_path):
             assert all(math.isfinite(p["val"]["val/arm_mae"]) for p in curve)
             assert curve[0]["rollout"]["episodes"] + curve[0]["rollout"]["errors"] == 1
             assert curve[0]["rollout"]["wall_seconds"] != runs[mode]["rollout"]["wall_seconds"]  # its own rollout
+            # Curve points record no video (the final evaluation does).
+            assert not list(out.glob(f"seed*/curve_{mode}/step2/rollout/videos/*.mp4"))
+            assert list(out.glob(f"seed*/eval_{mode}/rollout/videos/*.mp4"))
             # The step-4 checkpoint holds the final weights: the same held-out error as the run's own, and
             # its point is the run's own evaluation rather than a second one.
             assert curve[-1]["val"]["val/arm_mae"] == pytest.approx(runs[mode]["val"]["val/arm_mae"], rel=1e-5)
