@@ -117,11 +117,11 @@ def write_curves(per_seed: dict[int, dict[str, dict]], path: Path) -> Path:
     min-max range, two_stage vs only_finetune."""
     from vitavla.plots import line_panel, side_by_side
 
-    seeds = len(per_seed)
+    seeds = f"{len(per_seed)} seeds: mean, min-max" if len(per_seed) > 1 else "1 seed"
     img = side_by_side([
-        line_panel(curve_series(per_seed, "arm_mae"), f"held-out arm MAE ({seeds} seeds: mean, min-max)",
+        line_panel(curve_series(per_seed, "arm_mae"), f"held-out arm MAE ({seeds})",
                    "arm MAE"),
-        line_panel(curve_series(per_seed, "success"), f"rollout success ({seeds} seeds: mean, min-max)",
+        line_panel(curve_series(per_seed, "success"), f"rollout success ({seeds})",
                    "success", y_range=(0.0, 1.0))])
     img.save(path)
     return path
