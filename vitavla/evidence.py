@@ -46,8 +46,8 @@ def success_rate(rollout: dict) -> float:
 
 
 def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
-    """``{policy: {"seeds", "success" (per seed), "mean", "std", "episodes", "arm_mae", "arm_mae_mean"}}`` from
-    ``{seed: {policy: asdict(RunResult)}}``; policies in the order of the first seed."""
+    """``{policy: {"seeds", "success" (per seed), "mean", "std", "episodes", "successes", "arm_mae",
+    "arm_mae_mean"}}`` from ``{seed: {policy: asdict(RunResult)}}``; policies in the order of the first seed."""
     seeds = sorted(per_seed)
     out: dict[str, dict] = {}
     for policy in per_seed[seeds[0]]:
@@ -57,6 +57,7 @@ def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
         mean, std = mean_std(success)
         out[policy] = {"seeds": seeds[:len(runs)], "success": success, "mean": mean, "std": std,
                        "episodes": [int(r["rollout"].get("episodes", 0)) for r in runs],
+                       "successes": [int(r["rollout"].get("successes", 0)) for r in runs],
                        "arm_mae": mae, "arm_mae_mean": mean_std(mae)[0]}
     return out
 
@@ -135,7 +136,7 @@ def format_summary(agg: dict[str, dict], lines: list[str], args: argparse.Namesp
     for policy, a in agg.items():
         per = ", ".join(f"{s * 100:.0f}%" for s in a["success"])
         if len(a["success"]) == 1:  # one run (the shared teacher): its 95% Wilson interval, not a spread
-            wins, n = round(a["success"][0] * a["episodes"][0]), a["episodes"][0]
+            wins, n = a["successes"][0], a["episodes"][0]
             lo, hi = wilson_interval(wins, n) or (float("nan"), float("nan"))
             spread = f"{a['mean'] * 100:.0f}% [{lo * 100:.0f}, {hi * 100:.0f}] (one run, {wins}/{n})"
         else:
