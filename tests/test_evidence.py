@@ -44,7 +44,7 @@ def test_mean_std_and_aggregate_over_seeds():
 
 def test_verdict_says_whether_the_ordering_holds_beyond_seed_noise():
     lines = verdict(aggregate(per_seed()))
-    assert lines[0] == "two_stage is +10 points below the teacher (within the 10-point target)."
+    assert lines[0] == "two_stage is 10 points below the teacher (within the 10-point target)."
     # 0.767 - 0.2 over SE sqrt(0.0577^2/3 + 0.1^2/3) = 0.0667: 8.5 SE.
     assert lines[1] == ("two_stage >= only_finetune: holds (difference +57 points; 8.5 standard errors, beyond "
                         "seed noise).")
@@ -53,6 +53,8 @@ def test_verdict_says_whether_the_ordering_holds_beyond_seed_noise():
     one = aggregate({0: {"two_stage": run(3), "only_finetune": run(5)}})
     assert verdict(one) == ["two_stage >= only_finetune: does not hold (difference -20 points; one seed, so no "
                             "estimate of seed noise)."]
+    above = verdict(aggregate({0: {"teacher": run(6), "two_stage": run(8)}}))
+    assert above == ["two_stage is 20 points above the teacher (within the 10-point target)."]
 
 
 def test_summary_gives_a_shared_teacher_its_interval_and_students_their_spread():

@@ -76,7 +76,8 @@ def verdict(agg: dict[str, dict]) -> list[str]:
     lines = []
     if "teacher" in agg and "two_stage" in agg:
         gap = agg["teacher"]["mean"] - agg["two_stage"]["mean"]
-        lines.append(f"two_stage is {round(gap * 100):+d} points below the teacher "
+        side = "below" if gap >= 0 else "above"
+        lines.append(f"two_stage is {abs(round(gap * 100))} points {side} the teacher "
                      f"({'within' if gap <= 0.10 + 1e-9 else 'outside'} the 10-point target).")
     for hi, lo, strict in (("two_stage", "only_finetune", False), ("only_finetune", "freeze_vlm", True)):
         if hi not in agg or lo not in agg:
