@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from teachers.base import ActionHead, Teacher
 from vitavla.batch import RobotSpec, Window
-from vitavla.checkpoint_io import check_fit, read_state_dict
+from vitavla.checkpoint_io import check_fit, missing_checkpoint, read_state_dict
 
 _OBS_TOKENS = 4  # instruction, view 0, view 1, state
 _WORD_BUCKETS = 4096
@@ -182,7 +182,7 @@ class TransformerTeacher(Teacher):
         if path.is_dir():
             path = path / "model.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"TransformerTeacher checkpoint not found: {path}")
+            raise missing_checkpoint(path, "TransformerTeacher checkpoint")
         saved_config = None
         if path.suffix == ".safetensors":
             from safetensors import safe_open

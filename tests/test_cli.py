@@ -49,6 +49,10 @@ def test_inconsistent_config_fails_with_one_clear_message(tmp_path):
     with pytest.raises(SystemExit, match="checkpoint not found: .*missing.ckpt"):
         main(["fit", "--config", str(CONFIGS / "tiny_finetune.yaml"), f"--trainer.default_root_dir={tmp_path}",
               f"--model.init_args.init_from={tmp_path / 'missing.ckpt'}", *FAST_SYNTHETIC])
+    # jsonargparse turns a command-line null for a nested class's argument into 'None': the error says so.
+    with pytest.raises(SystemExit, match="checkpoint not found: None .*arrives as the string 'None'.*YAML"):
+        main(["fit", "--config", str(CONFIGS / "tiny_align.yaml"), f"--trainer.default_root_dir={tmp_path}",
+              "--model.init_args.teacher.init_args.checkpoint=null", *FAST_SYNTHETIC])
     # Data images of another size than the backbone's: one line naming both keys (was a 35-line traceback).
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(CONFIGS / "tiny_align.yaml"), f"--trainer.default_root_dir={tmp_path}",

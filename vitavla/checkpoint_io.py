@@ -63,12 +63,25 @@ def read_error(path: str | Path, err: BaseException, hint: str, weights_only: bo
     return CheckpointReadError(f"{path} cannot be read with torch.load({how}): {first}. {hint}")
 
 
+def missing_checkpoint(path: str | Path, what: str = "checkpoint") -> FileNotFoundError:
+    """The error for a checkpoint path that is not there. A path spelt ``None`` gets the likely cause: on the
+    command line jsonargparse hands ``null`` for an argument of a nested class (``--model.init_args.teacher.
+    init_args.checkpoint=null``) to the class as the string ``'None'``; in a YAML config ``null`` arrives as
+    None."""
+    hint = ""
+    if str(path) == "None":
+        hint = (" (a command-line 'null' for a nested class's argument arrives as the string 'None'; to load no "
+                "checkpoint, write `checkpoint: null` in a YAML config passed with --config, or leave the key "
+                "out)")
+    return FileNotFoundError(f"{what} not found: {path}{hint}")
+
+
 def read_state_dict(path: str | Path, containers: tuple[str, ...] = CONTAINER_KEYS) -> dict[str, Tensor]:
     """Tensors of a ``.safetensors`` file, a torch file (flat or nested under one of ``containers``), or a
     DeepSpeed checkpoint directory. Other entries of a torch file (optimizer state, epoch) are ignored."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise missing_checkpoint(path)
     if path.is_dir():
         return _read_deepspeed_dir(path)
     if path.suffix == ".safetensors":
