@@ -69,6 +69,8 @@ def test_summary_gives_a_shared_teacher_its_interval_and_students_their_spread()
     assert agg["teacher"]["seeds"] == [0] and agg["two_stage"]["seeds"] == [0, 1, 2]
     args = argparse.Namespace(suite="libero_object", tasks=[0, 3], demos=20, episodes=5)
     table = format_summary(agg, verdict(agg), args, 12.0)
+    assert table.startswith("Evidence run: suite libero_object, tasks [0, 3], 20 demos per task, seeds [0, 1, 2] "
+                            "(one teacher, trained with seed 0, for every seed), 5 held-out init states")
     # 9/10 with its 95% Wilson interval [0.60, 0.98]; the students' mean ± sample std over three seeds.
     assert "| teacher | 90% | 90% [60, 98] (one run, 9/10) | 0.0500 |" in table
     assert "| two_stage | 80%, 80%, 70% | 77% ± 6 | 0.1000 |" in table

@@ -130,9 +130,13 @@ def write_curves(per_seed: dict[int, dict[str, dict]], path: Path) -> Path:
 
 
 def format_summary(agg: dict[str, dict], lines: list[str], args: argparse.Namespace, minutes: float) -> str:
-    seeds = next(iter(agg.values()))["seeds"]
-    head = (f"Evidence run: suite {args.suite}, tasks {args.tasks}, {args.demos} demos per task, seeds {seeds}, "
-            f"{args.episodes} held-out init states per task and policy.")
+    # Every seed any policy ran: a shared teacher has only the first, so no single policy's list will do.
+    seeds = sorted({s for a in agg.values() for s in a["seeds"]})
+    teacher = agg.get("teacher", {}).get("seeds", [])
+    shared = (f" (one teacher, trained with seed {teacher[0]}, for every seed)"
+              if len(teacher) == 1 and len(seeds) > 1 else "")
+    head = (f"Evidence run: suite {args.suite}, tasks {args.tasks}, {args.demos} demos per task, seeds {seeds}"
+            f"{shared}, {args.episodes} held-out init states per task and policy.")
     rows = ["| policy | success per seed | mean ± std over seeds | held-out arm MAE (mean) |", "|---|---|---|---|"]
     for policy, a in agg.items():
         per = ", ".join(f"{s * 100:.0f}%" for s in a["success"])
