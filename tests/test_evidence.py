@@ -40,6 +40,10 @@ def test_mean_std_and_aggregate_over_seeds():
     assert agg["two_stage"]["success"] == [0.8, 0.8, 0.7] and agg["two_stage"]["seeds"] == [0, 1, 2]
     assert agg["only_finetune"]["mean"] == pytest.approx(0.2) and agg["only_finetune"]["std"] == pytest.approx(0.1)
     assert agg["teacher"]["arm_mae_mean"] == pytest.approx(0.1) and agg["freeze_vlm"]["episodes"] == [10] * 3
+    # A shared teacher that seed 1 trained (`--seeds 1`, then `--seeds 0 1`) is still found, under its own seed.
+    later = aggregate({0: {"two_stage": run(7)}, 1: {"teacher": run(9), "two_stage": run(8)}})
+    assert later["teacher"]["seeds"] == [1] and later["teacher"]["successes"] == [9]
+    assert later["two_stage"]["seeds"] == [0, 1]
 
 
 def test_verdict_says_whether_the_ordering_holds_beyond_seed_noise():

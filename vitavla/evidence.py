@@ -47,15 +47,17 @@ def success_rate(rollout: dict) -> float:
 
 def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
     """``{policy: {"seeds", "success" (per seed), "mean", "std", "episodes", "successes", "arm_mae",
-    "arm_mae_mean"}}`` from ``{seed: {policy: asdict(RunResult)}}``; policies in the order of the first seed."""
+    "arm_mae_mean"}}`` from ``{seed: {policy: asdict(RunResult)}}``; policies in the order they first appear.
+    A shared teacher lives in one seed only, and not always the lowest (``--seeds 1``, then ``--seeds 0 1``)."""
     seeds = sorted(per_seed)
     out: dict[str, dict] = {}
-    for policy in per_seed[seeds[0]]:
-        runs = [per_seed[s][policy] for s in seeds if policy in per_seed[s]]
+    for policy in dict.fromkeys(p for s in seeds for p in per_seed[s]):
+        ran = [s for s in seeds if policy in per_seed[s]]
+        runs = [per_seed[s][policy] for s in ran]
         success = [success_rate(r["rollout"]) for r in runs]
         mae = [float(r["val"].get("val/arm_mae", float("nan"))) for r in runs]
         mean, std = mean_std(success)
-        out[policy] = {"seeds": seeds[:len(runs)], "success": success, "mean": mean, "std": std,
+        out[policy] = {"seeds": ran, "success": success, "mean": mean, "std": std,
                        "episodes": [int(r["rollout"].get("episodes", 0)) for r in runs],
                        "successes": [int(r["rollout"].get("successes", 0)) for r in runs],
                        "arm_mae": mae, "arm_mae_mean": mean_std(mae)[0]}
