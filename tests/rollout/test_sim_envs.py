@@ -49,6 +49,43 @@ def test_libero_env_and_runner():
           f"step (tiny policy, CPU); episode sim incl. reset {res.seconds_sim:.1f} s")
 
 
+def test_libero_soft_reset_replays_the_hard_resets_episodes_bit_for_bit():
+    """LiberoEnv's default soft reset against LIBERO's hard reset: after an episode that closed the gripper,
+    the next episode's frames and states are identical, and the reset is several times cheaper."""
+    pytest.importorskip("libero.libero")
+    from vitavla.rollout.libero_env import LiberoEnv
+
+    actions = np.random.default_rng(0).uniform(-1, 1, (12, 7))
+    actions[:, 6] = np.where(np.arange(12) < 6, -1.0, 1.0)  # open, then close: the gripper keeps a command
+    runs = {}
+    for hard in (True, False):
+        env = LiberoEnv("libero_object", protocol="seer", render_size=32, settle_steps=2, settle_action="noop",
+                        max_steps=20, fast_render=True, mesh_lod=True, hard_reset=hard)
+        try:
+            episodes, reset_s = [], []
+            for init_state in (3, 4):
+                start = time.perf_counter()
+                obs = env.reset(0, init_state)
+                reset_s.append(time.perf_counter() - start)
+                seen = [(obs.static.copy(), obs.wrist.copy(), obs.state.copy())]
+                for a in actions:
+                    obs = env.step(a)[0]
+                    seen.append((obs.static.copy(), obs.wrist.copy(), obs.state.copy()))
+                episodes.append(seen)
+            runs[hard] = episodes, reset_s[1]  # the second reset: the first one builds the env either way
+        finally:
+            env.close()
+    (hard_eps, hard_s), (soft_eps, soft_s) = runs[True], runs[False]
+    for hard_ep, soft_ep in zip(hard_eps, soft_eps):
+        for (hs, hw, hx), (ss, sw, sx) in zip(hard_ep, soft_ep):
+            np.testing.assert_array_equal(ss, hs)
+            np.testing.assert_array_equal(sw, hw)
+            np.testing.assert_array_equal(sx, hx)
+    # The closing gripper moved the fingers, so the second episode really started after a changed state.
+    assert not np.array_equal(hard_eps[0][-1][2][-2:], hard_eps[0][0][2][-2:])
+    assert soft_s < 0.5 * hard_s, (soft_s, hard_s)
+
+
 def test_libero_openvla_preset_flips():
     pytest.importorskip("libero.libero")
     from vitavla.rollout.libero_env import LiberoEnv
