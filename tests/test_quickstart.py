@@ -112,9 +112,10 @@ def test_train_runs_stage1_only_when_a_mode_starts_from_it(monkeypatch, tmp_path
         return qs.RunResult(name, "ALIGN" if name == "align" else f"{name}.ckpt", str(log_dir), 1, 0.0, {})
 
     monkeypatch.setattr(qs, "_fit", fake_fit)
-    args, layered = qs.parse(qs.build_parser(), ["--out", str(tmp_path), "--modes", *modes])
+    # --jobs 1: the jobs run in this process, where the fake _fit is
+    args, layered = qs.parse(qs.build_parser(), ["--out", str(tmp_path), "--modes", *modes, "--jobs", "1"])
     demos = qs.Demos(tmp_path / "demos", 20, 20, False, 0.0)
-    results, align, _ = qs.train(args, tmp_path, layered, demos, seed=0)
+    results, align, _ = qs.pipeline(args, tmp_path, layered, demos, seed=0, rollouts=False)
     assert (align is not None) == stage1 and [f[0] == "align" for f in fits].count(True) == int(stage1)
     assert list(results) == ["teacher"] + [r[0] for r in runs]
     for name, init_mode, init_from, lora in runs:

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     return qs.run_routed(args, "evidence.log", _run, layered)
 
 
-RESUME_IGNORED = ("out", "seeds", "verbose", "workers")
+RESUME_IGNORED = ("out", "seeds", "verbose", "workers", "jobs")
 """Options that may differ between a run and the one it resumes: they change no trained policy or result."""
 
 
@@ -231,10 +231,10 @@ def _run(args: argparse.Namespace, out: Path, layered) -> dict:
             print(f"seed {seed}: finished by an earlier run into {out} (per_seed.json), reused")
             continue
         run_dir = out / f"seed{seed}"
-        results, _, teacher = qs.train(args, run_dir, layered, demos, seed, every, CURVE_MODES,
-                                       teacher_run=None if args.teacher_per_seed else shared)
+        results, _, _ = qs.pipeline(args, run_dir, layered, demos, seed, every, CURVE_MODES,
+                                    teacher_run=None if args.teacher_per_seed else shared,
+                                    curve_episodes=args.curve_episodes, tag=f"seed {seed}:")
         shared = shared or results.get("teacher")
-        qs.evaluate(args, run_dir, layered, demos, results, teacher, args.curve_episodes)
         stored[seed] = {name: asdict(r) for name, r in results.items()}
         # Written after every seed, so a stopped run keeps what finished (and resumes after it).
         (out / "per_seed.json").write_text(json.dumps(stored, indent=2) + "\n")

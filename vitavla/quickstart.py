@@ -30,6 +30,7 @@ from pathlib import Path
 from lightning.pytorch.utilities import disable_possible_user_warnings
 
 from vitavla import console
+from vitavla.jobs import Call, Job, run_jobs
 from vitavla.lightning_cli import build_cli
 
 PAPER_MODES = ("two_stage", "only_finetune", "freeze_vlm")
@@ -144,6 +145,10 @@ def build_parser(prog: str = "vitavla quickstart", description: str | None = __d
     ap.add_argument("--render-size", type=int, default=56,
                     help="camera size of demos and rollouts (px); the CPU configs' models read 56 px")
     ap.add_argument("--workers", type=int, default=2, help="simulator processes (demos and rollouts)")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="trainings and evaluations run side by side, one core each (a policy rolls out while "
+                         "the next one trains; the evidence run trains its modes two at a time); 1 runs them one "
+                         "after the other with every core. The teacher always trains alone on --jobs threads")
     ap.add_argument("--teacher-steps", type=int, default=None,
                     help=f"teacher training steps; default {TEACHER_STEPS_PER_TASK} per task, so each task gets "
                          "the passes over its demos that the one-task teacher needs (two tasks at 3000 steps "
@@ -176,6 +181,8 @@ def parse(ap: argparse.ArgumentParser, argv: list[str] | None):
     args = ap.parse_args(argv)
     if args.teacher_steps is None:
         args.teacher_steps = TEACHER_STEPS_PER_TASK * len(args.tasks)
+    if args.jobs < 1 or args.workers < 1:
+        ap.error(f"--jobs and --workers must be >= 1, got {args.jobs} and {args.workers}")
     if args.demos < 2 or not 1 <= args.episodes <= INIT_STATES:
         # The held-out action error needs at least one demonstration kept out of training.
         ap.error(f"--demos must be >= 2 and --episodes in [1, {INIT_STATES}]")
@@ -242,34 +249,83 @@ def record_demos(args: argparse.Namespace, out: Path) -> Demos:
     return Demos(demos, args.demos, attempts, any(r.attempted for r in gen), seconds)
 
 
-def train(args: argparse.Namespace, out: Path, layered, demos: Demos, seed: int,
-          curve_every: int = 0, curve_modes: tuple[str, ...] = (),
-          teacher_run: RunResult | None = None) -> tuple[dict[str, RunResult], RunResult, list[str]]:
-    """Steps 2-4 under ``out``: the teacher, stage 1 and stage 2 in ``args.modes`` (the paper's order), all
-    with training seed ``seed``. Returns the policies (teacher first), the stage-1 run, and the overrides
-    that point a student's config at this teacher. ``teacher_run``: a teacher trained earlier, which the
-    students distil from instead of training one (it is then not among the returned policies)."""
+def pipeline(args: argparse.Namespace, out: Path, layered, demos: Demos, seed: int, curve_every: int = 0,
+             curve_modes: tuple[str, ...] = (), teacher_run: RunResult | None = None, curve_episodes: int = 0,
+             rollouts: bool = True, tag: str = "") -> tuple[dict[str, RunResult], RunResult | None, list[str]]:
+    """Steps 2-5 under ``out`` as jobs (:mod:`vitavla.jobs`, ``--jobs`` at a time): the teacher, stage 1, stage 2
+    in ``args.modes`` (the paper's order), all with training seed ``seed``, and (``rollouts``) each policy's
+    evaluation as soon as it is trained, so one policy rolls out while the next one trains.
+
+    Returns the policies (teacher first), the stage-1 run, and the overrides that point a student's config at
+    the teacher. ``teacher_run``: a teacher trained earlier, which the students distil from instead of training
+    one (it is then not among the returned policies). ``curve_every`` > 0 saves checkpoints of ``curve_modes``
+    every that many steps; with ``curve_episodes`` each is rolled out too (:func:`evaluate_policy`)."""
     data = [f"--data.init_args.root={demos.path}", f"--data.init_args.batch_size={args.batch_size}",
             f"--data.init_args.stats_cache_dir={out / 'stats'}", f"--seed_everything={seed}"]
-    results: dict[str, RunResult] = {}
-    if teacher_run is None:
-        teacher_run = results["teacher"] = _fit(layered("teacher.yaml"), out / "teacher", "teacher",
-                                                args.teacher_steps, data)
-    teacher_file = Path(teacher_run.log_dir) / "teacher.safetensors"
-    if not teacher_file.is_file():
-        raise SystemExit(f"teacher training finished without writing {teacher_file}")
-    teacher = [f"--model.init_args.teacher.init_args.checkpoint={teacher_file}"]
+    if args.jobs > 1:  # two progress bars on one console would overwrite each other: a line per job instead
+        data.append("--trainer.enable_progress_bar=false")
     modes = [m for m in MODES if m in args.modes]
+    jobs: list[Job] = []
+    prefix = f"{tag} " if tag else ""
+
+    def teacher_overrides(done: dict) -> list[str]:
+        return [f"--model.init_args.teacher.init_args.checkpoint={_teacher_file(done.get('teacher', teacher_run))}"]
+
+    teacher_dep: tuple[str, ...] = ()
+    if teacher_run is None:
+        jobs.append(Job("teacher", lambda done: (_fit, (layered("teacher.yaml"), out / "teacher", "teacher",
+                                                          args.teacher_steps, data)),
+                        exclusive=True, label=f"{prefix}teacher training ({args.teacher_steps} steps)"))
+        teacher_dep = ("teacher",)
     # Stage 1 only when a mode starts from it: only_finetune alone skips its minute.
-    align = None
-    if any(INIT_MODE[m] != "only_finetune" for m in modes):
-        align = _fit(layered("align.yaml"), out / "align", "align", args.align_steps, data + teacher)
+    stage1 = any(INIT_MODE[m] != "only_finetune" for m in modes)
+    if stage1:
+        jobs.append(Job("align", lambda done: (_fit, (layered("align.yaml"), out / "align", "align", args.align_steps,
+                                                        data + teacher_overrides(done))),
+                        teacher_dep, label=f"{prefix}stage 1 ({args.align_steps} steps)"))
     for mode in modes:
-        init = f"--model.init_args.init_from={align.checkpoint if INIT_MODE[mode] != 'only_finetune' else 'null'}"
-        results[mode] = _fit(stage2_configs(layered, mode), out / f"finetune_{mode}", mode, args.finetune_steps,
-                             data + teacher + [f"--model.init_args.init_mode={INIT_MODE[mode]}", init],
-                             curve_every if mode in curve_modes else 0)
-    return results, align, teacher
+        from_align = INIT_MODE[mode] != "only_finetune"
+
+        def make(done: dict, mode: str = mode, from_align: bool = from_align) -> Call:
+            init = done["align"].checkpoint if from_align else "null"
+            overrides = data + teacher_overrides(done) + [f"--model.init_args.init_mode={INIT_MODE[mode]}",
+                                                          f"--model.init_args.init_from={init}"]
+            return _fit, (stage2_configs(layered, mode), out / f"finetune_{mode}", mode, args.finetune_steps,
+                          overrides, curve_every if mode in curve_modes else 0)
+        jobs.append(Job(mode, make, teacher_dep + (("align",) if from_align else ()),
+                        label=f"{prefix}stage 2 {mode} ({args.finetune_steps} steps)"))
+    policies = (["teacher"] if teacher_run is None else []) + modes
+    if rollouts:
+        for name in policies:
+            def make_eval(done: dict, name: str = name) -> Call:
+                configs = layered("teacher.yaml") if name == "teacher" else stage2_configs(layered, name)
+                model = [] if name == "teacher" else teacher_overrides(done) + [
+                    "--model.init_args.init_mode=only_finetune", "--model.init_args.init_from=null"]
+                return evaluate_policy, (args, out, name, done[name], configs + layered("eval.yaml"), model,
+                                         curve_episodes)
+            jobs.append(Job(f"eval_{name}", make_eval, tuple(dict.fromkeys((name, *teacher_dep))),
+                            label=f"{prefix}rollouts of {name} ({args.episodes} per task)"))
+    note_reused_init_states(args, demos)
+    if args.jobs == 1:
+        from vitavla.rollout.parallel import shared_pools
+
+        with shared_pools():  # one set of simulator processes serves every evaluation
+            done = run_jobs(jobs, 1)
+    else:
+        done = run_jobs(jobs, args.jobs)
+    results = {name: done[name] for name in policies}
+    for name in policies if rollouts else []:
+        results[name].rollout, curve_rollouts = done[f"eval_{name}"]
+        for point in results[name].curve:
+            point["rollout"] = curve_rollouts.get(point["step"], results[name].rollout)
+    return results, done.get("align"), teacher_overrides(done)
+
+
+def _teacher_file(teacher_run: RunResult) -> Path:
+    path = Path(teacher_run.log_dir) / "teacher.safetensors"
+    if not path.is_file():
+        raise SystemExit(f"teacher training finished without writing {path}")
+    return path
 
 
 def stage2_configs(layered, mode: str) -> list[Path]:
@@ -290,47 +346,52 @@ def _require_peft(mode: str) -> None:
                          "-e '.[lora]'")
 
 
-def evaluate(args: argparse.Namespace, out: Path, layered, demos: Demos, results: dict[str, RunResult],
-             teacher: list[str], curve_episodes: int = 0) -> None:
-    """Step 5: ``vitavla test`` of every policy (and, with ``curve_episodes``, of every learning-curve
-    checkpoint) from init states the demos never started from; fills ``rollout``."""
+def note_reused_init_states(args: argparse.Namespace, demos: Demos) -> None:
     first = INIT_STATES - args.episodes
     if first < demos.attempts_used:
         print(f"note: rollouts reuse init states {first}..{INIT_STATES - 1}, some of which demos started from")
+
+
+def evaluate_policy(args: argparse.Namespace, out: Path, name: str, run: RunResult, configs: list[Path],
+                    model: list[str], curve_episodes: int = 0) -> tuple[dict, dict[int, dict]]:
+    """Step 5 for one policy: ``vitavla test`` of its checkpoint from init states the demos never started from,
+    and (``curve_episodes`` > 0) of each of its learning-curve checkpoints but the last, which holds the final
+    weights. ``configs``: its training configs, then the evaluation's; ``model``: overrides of its model
+    section. Returns its results.json and ``{curve step: results.json}``."""
+    from vitavla.rollout.parallel import shared_pools
+
+    # Each job's simulators: with several jobs side by side they share --workers out.
+    sims = max(1, args.workers // args.jobs)
     env = [f"--data.init_args.env.init_args.suite={args.suite}",
            f"--data.init_args.tasks=[{','.join(map(str, args.tasks))}]",
            f"--data.init_args.env.init_args.render_size={args.render_size}",
            f"--data.init_args.env.init_args.max_steps={args.max_steps}",
-           f"--data.init_args.num_envs={args.workers}"]
-    held_out = [f"--data.init_args.episodes_per_task={args.episodes}", f"--data.init_args.first_episode={first}"]
+           f"--data.init_args.num_envs={sims}"]
+    if args.jobs > 1:
+        env.append("--trainer.enable_progress_bar=false")
+    held_out = [f"--data.init_args.episodes_per_task={args.episodes}",
+                f"--data.init_args.first_episode={INIT_STATES - args.episodes}"]
     # Curve points use the last `curve_episodes` of the same held-out init states, without videos: a recorded
     # episode renders a 256 px camera as well, which nearly doubles its simulator time.
     curve_held_out = [f"--data.init_args.episodes_per_task={curve_episodes}",
                       f"--data.init_args.first_episode={INIT_STATES - curve_episodes}",
                       "--data.init_args.record_videos_per_task=0"]
-    from vitavla.rollout.parallel import shared_pools
-
-    with shared_pools():  # one set of simulator processes serves every evaluation
-        for name, run in results.items():
-            train_cfg = layered("teacher.yaml") if name == "teacher" else stage2_configs(layered, name)
-            model = [] if name == "teacher" else teacher + ["--model.init_args.init_mode=only_finetune",
-                                                             "--model.init_args.init_from=null"]
-            run.rollout = _rollout(train_cfg + layered("eval.yaml"), run.checkpoint, out / f"eval_{name}",
-                                   env + held_out + model)
-            for point in run.curve if curve_episodes else []:
-                if point.get("final"):  # the final weights: their full evaluation, not a smaller one again
-                    point["rollout"] = run.rollout
-                    continue
-                point["rollout"] = _rollout(train_cfg + layered("eval.yaml"), point["checkpoint"],
-                                            out / f"curve_{name}" / f"step{point['step']}",
-                                            env + curve_held_out + model)
+    with shared_pools():  # the final and the curve evaluations share one set of simulator processes
+        rollout = _rollout(configs, run.checkpoint, out / f"eval_{name}",
+                           env + held_out + model)
+        curve = {}
+        for point in run.curve if curve_episodes else []:
+            if not point.get("final"):  # the final weights: their full evaluation, not a smaller one again
+                curve[point["step"]] = _rollout(configs, point["checkpoint"],
+                                                out / f"curve_{name}" / f"step{point['step']}",
+                                                env + curve_held_out + model)
+    return rollout, curve
 
 
 def _run(args: argparse.Namespace, out: Path, layered) -> dict[str, RunResult]:
     wall = time.perf_counter()
     demos = record_demos(args, out)
-    results, align, teacher = train(args, out, layered, demos, args.seed)
-    evaluate(args, out, layered, demos, results, teacher)
+    results, align, _ = pipeline(args, out, layered, demos, args.seed)
     summary = {"demos": {"kept": demos.kept, "attempted": demos.attempts_used, "seconds": demos.seconds,
                          "generated": demos.generated, "path": str(demos.path)},
                "align": asdict(align) if align is not None else None, "runs": {k: asdict(v) for k, v in results.items()},

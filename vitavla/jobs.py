@@ -1,0 +1,169 @@
+"""Run the steps of a pipeline (trainings, evaluations) side by side on the cores of one machine.
+
+A step is a :class:`Job`: a name for the console, the jobs it waits for, and ``make(done)``, which builds the
+call from the results of those jobs (a stage-2 run needs the stage-1 checkpoint's path, known only once stage 1
+has finished). :func:`run_jobs` starts every job as soon as its dependencies have finished.
+
+With ``slots=1`` the jobs run one after the other in this process, with every thread torch has. With
+``slots >= 2`` they run in that many worker processes, one thread each: the tiny models of ``vitavla
+quickstart`` and ``vitavla evidence`` use a second thread poorly (at batch 64 a stage-2 step takes about 61 ms
+with 2 threads and 69 ms with 1 on 2 cores, while two 1-thread trainings side by side take about 66 ms a step
+each: 1.85 times the steps per second; ``python benchmarks/parallel_jobs.py``). An ``exclusive`` job (one that
+nothing else can run beside, such as the teacher every student waits for) runs alone with ``slots`` threads.
+
+Workers are spawned, not forked (torch's thread pools and EGL contexts are unsafe after fork), route
+third-party output into the parent's log file like the simulator workers (:func:`vitavla.console.route_from_env`),
+and start their own simulator processes for rollouts. A job that raises stops the run: the jobs not yet
+started are cancelled, the running ones are stopped, and the error names the job.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+Call = tuple[Callable[..., Any], tuple]
+"""A module-level function (it must pickle to reach a worker) and its positional arguments."""
+
+
+@dataclass
+class Job:
+    """One step: ``make(done)`` returns the call to run, given ``done``, the results of finished jobs by name."""
+
+    name: str
+    make: Callable[[dict[str, Any]], Call]
+    deps: tuple[str, ...] = ()
+    exclusive: bool = False
+    """Runs with nothing beside it, on every slot's thread (the root of a pipeline: every other job waits)."""
+    label: str = field(default="")
+    """What the console calls it (default: ``name``)."""
+
+
+class JobError(RuntimeError):
+    """A job raised; the message names it and gives its error."""
+
+
+def _init_worker() -> None:
+    import torch
+
+    from vitavla.console import route_from_env
+
+    torch.set_num_threads(1)
+    route_from_env()  # third-party output into the parent's log file, as in the parent
+
+
+def _call(fn: Callable[..., Any], args: tuple, threads: int) -> Any:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(1)
+
+
+def check_jobs(jobs: list[Job]) -> None:
+    """Unique names, dependencies that exist, no cycle: errors naming the job, before anything runs."""
+    names = [j.name for j in jobs]
+    seen: set[str] = set()
+    for j in jobs:
+        if j.name in seen:
+            raise ValueError(f"two jobs are called {j.name!r}")
+        seen.add(j.name)
+    for j in jobs:
+        missing = [d for d in j.deps if d not in seen]
+        if missing:
+            raise ValueError(f"job {j.name!r} waits for {missing}, which are not jobs of this run ({names})")
+    done: set[str] = set()
+    pending = list(jobs)
+    while pending:
+        ready = [j for j in pending if set(j.deps) <= done]
+        if not ready:
+            raise ValueError(f"jobs {[j.name for j in pending]} wait for each other in a cycle")
+        done |= {j.name for j in ready}
+        pending = [j for j in pending if j.name not in done]
+
+
+def run_jobs(jobs: list[Job], slots: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``jobs`` as their dependencies allow, up to ``slots`` at a time; returns ``{name: result}``.
+
+    ``log`` gets one line when a job starts and one when it ends (with its wall time)."""
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    check_jobs(jobs)
+    done: dict[str, Any] = {}
+    pending = list(jobs)
+    start0 = time.perf_counter()
+
+    def stamp() -> str:
+        return time.strftime("%H:%M:%S")
+
+    def ready() -> list[Job]:
+        return [j for j in pending if set(j.deps) <= set(done)]
+
+    if slots == 1:
+        while pending:
+            job = ready()[0]
+            pending.remove(job)
+            log(f"[{stamp()}] {job.label or job.name}: started")
+            t = time.perf_counter()
+            fn, args = job.make(done)
+            done[job.name] = _run_named(job, fn, args)
+            log(f"[{stamp()}] {job.label or job.name}: finished in {time.perf_counter() - t:.0f} s")
+        return done
+
+    running: dict[Future, tuple[Job, float]] = {}
+    pool = ProcessPoolExecutor(max_workers=slots, mp_context=mp.get_context("spawn"), initializer=_init_worker)
+    try:
+        while pending or running:
+            exclusive_running = any(j.exclusive for j, _ in running.values())
+            for job in ready():
+                if exclusive_running or len(running) >= slots or (job.exclusive and running):
+                    break
+                pending.remove(job)
+                fn, args = job.make(done)
+                log(f"[{stamp()}] {job.label or job.name}: started"
+                    + (f" (alone, {slots} threads)" if job.exclusive else ""))
+                running[pool.submit(_call, fn, args, slots if job.exclusive else 1)] = (job, time.perf_counter())
+                exclusive_running = job.exclusive
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in finished:
+                job, t = running.pop(future)
+                error = future.exception()
+                if isinstance(error, SystemExit):  # a step's own clear message: keep it one, naming the step
+                    raise SystemExit(f"{job.label or job.name}: {error.code}")
+                if error is not None:
+                    raise JobError(f"job {job.label or job.name!r} failed: {type(error).__name__}: {error}") from error
+                done[job.name] = future.result()
+                log(f"[{stamp()}] {job.label or job.name}: finished in {time.perf_counter() - t:.0f} s")
+    except BaseException:
+        _stop(pool)
+        raise
+    pool.shutdown(wait=True)
+    log(f"[{stamp()}] {len(jobs)} jobs in {time.perf_counter() - start0:.0f} s on {slots} slots")
+    return done
+
+
+def _run_named(job: Job, fn: Callable[..., Any], args: tuple) -> Any:
+    try:
+        return fn(*args)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise JobError(f"job {job.label or job.name!r} failed: {type(e).__name__}: {e}") from e
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and stop the workers now (a training may have an hour left)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.join(timeout=10)
+
+
+__all__ = ["Job", "JobError", "check_jobs", "run_jobs"]
