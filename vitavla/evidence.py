@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Tasks 0 (alphabet soup) and 3 (bbq sauce): two objects at different places, so the instruction decides
     # where to go. Task 1 (cream cheese, a flat box with under 2 cm to spare in the gripper) stays at 0-1 of 15
     # for a state-only teacher; docs/quickstart.md has the measurements.
-    ap.set_defaults(out="runs/evidence", tasks=[0, 3], modes=list(qs.PAPER_MODES), episodes=15)
+    # jobs 2: its three modes per seed train side by side, one core each, and roll out while the next trains
+    ap.set_defaults(out="runs/evidence", tasks=[0, 3], modes=list(qs.PAPER_MODES), episodes=15, jobs=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (all stages)")
     ap.add_argument("--curve-points", type=int, default=4,
                     help="intermediate checkpoints per two_stage / only_finetune run (learning curves)")

@@ -20,8 +20,9 @@ started are cancelled, the running ones are stopped, and the error names the job
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
+import queue
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -46,23 +47,68 @@ class JobError(RuntimeError):
     """A job raised; the message names it and gives its error."""
 
 
-def _init_worker() -> None:
+def _worker(tasks, results) -> None:
+    """A worker process: one thread, third-party output into the parent's log, then jobs until ``None``."""
     import torch
 
     from vitavla.console import route_from_env
 
     torch.set_num_threads(1)
     route_from_env()  # third-party output into the parent's log file, as in the parent
+    for key, fn, args, threads in iter(tasks.get, None):
+        torch.set_num_threads(threads)
+        try:
+            # Pickled here: a value that does not pickle is this job's error, not a lost result.
+            results.put((key, "ok", pickle.dumps(fn(*args))))
+        except SystemExit as e:
+            results.put((key, "exit", str(e.code)))
+        except BaseException as e:  # sent as text: not every exception pickles
+            results.put((key, "error", f"{type(e).__name__}: {e}"))
+        finally:
+            torch.set_num_threads(1)
 
 
-def _call(fn: Callable[..., Any], args: tuple, threads: int) -> Any:
-    import torch
+class _Workers:
+    """``n`` spawned worker processes, each with its own task queue: a job goes to a worker that is idle, so
+    it starts at once (a shared queue would let a busy worker take it after its current job)."""
 
-    torch.set_num_threads(threads)
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(1)
+    def __init__(self, n: int):
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.queues = [ctx.Queue() for _ in range(n)]
+        # Not daemons: a worker starts its own simulator processes for rollouts.
+        self.procs = [ctx.Process(target=_worker, args=(q, self.results), daemon=False) for q in self.queues]
+        for proc in self.procs:
+            proc.start()
+        self.busy: dict[int, str] = {}
+
+    def submit(self, key: str, fn: Callable[..., Any], args: tuple, threads: int) -> None:
+        worker = next(i for i in range(len(self.procs)) if i not in self.busy)
+        self.busy[worker] = key
+        self.queues[worker].put((key, fn, args, threads))
+
+    def next_result(self) -> tuple[str, str, Any]:
+        """The next finished job's ``(key, status, value)``; a worker that died takes its job down with it."""
+        while True:
+            try:
+                key, status, value = self.results.get(timeout=5)
+            except queue.Empty:
+                for worker, key in list(self.busy.items()):
+                    if not self.procs[worker].is_alive():
+                        del self.busy[worker]
+                        return key, "error", f"its worker process died (exit code {self.procs[worker].exitcode})"
+                continue
+            self.busy = {w: k for w, k in self.busy.items() if k != key}
+            return key, status, value
+
+    def close(self, now: bool = False) -> None:
+        for proc, q in zip(self.procs, self.queues):
+            if now and proc.is_alive():
+                proc.terminate()  # a training may have an hour left
+            elif proc.is_alive():
+                q.put(None)
+        for proc in self.procs:
+            proc.join(timeout=30)
 
 
 def check_jobs(jobs: list[Job]) -> None:
@@ -115,8 +161,8 @@ def run_jobs(jobs: list[Job], slots: int = 1, log: Callable[[str], None] = print
             log(f"[{stamp()}] {job.label or job.name}: finished in {time.perf_counter() - t:.0f} s")
         return done
 
-    running: dict[Future, tuple[Job, float]] = {}
-    pool = ProcessPoolExecutor(max_workers=slots, mp_context=mp.get_context("spawn"), initializer=_init_worker)
+    running: dict[str, tuple[Job, float]] = {}
+    workers = _Workers(slots)
     try:
         while pending or running:
             exclusive_running = any(j.exclusive for j, _ in running.values())
@@ -127,22 +173,21 @@ def run_jobs(jobs: list[Job], slots: int = 1, log: Callable[[str], None] = print
                 fn, args = job.make(done)
                 log(f"[{stamp()}] {job.label or job.name}: started"
                     + (f" (alone, {slots} threads)" if job.exclusive else ""))
-                running[pool.submit(_call, fn, args, slots if job.exclusive else 1)] = (job, time.perf_counter())
+                workers.submit(job.name, fn, args, slots if job.exclusive else 1)
+                running[job.name] = (job, time.perf_counter())
                 exclusive_running = job.exclusive
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for future in finished:
-                job, t = running.pop(future)
-                error = future.exception()
-                if isinstance(error, SystemExit):  # a step's own clear message: keep it one, naming the step
-                    raise SystemExit(f"{job.label or job.name}: {error.code}")
-                if error is not None:
-                    raise JobError(f"job {job.label or job.name!r} failed: {type(error).__name__}: {error}") from error
-                done[job.name] = future.result()
-                log(f"[{stamp()}] {job.label or job.name}: finished in {time.perf_counter() - t:.0f} s")
+            key, status, value = workers.next_result()
+            job, t = running.pop(key)
+            if status == "exit":  # a step's own clear message: keep it one line, naming the step
+                raise SystemExit(f"{job.label or job.name}: {value}")
+            if status == "error":
+                raise JobError(f"job {job.label or job.name!r} failed: {value}")
+            done[job.name] = pickle.loads(value)
+            log(f"[{stamp()}] {job.label or job.name}: finished in {time.perf_counter() - t:.0f} s")
     except BaseException:
-        _stop(pool)
+        workers.close(now=True)
         raise
-    pool.shutdown(wait=True)
+    workers.close()
     log(f"[{stamp()}] {len(jobs)} jobs in {time.perf_counter() - start0:.0f} s on {slots} slots")
     return done
 
@@ -154,16 +199,6 @@ def _run_named(job: Job, fn: Callable[..., Any], args: tuple) -> Any:
         raise
     except Exception as e:
         raise JobError(f"job {job.label or job.name!r} failed: {type(e).__name__}: {e}") from e
-
-
-def _stop(pool: ProcessPoolExecutor) -> None:
-    """Cancel what has not started and stop the workers now (a training may have an hour left)."""
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
-        if process.is_alive():
-            process.terminate()
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
-        process.join(timeout=10)
 
 
 __all__ = ["Job", "JobError", "check_jobs", "run_jobs"]

@@ -145,10 +145,11 @@ def build_parser(prog: str = "vitavla quickstart", description: str | None = __d
     ap.add_argument("--render-size", type=int, default=56,
                     help="camera size of demos and rollouts (px); the CPU configs' models read 56 px")
     ap.add_argument("--workers", type=int, default=2, help="simulator processes (demos and rollouts)")
-    ap.add_argument("--jobs", type=int, default=2,
-                    help="trainings and evaluations run side by side, one core each (a policy rolls out while "
-                         "the next one trains; the evidence run trains its modes two at a time); 1 runs them one "
-                         "after the other with every core. The teacher always trains alone on --jobs threads")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="trainings and evaluations run side by side, one core each, as their order allows (a "
+                         "policy rolls out while the next one trains; several modes train at once); 1 runs them "
+                         "one after the other with every core. The teacher trains alone on --jobs threads. One "
+                         "mode is a chain (teacher, stage 1, stage 2), so the quickstart gains nothing from more")
     ap.add_argument("--teacher-steps", type=int, default=None,
                     help=f"teacher training steps; default {TEACHER_STEPS_PER_TASK} per task, so each task gets "
                          "the passes over its demos that the one-task teacher needs (two tasks at 3000 steps "

@@ -1,0 +1,81 @@
+"""vitavla.jobs: dependency order, side-by-side workers, exclusive jobs and errors that name the job."""
+
+import os
+import time
+
+import pytest
+
+from vitavla.jobs import Job, JobError, check_jobs, run_jobs
+
+
+def _span(name: str, seconds: float, seen: tuple = ()) -> dict:
+    """A job's trace: when it ran, in which process, with how many torch threads, and what it was given."""
+    import torch
+
+    start = time.time()
+    time.sleep(seconds)
+    return {"name": name, "start": start, "end": time.time(), "pid": os.getpid(),
+            "threads": torch.get_num_threads(), "seen": seen}
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def _exit(message: str) -> None:
+    raise SystemExit(message)
+
+
+def _job(name: str, deps: tuple = (), seconds: float = 0.0, exclusive: bool = False) -> Job:
+    # make() receives the finished jobs' results: the trace records which ones it saw
+    return Job(name, lambda done: (_span, (name, seconds, tuple(sorted(done)))), deps, exclusive)
+
+
+def test_check_jobs_names_duplicates_missing_dependencies_and_cycles():
+    with pytest.raises(ValueError, match="two jobs are called 'a'"):
+        check_jobs([_job("a"), _job("a")])
+    with pytest.raises(ValueError, match=r"job 'b' waits for \['x'\]"):
+        check_jobs([_job("a"), _job("b", ("x",))])
+    with pytest.raises(ValueError, match="wait for each other in a cycle"):
+        check_jobs([_job("a", ("b",)), _job("b", ("a",))])
+    with pytest.raises(ValueError, match="slots must be >= 1"):
+        run_jobs([_job("a")], slots=0)
+
+
+def test_one_slot_runs_in_this_process_in_dependency_order():
+    lines = []
+    done = run_jobs([_job("c", ("a", "b")), _job("a"), _job("b", ("a",))], slots=1, log=lines.append)
+    assert [done[n]["pid"] for n in "abc"] == [os.getpid()] * 3
+    assert done["a"]["end"] <= done["b"]["start"] and done["b"]["end"] <= done["c"]["start"]
+    assert done["b"]["seen"] == ("a",) and done["c"]["seen"] == ("a", "b")  # make() saw its dependencies' results
+    assert [line.split("] ")[1] for line in lines] == ["a: started", "a: finished in 0 s", "b: started",
+                                                       "b: finished in 0 s", "c: started", "c: finished in 0 s"]
+
+
+def test_two_slots_run_independent_jobs_side_by_side_on_one_thread_each():
+    jobs = [_job("root", exclusive=True), _job("x", ("root",), 1.5), _job("y", ("root",), 1.5),
+            _job("z", ("x", "y"))]
+    done = run_jobs(jobs, slots=2, log=lambda line: None)
+    root, x, y, z = (done[n] for n in ("root", "x", "y", "z"))
+    assert root["threads"] == 2 and x["threads"] == y["threads"] == z["threads"] == 1
+    assert os.getpid() not in {root["pid"], x["pid"], y["pid"]} and x["pid"] != y["pid"]
+    assert root["end"] <= min(x["start"], y["start"])
+    assert x["start"] < y["end"] and y["start"] < x["end"]  # they overlapped
+    assert z["start"] >= max(x["end"], y["end"])
+
+
+def test_an_exclusive_job_waits_for_running_ones_and_runs_alone():
+    jobs = [_job("a", seconds=1.0), _job("b", seconds=0.2), _job("solo", ("b",), 0.5, exclusive=True)]
+    done = run_jobs(jobs, slots=2, log=lambda line: None)
+    assert done["solo"]["start"] >= done["a"]["end"] and done["solo"]["threads"] == 2
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_a_failing_job_stops_the_run_with_its_name(slots):
+    jobs = [_job("ok"), Job("stage 2", lambda done: (_fail, ("bad batch",)), ("ok",)), _job("after", ("stage 2",))]
+    with pytest.raises(JobError, match="job 'stage 2' failed: ValueError: bad batch"):
+        run_jobs(jobs, slots=slots, log=lambda line: None)
+    # A step's own clean exit message stays one line, naming the step.
+    jobs = [Job("teacher", lambda done: (_exit, ("no teacher.safetensors",)), label="teacher training")]
+    with pytest.raises(SystemExit, match="no teacher.safetensors"):
+        run_jobs(jobs, slots=slots, log=lambda line: None)
