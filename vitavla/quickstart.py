@@ -318,7 +318,10 @@ def pipeline(args: argparse.Namespace, out: Path, layered, demos: Demos, seed: i
     for name in policies if rollouts else []:
         results[name].rollout, curve_rollouts = done[f"eval_{name}"]
         for point in results[name].curve:
-            point["rollout"] = curve_rollouts.get(point["step"], results[name].rollout)
+            if point.get("final"):  # the final weights' point is the policy's own evaluation
+                point["rollout"] = results[name].rollout
+            elif point["step"] in curve_rollouts:
+                point["rollout"] = curve_rollouts[point["step"]]
     return results, done.get("align"), teacher_overrides(done)
 
 
