@@ -75,6 +75,9 @@ def test_a_failing_job_stops_the_run_with_its_name(slots):
     jobs = [_job("ok"), Job("stage 2", lambda done: (_fail, ("bad batch",)), ("ok",)), _job("after", ("stage 2",))]
     with pytest.raises(JobError, match="job 'stage 2' failed: ValueError: bad batch"):
         run_jobs(jobs, slots=slots, log=lambda line: None)
+    if slots == 2:  # a call that cannot reach a worker is an error at once, not a run that waits forever
+        with pytest.raises(JobError, match="job 'local' cannot reach a worker process: its call does not pickle"):
+            run_jobs([Job("local", lambda done: (lambda: None, ()))], slots=2, log=lambda line: None)
     # A step's own clean exit message stays one line, naming the step.
     jobs = [Job("teacher", lambda done: (_exit, ("no teacher.safetensors",)), label="teacher training")]
     with pytest.raises(SystemExit, match="no teacher.safetensors"):

@@ -6,9 +6,9 @@ has finished). :func:`run_jobs` starts every job as soon as its dependencies hav
 
 With ``slots=1`` the jobs run one after the other in this process, with every thread torch has. With
 ``slots >= 2`` they run in that many worker processes, one thread each: the tiny models of ``vitavla
-quickstart`` and ``vitavla evidence`` use a second thread poorly (at batch 64 a stage-2 step takes about 61 ms
-with 2 threads and 69 ms with 1 on 2 cores, while two 1-thread trainings side by side take about 66 ms a step
-each: 1.85 times the steps per second; ``python benchmarks/parallel_jobs.py``). An ``exclusive`` job (one that
+quickstart`` and ``vitavla evidence`` use a second thread poorly. ``python benchmarks/parallel_jobs.py`` (the
+stage-2 student at batch 64 on 2 cores) measured 60.3 ms a step with 2 threads, 75.0 ms with 1, and 79.5 ms
+each for two 1-thread processes side by side: 1.56 times the steps per second. An ``exclusive`` job (one that
 nothing else can run beside, such as the teacher every student waits for) runs alone with ``slots`` threads.
 
 Workers are spawned, not forked (torch's thread pools and EGL contexts are unsafe after fork), route
@@ -55,7 +55,8 @@ def _worker(tasks, results) -> None:
 
     torch.set_num_threads(1)
     route_from_env()  # third-party output into the parent's log file, as in the parent
-    for key, fn, args, threads in iter(tasks.get, None):
+    for payload in iter(tasks.get, None):
+        key, fn, args, threads = pickle.loads(payload)
         torch.set_num_threads(threads)
         try:
             # Pickled here: a value that does not pickle is this job's error, not a lost result.
@@ -83,9 +84,14 @@ class _Workers:
         self.busy: dict[int, str] = {}
 
     def submit(self, key: str, fn: Callable[..., Any], args: tuple, threads: int) -> None:
+        try:  # here, not in the queue's feeder thread, where a failure would lose the job and hang the run
+            payload = pickle.dumps((key, fn, args, threads))
+        except Exception as e:
+            raise JobError(f"job {key!r} cannot reach a worker process: its call does not pickle ({e}); use a "
+                           "module-level function and plain arguments") from e
         worker = next(i for i in range(len(self.procs)) if i not in self.busy)
         self.busy[worker] = key
-        self.queues[worker].put((key, fn, args, threads))
+        self.queues[worker].put(payload)
 
     def next_result(self) -> tuple[str, str, Any]:
         """The next finished job's ``(key, status, value)``; a worker that died takes its job down with it."""
