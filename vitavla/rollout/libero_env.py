@@ -129,8 +129,8 @@ def apply_fast_render(env, fast_render: bool = True, mesh_lod: bool = False) -> 
     ``fast_render``: no MSAA, no shadows, no reflections. ``mesh_lod``: render-only meshes drawn with fewer
     triangles (:mod:`vitavla.rollout.mesh_lod`; physics unchanged). ``env`` is a LIBERO ``OffScreenRenderEnv``
     (or its inner robosuite env). Call it after every ``env.reset()``: a hard reset rebuilds the MuJoCo model
-    and the render context and so brings the defaults back; after a soft reset it changes nothing. On llvmpipe rendering dominates
-    a step (~95%); 4x multisampling plus the shadow and reflection passes are most of it at full detail, the
+    and the render context and so brings the defaults back; after a soft reset it changes nothing. On
+    llvmpipe rendering dominates a step (~95%); 4x multisampling plus the shadow and reflection passes are most of it at full detail, the
     triangle count once those are off.
     """
     import mujoco
