@@ -23,7 +23,7 @@ import multiprocessing as mp
 import pickle
 import queue
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 Call = tuple[Callable[..., Any], tuple]
@@ -39,8 +39,12 @@ class Job:
     deps: tuple[str, ...] = ()
     exclusive: bool = False
     """Runs with nothing beside it, on every slot's thread (the root of a pipeline: every other job waits)."""
-    label: str = field(default="")
+    label: str = ""
     """What the console calls it (default: ``name``)."""
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.name
 
 
 class JobError(RuntimeError):
@@ -160,11 +164,11 @@ def run_jobs(jobs: list[Job], slots: int = 1, log: Callable[[str], None] = print
         while pending:
             job = ready()[0]
             pending.remove(job)
-            log(f"[{stamp()}] {job.label or job.name}: started")
+            log(f"[{stamp()}] {job.shown}: started")
             t = time.perf_counter()
             fn, args = job.make(done)
             done[job.name] = _run_named(job, fn, args)
-            log(f"[{stamp()}] {job.label or job.name}: finished in {time.perf_counter() - t:.0f} s")
+            log(f"[{stamp()}] {job.shown}: finished in {time.perf_counter() - t:.0f} s")
         return done
 
     running: dict[str, tuple[Job, float]] = {}
@@ -177,7 +181,7 @@ def run_jobs(jobs: list[Job], slots: int = 1, log: Callable[[str], None] = print
                     break
                 pending.remove(job)
                 fn, args = job.make(done)
-                log(f"[{stamp()}] {job.label or job.name}: started"
+                log(f"[{stamp()}] {job.shown}: started"
                     + (f" (alone, {slots} threads)" if job.exclusive else ""))
                 workers.submit(job.name, fn, args, slots if job.exclusive else 1)
                 running[job.name] = (job, time.perf_counter())
@@ -185,11 +189,11 @@ def run_jobs(jobs: list[Job], slots: int = 1, log: Callable[[str], None] = print
             key, status, value = workers.next_result()
             job, t = running.pop(key)
             if status == "exit":  # a step's own clear message: keep it one line, naming the step
-                raise SystemExit(f"{job.label or job.name}: {value}")
+                raise SystemExit(f"{job.shown}: {value}")
             if status == "error":
-                raise JobError(f"job {job.label or job.name!r} failed: {value}")
+                raise JobError(f"job {job.shown!r} failed: {value}")
             done[job.name] = pickle.loads(value)
-            log(f"[{stamp()}] {job.label or job.name}: finished in {time.perf_counter() - t:.0f} s")
+            log(f"[{stamp()}] {job.shown}: finished in {time.perf_counter() - t:.0f} s")
     except BaseException:
         workers.close(now=True)
         raise
@@ -204,7 +208,7 @@ def _run_named(job: Job, fn: Callable[..., Any], args: tuple) -> Any:
     except (SystemExit, KeyboardInterrupt):
         raise
     except Exception as e:
-        raise JobError(f"job {job.label or job.name!r} failed: {type(e).__name__}: {e}") from e
+        raise JobError(f"job {job.shown!r} failed: {type(e).__name__}: {e}") from e
 
 
 __all__ = ["Job", "JobError", "check_jobs", "run_jobs"]
