@@ -173,6 +173,9 @@ def test_default_tasks_and_budget(tmp_path):
 
     args, _ = qs.parse(evidence.build_parser(), ["--out", str(tmp_path)])
     assert args.tasks == [0, 3] and args.teacher_steps == 2 * qs.TEACHER_STEPS_PER_TASK
+    assert args.finetune_steps == 2 * qs.FINETUNE_STEPS_PER_TASK == 6000 and args.jobs == 2
+    one, _ = qs.parse(qs.build_parser(), ["--out", str(tmp_path)])  # the quickstart: one task, half of each
+    assert one.tasks == [0] and (one.teacher_steps, one.finetune_steps, one.jobs) == (3000, 3000, 2)
     assert args.seeds == [0, 1, 2] and args.episodes == 15 and args.modes == list(qs.PAPER_MODES)
 
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from vitavla.jobs import Job, JobError, check_jobs, run_jobs
+from vitavla.jobs import Job, JobError, check_jobs, follow_share, run_jobs, share_slots
 
 
 def _span(name: str, seconds: float, seen: tuple = ()) -> dict:
@@ -55,9 +55,14 @@ def test_one_slot_runs_in_this_process_in_dependency_order():
 def test_two_slots_run_independent_jobs_side_by_side_on_one_thread_each():
     jobs = [_job("root", exclusive=True), _job("x", ("root",), 1.5), _job("y", ("root",), 1.5),
             _job("z", ("x", "y"))]
-    done = run_jobs(jobs, slots=2, log=lambda line: None)
+    lines = []
+    done = run_jobs(jobs, slots=2, log=lines.append)
     root, x, y, z = (done[n] for n in ("root", "x", "y", "z"))
-    assert root["threads"] == 2 and x["threads"] == y["threads"] == z["threads"] == 1
+    # side by side one thread each; alone (the exclusive root, and z once x and y are done) both slots
+    assert root["threads"] == 2 and x["threads"] == y["threads"] == 1 and z["threads"] == 2
+    started = [line.split("] ")[1] for line in lines if "started" in line]
+    assert started == ["root: started (alone, 2 threads)", "x: started (1 thread)", "y: started (1 thread)",
+                       "z: started (2 threads)"]
     assert os.getpid() not in {root["pid"], x["pid"], y["pid"]} and x["pid"] != y["pid"]
     assert root["end"] <= min(x["start"], y["start"])
     assert x["start"] < y["end"] and y["start"] < x["end"]  # they overlapped
@@ -82,3 +87,25 @@ def test_a_failing_job_stops_the_run_with_its_name(slots):
     jobs = [Job("teacher", lambda done: (_exit, ("no teacher.safetensors",)), label="teacher training")]
     with pytest.raises(SystemExit, match="no teacher.safetensors"):
         run_jobs(jobs, slots=slots, log=lambda line: None)
+
+
+def _watch_share(seconds: float) -> list[int]:
+    """Follow the worker's share for ``seconds``, as a training does every step: the thread counts seen."""
+    import torch
+
+    seen, end = [], time.time() + seconds
+    while time.time() < end:
+        follow_share()
+        if not seen or seen[-1] != torch.get_num_threads():
+            seen.append(torch.get_num_threads())
+        time.sleep(0.02)
+    return seen
+
+
+def test_a_job_left_alone_takes_the_freed_slot_while_it_runs():
+    assert share_slots(["a", "b", "c"], 2) == {"a": 1, "b": 1, "c": 1}  # never below one
+    assert share_slots(["a", "b"], 5) == {"a": 3, "b": 2} and share_slots([], 2) == {}
+    assert follow_share() is None  # outside a worker: this process keeps its own threads
+    jobs = [_job("short", seconds=1.0), Job("long", lambda done: (_watch_share, (3.0,)))]
+    done = run_jobs(jobs, slots=2, log=lambda line: None)
+    assert done["long"] == [1, 2]  # one thread beside "short", both once it ended

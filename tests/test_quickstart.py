@@ -52,7 +52,7 @@ def test_quickstart_runs_every_step_in_libero(tmp_path):
     out = tmp_path / "qs"
     results = quickstart(["--out", str(out), "--demos", "2", "--teacher-steps", "2", "--align-steps", "2",
                           "--finetune-steps", "2", "--episodes", "1", "--max-steps", "3", "--workers", "1",
-                          "--render-size", "32", "--batch-size", "4",
+                          "--render-size", "32", "--batch-size", "4", "--jobs", "1",  # in this process
                           "--modes", "freeze_vlm", "two_stage", "only_finetune", "two_stage_lora", "--seed", "3"])
     assert list(results) == ["teacher", "two_stage", "only_finetune", "freeze_vlm", "two_stage_lora"]
     summary = json.loads((out / "summary.json").read_text())

@@ -5,11 +5,16 @@ call from the results of those jobs (a stage-2 run needs the stage-1 checkpoint'
 has finished). :func:`run_jobs` starts every job as soon as its dependencies have finished.
 
 With ``slots=1`` the jobs run one after the other in this process, with every thread torch has. With
-``slots >= 2`` they run in that many worker processes, one thread each: the tiny models of ``vitavla
-quickstart`` and ``vitavla evidence`` use a second thread poorly. ``python benchmarks/parallel_jobs.py`` (the
-stage-2 student at batch 64 on 2 cores) measured 60.3 ms a step with 2 threads, 75.0 ms with 1, and 79.5 ms
-each for two 1-thread processes side by side: 1.56 times the steps per second. An ``exclusive`` job (one that
-nothing else can run beside, such as the teacher every student waits for) runs alone with ``slots`` threads.
+``slots >= 2`` they run in that many worker processes, and the running jobs share the slots: two jobs side by
+side get one thread each, a job that runs alone gets them all. The tiny models of ``vitavla quickstart`` and
+``vitavla evidence`` use a second thread poorly: ``python benchmarks/parallel_jobs.py`` (the stage-2 student
+at batch 64 on 2 cores) measured 60.3 ms a step with 2 threads, 75.0 ms with 1, and 79.5 ms each for two
+1-thread processes side by side, 1.56 times the steps per second. An ``exclusive`` job (one that nothing else
+can run beside, such as the teacher every student waits for) waits for the others and runs alone.
+
+A job's share (:func:`cpu_share`) is set when it starts and changes when another job starts or ends. A
+training follows it at every step (:func:`follow_share`), so a stage-2 run that ends up alone takes the idle
+core; a rollout sizes its simulator pool by its share when it starts and keeps that pool.
 
 Workers are spawned, not forked (torch's thread pools and EGL contexts are unsafe after fork), route
 third-party output into the parent's log file like the simulator workers (:func:`vitavla.console.route_from_env`),
@@ -51,17 +56,41 @@ class JobError(RuntimeError):
     """A job raised; the message names it and gives its error."""
 
 
-def _worker(tasks, results) -> None:
-    """A worker process: one thread, third-party output into the parent's log, then jobs until ``None``."""
-    import torch
+_SHARE = None
+"""In a worker process: the shared integer through which the parent sets this worker's slots."""
+
+
+def cpu_share() -> int | None:
+    """The slots (threads, or simulator processes) the job running in this worker may use now; None outside
+    a worker (``slots=1`` runs jobs in the calling process, which keeps its own settings)."""
+    return None if _SHARE is None else int(_SHARE.value)
+
+
+def follow_share() -> int | None:
+    """Set torch's thread count to :func:`cpu_share` if it changed (a training calls this every step); returns
+    the share, None outside a worker."""
+    share = cpu_share()
+    if share is not None:
+        import torch
+
+        if torch.get_num_threads() != share:
+            torch.set_num_threads(share)
+    return share
+
+
+def _worker(tasks, results, share) -> None:
+    """A worker process: third-party output into the parent's log, then jobs until ``None``, each with the
+    threads of its share."""
+    global _SHARE
+    import torch  # noqa: F401  (imported now, while idle, not when the first job is waiting)
 
     from vitavla.console import route_from_env
 
-    torch.set_num_threads(1)
+    _SHARE = share
     route_from_env()  # third-party output into the parent's log file, as in the parent
     for payload in iter(tasks.get, None):
-        key, fn, args, threads = pickle.loads(payload)
-        torch.set_num_threads(threads)
+        key, fn, args = pickle.loads(payload)
+        follow_share()
         try:
             # Pickled here: a value that does not pickle is this job's error, not a lost result.
             results.put((key, "ok", pickle.dumps(fn(*args))))
@@ -69,8 +98,6 @@ def _worker(tasks, results) -> None:
             results.put((key, "exit", str(e.code)))
         except BaseException as e:  # sent as text: not every exception pickles
             results.put((key, "error", f"{type(e).__name__}: {e}"))
-        finally:
-            torch.set_num_threads(1)
 
 
 class _Workers:
@@ -81,21 +108,32 @@ class _Workers:
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.queues = [ctx.Queue() for _ in range(n)]
+        self.shares = [ctx.Value("i", 1) for _ in range(n)]
         # Not daemons: a worker starts its own simulator processes for rollouts.
-        self.procs = [ctx.Process(target=_worker, args=(q, self.results), daemon=False) for q in self.queues]
+        self.procs = [ctx.Process(target=_worker, args=(q, self.results, v), daemon=False)
+                      for q, v in zip(self.queues, self.shares)]
         for proc in self.procs:
             proc.start()
         self.busy: dict[int, str] = {}
 
-    def submit(self, key: str, fn: Callable[..., Any], args: tuple, threads: int) -> None:
+    def submit(self, key: str, fn: Callable[..., Any], args: tuple) -> None:
+        """Queue a job on an idle worker (after :meth:`set_shares`: the worker reads its share at once)."""
         try:  # here, not in the queue's feeder thread, where a failure would lose the job and hang the run
-            payload = pickle.dumps((key, fn, args, threads))
+            payload = pickle.dumps((key, fn, args))
         except Exception as e:
             raise JobError(f"job {key!r} cannot reach a worker process: its call does not pickle ({e}); use a "
                            "module-level function and plain arguments") from e
         worker = next(i for i in range(len(self.procs)) if i not in self.busy)
         self.busy[worker] = key
         self.queues[worker].put(payload)
+
+    def set_shares(self, shares: dict[str, int]) -> None:
+        """Give each job its slots: the running ones' workers now, and the next idle workers, in order, to the
+        jobs about to be submitted."""
+        idle = iter(i for i in range(len(self.procs)) if i not in self.busy)
+        where = {key: worker for worker, key in self.busy.items()}
+        for key, n in shares.items():
+            self.shares[where[key] if key in where else next(idle)].value = n
 
     def next_result(self) -> tuple[str, str, Any]:
         """The next finished job's ``(key, status, value)``; a worker that died takes its job down with it."""
@@ -176,16 +214,22 @@ def run_jobs(jobs: list[Job], slots: int = 1, log: Callable[[str], None] = print
     try:
         while pending or running:
             exclusive_running = any(j.exclusive for j, _ in running.values())
+            starting: list[tuple[Job, Call]] = []
             for job in ready():
-                if exclusive_running or len(running) >= slots or (job.exclusive and running):
+                busy = len(running) + len(starting)
+                if exclusive_running or busy >= slots or (job.exclusive and busy):
                     break
                 pending.remove(job)
-                fn, args = job.make(done)
-                log(f"[{stamp()}] {job.shown}: started"
-                    + (f" (alone, {slots} threads)" if job.exclusive else ""))
-                workers.submit(job.name, fn, args, slots if job.exclusive else 1)
-                running[job.name] = (job, time.perf_counter())
+                starting.append((job, job.make(done)))
                 exclusive_running = job.exclusive
+            shares = share_slots([*running, *(j.name for j, _ in starting)], slots)
+            workers.set_shares(shares)
+            for job, (fn, args) in starting:
+                n = shares[job.name]
+                log(f"[{stamp()}] {job.shown}: started ({'alone, ' if job.exclusive else ''}"
+                    f"{n} thread{'s' if n > 1 else ''})")
+                workers.submit(job.name, fn, args)
+                running[job.name] = (job, time.perf_counter())
             key, status, value = workers.next_result()
             job, t = running.pop(key)
             if status == "exit":  # a step's own clear message: keep it one line, naming the step
@@ -202,6 +246,15 @@ def run_jobs(jobs: list[Job], slots: int = 1, log: Callable[[str], None] = print
     return done
 
 
+def share_slots(names: list[str], slots: int) -> dict[str, int]:
+    """Split ``slots`` between the running jobs ``names`` (in the order they started): equal shares, the
+    remainder to the earliest, at least one each."""
+    if not names:
+        return {}
+    base, extra = divmod(slots, len(names))
+    return {name: max(1, base + (i < extra)) for i, name in enumerate(names)}
+
+
 def _run_named(job: Job, fn: Callable[..., Any], args: tuple) -> Any:
     try:
         return fn(*args)
@@ -211,4 +264,4 @@ def _run_named(job: Job, fn: Callable[..., Any], args: tuple) -> Any:
         raise JobError(f"job {job.shown!r} failed: {type(e).__name__}: {e}") from e
 
 
-__all__ = ["Job", "JobError", "check_jobs", "run_jobs"]
+__all__ = ["Job", "JobError", "check_jobs", "cpu_share", "follow_share", "run_jobs", "share_slots"]

@@ -27,10 +27,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import disable_possible_user_warnings
 
 from vitavla import console
-from vitavla.jobs import Call, Job, run_jobs
+from vitavla.jobs import Call, Job, cpu_share, follow_share, run_jobs
 from vitavla.lightning_cli import build_cli
 
 PAPER_MODES = ("two_stage", "only_finetune", "freeze_vlm")
@@ -42,6 +43,7 @@ INIT_MODE = {"two_stage": "two_stage", "only_finetune": "only_finetune", "freeze
 """The ``PolicyModule.init_mode`` of each quickstart mode."""
 INIT_STATES = 50  # fixed init states per LIBERO task
 TEACHER_STEPS_PER_TASK = 3000  # batch 64 over 20 demos of one task: about 65 passes
+FINETUNE_STEPS_PER_TASK = 3000  # the same passes for stage 2 (docs/quickstart.md: 3000 against 6000 steps)
 
 
 def _config_dir() -> Path:
@@ -70,6 +72,14 @@ def _cli(configs: list[Path], overrides: list[str]):
     return build_cli(args, run=False)
 
 
+class _FollowShare(Callback):
+    """Each training step runs on the threads of the job's current share (:func:`vitavla.jobs.follow_share`):
+    a stage-2 run started beside a rollout takes the second core once the rollout ends."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        follow_share()
+
+
 def _fit(configs: list[Path], run_dir: Path, name: str, steps: int, overrides: list[str],
          curve_every: int = 0) -> RunResult:
     """Train one stage and validate it on the held-out demonstrations. ``curve_every`` > 0 also saves a
@@ -77,6 +87,8 @@ def _fit(configs: list[Path], run_dir: Path, name: str, steps: int, overrides: l
     cli = _cli(configs, [f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}",
                          f"--trainer.max_steps={steps}", "--trainer.enable_model_summary=false", *overrides])
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    if cpu_share() is not None:  # a job beside others: its threads follow its share of the cores
+        trainer.callbacks.append(_FollowShare())
     curve_dir = Path(trainer.log_dir) / "curve"
     if curve_every > 0:
         from lightning.pytorch.callbacks import ModelCheckpoint
@@ -145,17 +157,19 @@ def build_parser(prog: str = "vitavla quickstart", description: str | None = __d
     ap.add_argument("--render-size", type=int, default=56,
                     help="camera size of demos and rollouts (px); the CPU configs' models read 56 px")
     ap.add_argument("--workers", type=int, default=2, help="simulator processes (demos and rollouts)")
-    ap.add_argument("--jobs", type=int, default=1,
-                    help="trainings and evaluations run side by side, one core each, as their order allows (a "
-                         "policy rolls out while the next one trains; several modes train at once); 1 runs them "
-                         "one after the other with every core. The teacher trains alone on --jobs threads. One "
-                         "mode is a chain (teacher, stage 1, stage 2), so the quickstart gains nothing from more")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="trainings and evaluations that run side by side, as their order allows, sharing the "
+                         "cores (a policy rolls out while the next one trains; several modes train at once; a job "
+                         "left alone takes every core); 1 runs them one after the other in this process. The "
+                         "teacher trains alone")
     ap.add_argument("--teacher-steps", type=int, default=None,
                     help=f"teacher training steps; default {TEACHER_STEPS_PER_TASK} per task, so each task gets "
                          "the passes over its demos that the one-task teacher needs (two tasks at 3000 steps "
                          "completed 3 of 15 task-0 episodes, at 6000 11 of 15; docs/quickstart.md)")
     ap.add_argument("--align-steps", type=int, default=800, help="stage-1 steps")
-    ap.add_argument("--finetune-steps", type=int, default=6000, help="stage-2 steps per mode")
+    ap.add_argument("--finetune-steps", type=int, default=None,
+                    help=f"stage-2 steps per mode; default {FINETUNE_STEPS_PER_TASK} per task, as for the teacher "
+                         "(one task: 12/20 held-out episodes at 3000 steps, 14/20 at 6000; docs/quickstart.md)")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=["two_stage"],
                     help="stage-2 modes to train and evaluate; the paper's ablations only_finetune and "
                          "freeze_vlm add about 6.5 min each on 2 cores; two_stage_lora fine-tunes LoRA "
@@ -182,6 +196,8 @@ def parse(ap: argparse.ArgumentParser, argv: list[str] | None):
     args = ap.parse_args(argv)
     if args.teacher_steps is None:
         args.teacher_steps = TEACHER_STEPS_PER_TASK * len(args.tasks)
+    if args.finetune_steps is None:
+        args.finetune_steps = FINETUNE_STEPS_PER_TASK * len(args.tasks)
     if args.jobs < 1 or args.workers < 1:
         ap.error(f"--jobs and --workers must be >= 1, got {args.jobs} and {args.workers}")
     if args.demos < 2 or not 1 <= args.episodes <= INIT_STATES:
@@ -263,8 +279,9 @@ def pipeline(args: argparse.Namespace, out: Path, layered, demos: Demos, seed: i
     every that many steps; with ``curve_episodes`` each is rolled out too (:func:`evaluate_policy`)."""
     data = [f"--data.init_args.root={demos.path}", f"--data.init_args.batch_size={args.batch_size}",
             f"--data.init_args.stats_cache_dir={out / 'stats'}", f"--seed_everything={seed}"]
-    if args.jobs > 1:  # two progress bars on one console would overwrite each other: a line per job instead
-        data.append("--trainer.enable_progress_bar=false")
+    # Two progress bars on one console would overwrite each other: with jobs side by side, a line per job
+    # instead; the teacher runs alone, so it keeps its bar.
+    shared = [*data, "--trainer.enable_progress_bar=false"] if args.jobs > 1 else data
     modes = [m for m in MODES if m in args.modes]
     jobs: list[Job] = []
     prefix = f"{tag} " if tag else ""
@@ -282,14 +299,14 @@ def pipeline(args: argparse.Namespace, out: Path, layered, demos: Demos, seed: i
     stage1 = any(INIT_MODE[m] != "only_finetune" for m in modes)
     if stage1:
         jobs.append(Job("align", lambda done: (_fit, (layered("align.yaml"), out / "align", "align", args.align_steps,
-                                                        data + teacher_overrides(done))),
+                                                        shared + teacher_overrides(done))),
                         teacher_dep, label=f"{prefix}stage 1 ({args.align_steps} steps)"))
     for mode in modes:
         from_align = INIT_MODE[mode] != "only_finetune"
 
         def make(done: dict, mode: str = mode, from_align: bool = from_align) -> Call:
             init = done["align"].checkpoint if from_align else "null"
-            overrides = data + teacher_overrides(done) + [f"--model.init_args.init_mode={INIT_MODE[mode]}",
+            overrides = shared + teacher_overrides(done) + [f"--model.init_args.init_mode={INIT_MODE[mode]}",
                                                           f"--model.init_args.init_from={init}"]
             return _fit, (stage2_configs(layered, mode), out / f"finetune_{mode}", mode, args.finetune_steps,
                           overrides, curve_every if mode in curve_modes else 0)
@@ -364,8 +381,9 @@ def evaluate_policy(args: argparse.Namespace, out: Path, name: str, run: RunResu
     section. Returns its results.json and ``{curve step: results.json}``."""
     from vitavla.rollout.parallel import shared_pools
 
-    # Each job's simulators: with several jobs side by side they share --workers out.
-    sims = max(1, args.workers // args.jobs)
+    # Each job's simulators: its share of --workers, set when it starts (all of them when it runs alone).
+    share = cpu_share()
+    sims = max(1, args.workers * (share or 1) // args.jobs)
     env = [f"--data.init_args.env.init_args.suite={args.suite}",
            f"--data.init_args.tasks=[{','.join(map(str, args.tasks))}]",
            f"--data.init_args.env.init_args.render_size={args.render_size}",
