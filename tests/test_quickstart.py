@@ -125,6 +125,13 @@ def test_train_runs_stage1_only_when_a_mode_starts_from_it(monkeypatch, tmp_path
         assert configs == ["finetune.yaml"] + (["finetune_lora.yaml"] if lora else [])
 
 
+def test_trainings_draw_progress_bars_unless_two_can_run_at_once():
+    from vitavla import quickstart as qs
+
+    assert qs.training_bars(2, ["two_stage"]) and qs.training_bars(1, ["two_stage", "only_finetune"])
+    assert not qs.training_bars(2, ["two_stage", "only_finetune"])
+
+
 @pytest.mark.parametrize("argv, steps", [([], 3000), (["--tasks", "0", "1"], 6000), (["--tasks", "0", "1", "--teacher-steps", "50"], 50)])
 def test_teacher_steps_default_to_a_fixed_budget_per_task(tmp_path, argv, steps):
     # Two tasks at the one-task budget halve the passes over each task's demos (task 0: 11/15 -> 3/15).

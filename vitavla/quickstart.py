@@ -172,7 +172,8 @@ def build_parser(prog: str = "vitavla quickstart", description: str | None = __d
                          "(one task: 12/20 held-out episodes at 3000 steps, 14/20 at 6000; docs/quickstart.md)")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=["two_stage"],
                     help="stage-2 modes to train and evaluate; the paper's ablations only_finetune and "
-                         "freeze_vlm add about 6.5 min each on 2 cores; two_stage_lora fine-tunes LoRA "
+                         "freeze_vlm each add a stage-2 run and its rollouts (about 3 and 1.5 min alone on 2 "
+                         "cores); two_stage_lora fine-tunes LoRA "
                          "adapters instead of the LLM's weights (needs peft: pip install -e '.[lora]')")
     ap.add_argument("--episodes", type=int, default=10,
                     help="rollouts per task and policy (held-out init states)")
@@ -279,10 +280,8 @@ def pipeline(args: argparse.Namespace, out: Path, layered, demos: Demos, seed: i
     every that many steps; with ``curve_episodes`` each is rolled out too (:func:`evaluate_policy`)."""
     data = [f"--data.init_args.root={demos.path}", f"--data.init_args.batch_size={args.batch_size}",
             f"--data.init_args.stats_cache_dir={out / 'stats'}", f"--seed_everything={seed}"]
-    # Two progress bars on one console would overwrite each other: with jobs side by side, a line per job
-    # instead; the teacher runs alone, so it keeps its bar.
-    shared = [*data, "--trainer.enable_progress_bar=false"] if args.jobs > 1 else data
     modes = [m for m in MODES if m in args.modes]
+    shared = data if training_bars(args.jobs, modes) else [*data, "--trainer.enable_progress_bar=false"]
     jobs: list[Job] = []
     prefix = f"{tag} " if tag else ""
 
@@ -340,6 +339,14 @@ def pipeline(args: argparse.Namespace, out: Path, layered, demos: Demos, seed: i
             elif point["step"] in curve_rollouts:
                 point["rollout"] = curve_rollouts[point["step"]]
     return results, done.get("align"), teacher_overrides(done)
+
+
+def training_bars(jobs: int, modes: list[str]) -> bool:
+    """Whether stage 1 and stage 2 draw progress bars. Two bars on one console would overwrite each other, so
+    when trainings can run side by side (several modes and ``jobs`` > 1) each job logs a line instead. One
+    mode's trainings follow each other, and only rollouts, which then draw no bar, run beside them. The
+    teacher always trains alone and always keeps its bar."""
+    return jobs == 1 or len(modes) == 1
 
 
 def _teacher_file(teacher_run: RunResult) -> Path:
