@@ -61,8 +61,8 @@ def test_two_slots_run_independent_jobs_side_by_side_on_one_thread_each():
     # side by side one thread each; alone (the exclusive root, and z once x and y are done) both slots
     assert root["threads"] == 2 and x["threads"] == y["threads"] == 1 and z["threads"] == 2
     started = [line.split("] ")[1] for line in lines if "started" in line]
-    assert started == ["root: started (alone, 2 threads)", "x: started (1 thread)", "y: started (1 thread)",
-                       "z: started (2 threads)"]
+    assert started == ["root: started (alone, 2 cores)", "x: started (1 core)", "y: started (1 core)",
+                       "z: started (2 cores)"]
     assert os.getpid() not in {root["pid"], x["pid"], y["pid"]} and x["pid"] != y["pid"]
     assert root["end"] <= min(x["start"], y["start"])
     assert x["start"] < y["end"] and y["start"] < x["end"]  # they overlapped

@@ -226,8 +226,9 @@ def run_jobs(jobs: list[Job], slots: int = 1, log: Callable[[str], None] = print
             workers.set_shares(shares)
             for job, (fn, args) in starting:
                 n = shares[job.name]
+                # A share is cores: a training's threads, a rollout's simulator processes.
                 log(f"[{stamp()}] {job.shown}: started ({'alone, ' if job.exclusive else ''}"
-                    f"{n} thread{'s' if n > 1 else ''})")
+                    f"{n} core{'s' if n > 1 else ''})")
                 workers.submit(job.name, fn, args)
                 running[job.name] = (job, time.perf_counter())
             key, status, value = workers.next_result()
