@@ -116,8 +116,8 @@ class _Workers:
             proc.start()
         self.busy: dict[int, str] = {}
 
-    def submit(self, key: str, fn: Callable[..., Any], args: tuple) -> None:
-        """Queue a job on an idle worker (after :meth:`set_shares`: the worker reads its share at once)."""
+    def submit(self, key: str, fn: Callable[..., Any], args: tuple, share: int) -> None:
+        """Queue a job on an idle worker, with its share set first (the worker reads it at once)."""
         try:  # here, not in the queue's feeder thread, where a failure would lose the job and hang the run
             payload = pickle.dumps((key, fn, args))
         except Exception as e:
@@ -125,15 +125,14 @@ class _Workers:
                            "module-level function and plain arguments") from e
         worker = next(i for i in range(len(self.procs)) if i not in self.busy)
         self.busy[worker] = key
+        self.shares[worker].value = share
         self.queues[worker].put(payload)
 
     def set_shares(self, shares: dict[str, int]) -> None:
-        """Give each job its slots: the running ones' workers now, and the next idle workers, in order, to the
-        jobs about to be submitted."""
-        idle = iter(i for i in range(len(self.procs)) if i not in self.busy)
+        """Give running jobs new shares (``{job: slots}``); their trainings follow at their next step."""
         where = {key: worker for worker, key in self.busy.items()}
         for key, n in shares.items():
-            self.shares[where[key] if key in where else next(idle)].value = n
+            self.shares[where[key]].value = n
 
     def next_result(self) -> tuple[str, str, Any]:
         """The next finished job's ``(key, status, value)``; a worker that died takes its job down with it."""
@@ -223,13 +222,13 @@ def run_jobs(jobs: list[Job], slots: int = 1, log: Callable[[str], None] = print
                 starting.append((job, job.make(done)))
                 exclusive_running = job.exclusive
             shares = share_slots([*running, *(j.name for j, _ in starting)], slots)
-            workers.set_shares(shares)
+            workers.set_shares({name: shares[name] for name in running})
             for job, (fn, args) in starting:
                 n = shares[job.name]
                 # A share is cores: a training's threads, a rollout's simulator processes.
                 log(f"[{stamp()}] {job.shown}: started ({'alone, ' if job.exclusive else ''}"
                     f"{n} core{'s' if n > 1 else ''})")
-                workers.submit(job.name, fn, args)
+                workers.submit(job.name, fn, args, n)
                 running[job.name] = (job, time.perf_counter())
             key, status, value = workers.next_result()
             job, t = running.pop(key)
