@@ -211,7 +211,12 @@ def seer_training_loss(teacher: SeerTeacher, window: Window, objective: SeerObje
                          require_actions=True)
     images, valid, future = window.images, window.valid, objective.future_steps
     b, s = seen.batch_size, seen.num_steps
-    if s < future and window.num_steps == s + future:
+    # A zero foresight weight skips the image decoder and its targets (about 40% of a small teacher's step):
+    # the model then reads only its own S frames.
+    foresight = objective.image_weight != 0
+    if not foresight:
+        keep = list(range(s)) if window.num_steps > s else None
+    elif s < future and window.num_steps == s + future:
         # The model reads frames [0, S) and predicts [future, S + future): the frames between are never
         # used (the quickstart's 1-step teacher reads frame 0 and predicts frame 3 of 4), so they are
         # neither shifted nor normalised: half of a 1-step window's image work. Kept frames in order, step
@@ -226,7 +231,7 @@ def seer_training_loss(teacher: SeerTeacher, window: Window, objective: SeerObje
     elif keep is not None:
         images = images[:, keep]
     images = teacher.normalize_images(images)
-    out = teacher.run(seen, images[:, :s], predict_images=True)
+    out = teacher.run(seen, images[:, :s], predict_images=foresight)
     arm_dim = teacher.robot.arm_dim
     target = seen.actions.to(out.arm.device, out.arm.dtype)
     mask = seen.action_valid.to(out.arm.device)
@@ -235,8 +240,11 @@ def seer_training_loss(teacher: SeerTeacher, window: Window, objective: SeerObje
                                        beta=objective.smooth_l1_beta), mask)
     gripper = masked_mean(F.binary_cross_entropy_with_logits(out.gripper_logit, target[..., arm_dim:],
                                                              reduction="none"), mask)
-    image = foresight_loss(out.image_pred.unflatten(0, (b, s)), images, valid.to(images.device),
-                           teacher.cfg.patch_size, future, objective.norm_pix_eps)
+    if foresight:
+        image = foresight_loss(out.image_pred.unflatten(0, (b, s)), images, valid.to(images.device),
+                               teacher.cfg.patch_size, future, objective.norm_pix_eps)
+    else:
+        image = arm.new_zeros(())
     total = objective.arm_weight * arm + objective.gripper_weight * gripper + objective.image_weight * image
     return total, {"arm": arm.detach(), "gripper": gripper.detach(), "image": image.detach()}
 

@@ -256,6 +256,40 @@ def test_one_step_seer_reads_frame_0_predicts_frame_3_and_never_touches_frames_1
     assert torch.equal(part, full[:, [0, 3]]) and not torch.equal(part, full[:, :2])
 
 
+def test_zero_foresight_weight_skips_the_image_decoder_and_keeps_the_action_terms(one_thread, monkeypatch):
+    """image_weight 0 (the quickstart's teacher): the foresight head never runs and gets no gradient, the random
+    shift touches only the frames the model reads, and the action terms equal those of the full objective
+    under the same seed (the shift offsets are drawn for the whole window either way)."""
+    overrides = {**SMALL, "sequence_length": 1}
+    full = SeerTeacher("tiny", overrides=overrides, objective=SeerObjective(gripper_weight=1.0))
+    cut = SeerTeacher("tiny", overrides=overrides, objective=SeerObjective(gripper_weight=1.0, image_weight=0.0))
+    cut.load_state_dict(full.state_dict())
+    window = fake_window(full.robot, batch_size=3, num_steps=4, image_size=96)
+    window.actions[..., 6] = (window.actions[..., 6] > 0.5).float()
+    decoded = []
+    monkeypatch.setattr(cut.model, "decode_images", lambda h: decoded.append(h) or None)
+    torch.manual_seed(5)
+    total_full, parts_full = full.training_loss(window)
+    shifted = []
+    real = random_shift
+
+    def spy(images, pad, offsets):
+        shifted.append(images.shape[0])
+        return real(images, pad, offsets)
+
+    monkeypatch.setattr("teachers.seer.training.random_shift", spy)
+    torch.manual_seed(5)
+    total, parts = cut.training_loss(window)
+    assert decoded == [] and shifted == [3, 3]  # one frame of each of 3 windows, per view
+    assert parts_full["image"] > 0 and parts["image"] == 0
+    assert torch.equal(parts["arm"], parts_full["arm"]) and torch.equal(parts["gripper"], parts_full["gripper"])
+    torch.testing.assert_close(total, parts["arm"] + parts["gripper"])
+    total.backward()
+    decoder = [p.grad for n, p in cut.model.named_parameters() if n.startswith("image_decoder")]
+    assert decoder and all(g is None for g in decoder)
+    assert cut.model.action_head.parameters().__next__().grad is not None
+
+
 @pytest.mark.parametrize("steps", [5, 6, 8])
 def test_seer_training_window_of_another_length_is_an_error(steps):
     teacher = SeerTeacher("tiny", overrides=SHORT)
