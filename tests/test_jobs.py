@@ -89,23 +89,40 @@ def test_a_failing_job_stops_the_run_with_its_name(slots):
         run_jobs(jobs, slots=slots, log=lambda line: None)
 
 
-def _watch_share(seconds: float) -> list[int]:
-    """Follow the worker's share for ``seconds``, as a training does every step: the thread counts seen."""
+def _watch_share(marker: str, timeout: float = 60.0) -> list[int]:
+    """Follow the worker's share as a training does every step, from before ``marker`` is written until the
+    share has reached 2 (or ``timeout``): the thread counts seen, in order."""
     import torch
+    from pathlib import Path
 
-    seen, end = [], time.time() + seconds
-    while time.time() < end:
+    follow_share()
+    seen, end = [torch.get_num_threads()], time.time() + timeout
+    Path(marker).touch()
+    while time.time() < end and seen[-1] < 2:
         follow_share()
-        if not seen or seen[-1] != torch.get_num_threads():
+        if seen[-1] != torch.get_num_threads():
             seen.append(torch.get_num_threads())
         time.sleep(0.02)
     return seen
 
 
-def test_a_job_left_alone_takes_the_freed_slot_while_it_runs():
+def _end_after(marker: str, seconds: float, timeout: float = 60.0) -> None:
+    """Run until ``seconds`` after ``marker`` appears: the partner of :func:`_watch_share` ends only once the
+    watcher is running, however slowly the worker processes start on a loaded machine."""
+    from pathlib import Path
+
+    end = time.time() + timeout
+    while not Path(marker).exists() and time.time() < end:
+        time.sleep(0.02)
+    time.sleep(seconds)
+
+
+def test_a_job_left_alone_takes_the_freed_slot_while_it_runs(tmp_path):
     assert share_slots(["a", "b", "c"], 2) == {"a": 1, "b": 1, "c": 1}  # never below one
     assert share_slots(["a", "b"], 5) == {"a": 3, "b": 2} and share_slots([], 2) == {}
     assert follow_share() is None  # outside a worker: this process keeps its own threads
-    jobs = [_job("short", seconds=1.0), Job("long", lambda done: (_watch_share, (3.0,)))]
+    marker = str(tmp_path / "long_started")
+    jobs = [Job("short", lambda done: (_end_after, (marker, 0.5))),
+            Job("long", lambda done: (_watch_share, (marker,)))]
     done = run_jobs(jobs, slots=2, log=lambda line: None)
     assert done["long"] == [1, 2]  # one thread beside "short", both once it ended
