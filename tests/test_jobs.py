@@ -69,6 +69,26 @@ def test_two_slots_run_independent_jobs_side_by_side_on_one_thread_each():
     assert z["start"] >= max(x["end"], y["end"])
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+def test_on_done_sees_each_finished_job_with_the_results_so_far(slots):
+    # The evidence run saves a seed as soon as its jobs are done, while later seeds still run.
+    calls = []
+    jobs = [_job("a", seconds=0.2), _job("b", ("a",)), _job("c", ("a",), 0.6)]
+    done = run_jobs(jobs, slots=slots, log=lambda line: None,
+                    on_done=lambda name, so_far: calls.append((name, sorted(so_far))))
+    assert calls == [("a", ["a"]), ("b", ["a", "b"]), ("c", ["a", "b", "c"])]
+    assert sorted(done) == ["a", "b", "c"]
+
+
+def test_of_the_ready_jobs_the_earlier_listed_starts_first():
+    # One slot: "first" and "second" are both ready after "root"; their order in the list decides.
+    jobs = [_job("root"), _job("first", ("root",)), _job("second", ("root",))]
+    done = run_jobs(list(reversed(jobs[1:])) + [jobs[0]], slots=1, log=lambda line: None)
+    assert done["second"]["end"] <= done["first"]["start"]
+    done = run_jobs(jobs, slots=1, log=lambda line: None)
+    assert done["first"]["end"] <= done["second"]["start"]
+
+
 def test_an_exclusive_job_waits_for_running_ones_and_runs_alone():
     jobs = [_job("a", seconds=1.0), _job("b", seconds=0.2), _job("solo", ("b",), 0.5, exclusive=True)]
     done = run_jobs(jobs, slots=2, log=lambda line: None)

@@ -125,6 +125,39 @@ def test_train_runs_stage1_only_when_a_mode_starts_from_it(monkeypatch, tmp_path
         assert configs == ["finetune.yaml"] + (["finetune_lora.yaml"] if lora else [])
 
 
+def test_seeds_planned_together_share_the_first_seeds_teacher(monkeypatch, tmp_path):
+    # vitavla evidence runs every seed's jobs as one set: later seeds wait for seed 0's teacher job, not a file
+    from vitavla import quickstart as qs
+
+    fits = []
+
+    def fake_fit(configs, run_dir, name, steps, overrides, curve_every=0):
+        fits.append((run_dir.parent.name, name, overrides))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "teacher.safetensors").write_bytes(b"")
+        return qs.RunResult(name, f"{run_dir}/{name}.ckpt", str(run_dir), 1, 0.0, {})
+
+    monkeypatch.setattr(qs, "_fit", fake_fit)
+    args, layered = qs.parse(qs.build_parser(), ["--out", str(tmp_path), "--modes", "two_stage", "--jobs", "1"])
+    demos = qs.Demos(tmp_path / "demos", 20, 20, False, 0.0)
+    first = qs.plan(args, tmp_path / "seed0", layered, demos, 0, rollouts=False, ns="seed0/")
+    second = qs.plan(args, tmp_path / "seed1", layered, demos, 1, rollouts=False, teacher_run="seed0/teacher",
+                     ns="seed1/")
+    assert [j.name for j in second.jobs] == ["seed1/align", "seed1/two_stage"]
+    assert all("seed0/teacher" in j.deps for j in second.jobs)
+    finished = []
+    done = qs.run_plans([first, second], 1, on_done=lambda name, so_far: finished.append(name))
+    assert finished == ["seed0/teacher", "seed0/align", "seed0/two_stage", "seed1/align", "seed1/two_stage"]
+    results0, align0, _ = first.collect(done)
+    results1, align1, overrides1 = second.collect(done)
+    assert list(results0) == ["teacher", "two_stage"] and list(results1) == ["two_stage"]
+    assert align1.log_dir == str(tmp_path / "seed1" / "align") != align0.log_dir
+    teacher = f"--model.init_args.teacher.init_args.checkpoint={tmp_path / 'seed0' / 'teacher' / 'teacher.safetensors'}"
+    assert overrides1 == [teacher]
+    assert all(teacher in o for seed, name, o in fits if seed == "seed1")
+    assert "--seed_everything=1" in next(o for seed, name, o in fits if (seed, name) == ("seed1", "two_stage"))
+
+
 def test_trainings_draw_progress_bars_unless_two_can_run_at_once():
     from vitavla import quickstart as qs
 

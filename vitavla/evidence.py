@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     # jobs 2: its three modes per seed train side by side, one core each, and roll out while the next trains
     ap.set_defaults(out="runs/evidence", tasks=[0, 3], modes=list(qs.PAPER_MODES), episodes=15, jobs=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (all stages)")
-    ap.add_argument("--curve-points", type=int, default=4,
+    ap.add_argument("--curve-points", type=int, default=3,
                     help="intermediate checkpoints per two_stage / only_finetune run (learning curves)")
     ap.add_argument("--teacher-per-seed", action="store_true",
                     help="train and evaluate a teacher for every seed; by default one teacher (the first seed's) "
@@ -227,18 +227,34 @@ def _run(args: argparse.Namespace, out: Path, layered) -> dict:
         if any(s not in finished for s in args.seeds) and not teacher_file.is_file():
             raise SystemExit(f"vitavla evidence: error: seed {owner}'s teacher {teacher_file} is gone; the remaining "
                              "seeds need it (or start afresh in another --out)")
+    # Every seed's jobs run as one set: a seed's last rollouts share the cores with the next seed's trainings
+    # instead of leaving one idle, and the earlier seed's jobs go first whenever several are ready.
+    plans: list[tuple[int, qs.Plan]] = []
+    teacher = None if args.teacher_per_seed else shared
     for seed in args.seeds:
         if seed in finished:
             print(f"seed {seed}: finished by an earlier run into {out} (per_seed.json), reused")
             continue
-        run_dir = out / f"seed{seed}"
-        results, _, _ = qs.pipeline(args, run_dir, layered, demos, seed, every, CURVE_MODES,
-                                    teacher_run=None if args.teacher_per_seed else shared,
-                                    curve_episodes=args.curve_episodes, tag=f"seed {seed}:")
-        shared = shared or results.get("teacher")
-        stored[seed] = {name: asdict(r) for name, r in results.items()}
-        # Written after every seed, so a stopped run keeps what finished (and resumes after it).
-        (out / "per_seed.json").write_text(json.dumps(stored, indent=2) + "\n")
+        ns = f"seed{seed}/"
+        plans.append((seed, qs.plan(args, out / f"seed{seed}", layered, demos, seed, every, CURVE_MODES,
+                                    teacher_run=teacher, curve_episodes=args.curve_episodes,
+                                    tag=f"seed {seed}:", ns=ns)))
+        if teacher is None and not args.teacher_per_seed:
+            teacher = ns + "teacher"  # the later seeds distil from this seed's teacher, trained in this run
+    names = {seed: {job.name for job in p.jobs} for seed, p in plans}
+
+    def save_finished(_: str, done: dict) -> None:
+        for seed, p in plans:
+            if seed not in stored and names[seed] <= done.keys():
+                results, _, _ = p.collect(done)
+                stored[seed] = {name: asdict(r) for name, r in results.items()}
+                # Written as each seed finishes, so a stopped run keeps what finished (and resumes after it).
+                ordered = {s: stored[s] for s in sorted(stored)}
+                (out / "per_seed.json").write_text(json.dumps(ordered, indent=2) + "\n")
+
+    if plans:
+        qs.note_reused_init_states(args, demos)
+        qs.run_plans([p for _, p in plans], args.jobs, save_finished)
     per_seed = {seed: stored[seed] for seed in args.seeds}
     reused = sorted(seed for seed in args.seeds if seed in finished)
     agg = aggregate(per_seed)

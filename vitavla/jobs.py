@@ -180,10 +180,13 @@ def check_jobs(jobs: list[Job]) -> None:
         pending = [j for j in pending if j.name not in done]
 
 
-def run_jobs(jobs: list[Job], slots: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_jobs(jobs: list[Job], slots: int = 1, log: Callable[[str], None] = print,
+             on_done: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run ``jobs`` as their dependencies allow, up to ``slots`` at a time; returns ``{name: result}``.
 
-    ``log`` gets one line when a job starts and one when it ends (with its wall time)."""
+    Of the jobs ready at once, the earlier in ``jobs`` starts first. ``log`` gets one line when a job starts
+    and one when it ends (with its wall time). ``on_done(name, done)`` is called in this process after each
+    job ends, with every result so far (to save what has finished while the rest still runs)."""
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
     check_jobs(jobs)
@@ -206,6 +209,8 @@ def run_jobs(jobs: list[Job], slots: int = 1, log: Callable[[str], None] = print
             fn, args = job.make(done)
             done[job.name] = _run_named(job, fn, args)
             log(f"[{stamp()}] {job.shown}: finished in {time.perf_counter() - t:.0f} s")
+            if on_done is not None:
+                on_done(job.name, done)
         return done
 
     running: dict[str, tuple[Job, float]] = {}
@@ -238,6 +243,8 @@ def run_jobs(jobs: list[Job], slots: int = 1, log: Callable[[str], None] = print
                 raise JobError(f"job {job.shown!r} failed: {value}")
             done[job.name] = pickle.loads(value)
             log(f"[{stamp()}] {job.shown}: finished in {time.perf_counter() - t:.0f} s")
+            if on_done is not None:
+                on_done(job.name, done)
     except BaseException:
         workers.close(now=True)
         raise

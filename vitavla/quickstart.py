@@ -26,6 +26,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import disable_possible_user_warnings
@@ -267,78 +268,111 @@ def record_demos(args: argparse.Namespace, out: Path) -> Demos:
     return Demos(demos, args.demos, attempts, any(r.attempted for r in gen), seconds)
 
 
-def pipeline(args: argparse.Namespace, out: Path, layered, demos: Demos, seed: int, curve_every: int = 0,
-             curve_modes: tuple[str, ...] = (), teacher_run: RunResult | None = None, curve_episodes: int = 0,
-             rollouts: bool = True, tag: str = "") -> tuple[dict[str, RunResult], RunResult | None, list[str]]:
-    """Steps 2-5 under ``out`` as jobs (:mod:`vitavla.jobs`, ``--jobs`` at a time): the teacher, stage 1, stage 2
-    in ``args.modes`` (the paper's order), all with training seed ``seed``, and (``rollouts``) each policy's
-    evaluation as soon as it is trained, so one policy rolls out while the next one trains.
+@dataclass
+class Plan:
+    """One seed's pipeline as jobs, and how to read its policies back once they have run (:func:`plan`)."""
 
-    Returns the policies (teacher first), the stage-1 run, and the overrides that point a student's config at
-    the teacher. ``teacher_run``: a teacher trained earlier, which the students distil from instead of training
-    one (it is then not among the returned policies). ``curve_every`` > 0 saves checkpoints of ``curve_modes``
-    every that many steps; with ``curve_episodes`` each is rolled out too (:func:`evaluate_policy`)."""
+    jobs: list[Job]
+    collect: Callable[[dict], tuple[dict[str, RunResult], RunResult | None, list[str]]]
+    """``done`` (every job's result by name) -> the policies (teacher first), the stage-1 run, and the overrides
+    that point a student's config at the teacher."""
+
+
+def plan(args: argparse.Namespace, out: Path, layered, demos: Demos, seed: int, curve_every: int = 0,
+         curve_modes: tuple[str, ...] = (), teacher_run: RunResult | str | None = None, curve_episodes: int = 0,
+         rollouts: bool = True, tag: str = "", ns: str = "") -> Plan:
+    """Steps 2-5 under ``out`` as jobs (:mod:`vitavla.jobs`): the teacher, stage 1, stage 2 in ``args.modes``
+    (the paper's order), all with training seed ``seed``, and (``rollouts``) each policy's evaluation, which
+    starts as soon as that policy is trained, so one policy rolls out while the next one trains.
+
+    ``teacher_run``: a teacher trained earlier (a :class:`RunResult`), or the name of the job that trains it
+    among the jobs run together with these (another seed's), which the students distil from instead of
+    training one; it is then not among the collected policies. ``curve_every`` > 0 saves checkpoints of
+    ``curve_modes`` every that many steps; with ``curve_episodes`` each is rolled out too
+    (:func:`evaluate_policy`). ``ns`` prefixes every job name, so the plans of several seeds run as one set."""
     data = [f"--data.init_args.root={demos.path}", f"--data.init_args.batch_size={args.batch_size}",
             f"--data.init_args.stats_cache_dir={out / 'stats'}", f"--seed_everything={seed}"]
     modes = [m for m in MODES if m in args.modes]
     shared = data if training_bars(args.jobs, modes) else [*data, "--trainer.enable_progress_bar=false"]
     jobs: list[Job] = []
     prefix = f"{tag} " if tag else ""
+    own_teacher = teacher_run is None
+    teacher_job = ns + "teacher" if own_teacher else teacher_run if isinstance(teacher_run, str) else None
+
+    def teacher_result(done: dict) -> RunResult:
+        return done[teacher_job] if teacher_job is not None else teacher_run
 
     def teacher_overrides(done: dict) -> list[str]:
-        return [f"--model.init_args.teacher.init_args.checkpoint={_teacher_file(done.get('teacher', teacher_run))}"]
+        return [f"--model.init_args.teacher.init_args.checkpoint={_teacher_file(teacher_result(done))}"]
 
-    teacher_dep: tuple[str, ...] = ()
-    if teacher_run is None:
-        jobs.append(Job("teacher", lambda done: (_fit, (layered("teacher.yaml"), out / "teacher", "teacher",
+    teacher_dep: tuple[str, ...] = (teacher_job,) if teacher_job is not None else ()
+    if own_teacher:
+        jobs.append(Job(teacher_job, lambda done: (_fit, (layered("teacher.yaml"), out / "teacher", "teacher",
                                                           args.teacher_steps, data)),
                         exclusive=True, label=f"{prefix}teacher training ({args.teacher_steps} steps)"))
-        teacher_dep = ("teacher",)
     # Stage 1 only when a mode starts from it: only_finetune alone skips its minute.
     stage1 = any(INIT_MODE[m] != "only_finetune" for m in modes)
     if stage1:
-        jobs.append(Job("align", lambda done: (_fit, (layered("align.yaml"), out / "align", "align", args.align_steps,
-                                                        shared + teacher_overrides(done))),
+        jobs.append(Job(ns + "align", lambda done: (_fit, (layered("align.yaml"), out / "align", "align",
+                                                             args.align_steps, shared + teacher_overrides(done))),
                         teacher_dep, label=f"{prefix}stage 1 ({args.align_steps} steps)"))
     for mode in modes:
         from_align = INIT_MODE[mode] != "only_finetune"
 
         def make(done: dict, mode: str = mode, from_align: bool = from_align) -> Call:
-            init = done["align"].checkpoint if from_align else "null"
+            init = done[ns + "align"].checkpoint if from_align else "null"
             overrides = shared + teacher_overrides(done) + [f"--model.init_args.init_mode={INIT_MODE[mode]}",
                                                           f"--model.init_args.init_from={init}"]
             return _fit, (stage2_configs(layered, mode), out / f"finetune_{mode}", mode, args.finetune_steps,
                           overrides, curve_every if mode in curve_modes else 0)
-        jobs.append(Job(mode, make, teacher_dep + (("align",) if from_align else ()),
+        jobs.append(Job(ns + mode, make, teacher_dep + ((ns + "align",) if from_align else ()),
                         label=f"{prefix}stage 2 {mode} ({args.finetune_steps} steps)"))
-    policies = (["teacher"] if teacher_run is None else []) + modes
+    policies = (["teacher"] if own_teacher else []) + modes
     if rollouts:
         for name in policies:
             def make_eval(done: dict, name: str = name) -> Call:
                 configs = layered("teacher.yaml") if name == "teacher" else stage2_configs(layered, name)
                 model = [] if name == "teacher" else teacher_overrides(done) + [
                     "--model.init_args.init_mode=only_finetune", "--model.init_args.init_from=null"]
-                return evaluate_policy, (args, out, name, done[name], configs + layered("eval.yaml"), model,
+                return evaluate_policy, (args, out, name, done[ns + name], configs + layered("eval.yaml"), model,
                                          curve_episodes)
-            jobs.append(Job(f"eval_{name}", make_eval, tuple(dict.fromkeys((name, *teacher_dep))),
+            jobs.append(Job(f"{ns}eval_{name}", make_eval, tuple(dict.fromkeys((ns + name, *teacher_dep))),
                             label=f"{prefix}rollouts of {name} ({args.episodes} per task)"))
-    note_reused_init_states(args, demos)
-    if args.jobs == 1:
+
+    def collect(done: dict) -> tuple[dict[str, RunResult], RunResult | None, list[str]]:
+        results = {name: done[ns + name] for name in policies}
+        for name in policies if rollouts else []:
+            results[name].rollout, curve_rollouts = done[f"{ns}eval_{name}"]
+            for point in results[name].curve:
+                if point.get("final"):  # the final weights' point is the policy's own evaluation
+                    point["rollout"] = results[name].rollout
+                elif point["step"] in curve_rollouts:
+                    point["rollout"] = curve_rollouts[point["step"]]
+        return results, done.get(ns + "align"), teacher_overrides(done)
+
+    return Plan(jobs, collect)
+
+
+def run_plans(plans: list[Plan], jobs: int, on_done: Callable[[str, dict], None] | None = None) -> dict:
+    """Run the jobs of ``plans`` as one set on ``jobs`` slots (earlier plans first when several jobs are
+    ready); returns every job's result by name. With one slot, one set of simulator processes serves every
+    evaluation."""
+    every = [job for p in plans for job in p.jobs]
+    if jobs == 1:
         from vitavla.rollout.parallel import shared_pools
 
-        with shared_pools():  # one set of simulator processes serves every evaluation
-            done = run_jobs(jobs, 1)
-    else:
-        done = run_jobs(jobs, args.jobs)
-    results = {name: done[name] for name in policies}
-    for name in policies if rollouts else []:
-        results[name].rollout, curve_rollouts = done[f"eval_{name}"]
-        for point in results[name].curve:
-            if point.get("final"):  # the final weights' point is the policy's own evaluation
-                point["rollout"] = results[name].rollout
-            elif point["step"] in curve_rollouts:
-                point["rollout"] = curve_rollouts[point["step"]]
-    return results, done.get("align"), teacher_overrides(done)
+        with shared_pools():
+            return run_jobs(every, 1, on_done=on_done)
+    return run_jobs(every, jobs, on_done=on_done)
+
+
+def pipeline(args: argparse.Namespace, out: Path, layered, demos: Demos, seed: int, curve_every: int = 0,
+             curve_modes: tuple[str, ...] = (), teacher_run: RunResult | None = None, curve_episodes: int = 0,
+             rollouts: bool = True, tag: str = "") -> tuple[dict[str, RunResult], RunResult | None, list[str]]:
+    """:func:`plan` one seed's pipeline and run it (``--jobs`` at a time); returns what its ``collect`` does."""
+    p = plan(args, out, layered, demos, seed, curve_every, curve_modes, teacher_run, curve_episodes, rollouts, tag)
+    note_reused_init_states(args, demos)
+    return p.collect(run_plans([p], args.jobs))
 
 
 def training_bars(jobs: int, modes: list[str]) -> bool:

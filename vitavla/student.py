@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from vitavla.backbones.base import Backbone
 from vitavla.batch import RobotSpec, Window
+from vitavla.feature_cache import ImageFeatureCache
 from vitavla.sequence import (ACTION, IMAGE, STATE, TEXT, AttentionMode, TokenMeta, additive_mask,
                               allowed_attention, positions_from_real)
 
@@ -75,6 +76,7 @@ class VLAStudent(nn.Module):
         attention: AttentionMode = "action_isolated",
         max_instruction_tokens: int = 48,
         num_views: int = 2,
+        cache_image_features: bool = False,
     ):
         """
         Args:
@@ -89,6 +91,11 @@ class VLAStudent(nn.Module):
             attention: ``action_isolated`` (nothing attends to action tokens) or plain ``causal`` (ablation).
             max_instruction_tokens: instructions are truncated to this many tokens.
             num_views: camera views per step.
+            cache_image_features: keep the frozen vision tower's output per image (keyed by its pixels) and
+                compute only images not seen before: a training step then pays only for its trainable parts.
+                Used only in training mode while the tower is fixed (:meth:`vision_is_fixed`; a rollout's frames
+                are new every step); kept in memory (:mod:`vitavla.feature_cache`), so for small image sets
+                such as the quickstart's demos.
         """
         super().__init__()
         if attention not in ("action_isolated", "causal"):
@@ -109,6 +116,9 @@ class VLAStudent(nn.Module):
         self.action_token = nn.Parameter(torch.empty(self.hidden_size))
         nn.init.normal_(self.action_token, std=0.02)
         self._token_ids: dict[str, list[int]] = {}
+        self.image_cache = ImageFeatureCache() if cache_image_features else None
+        # New weights in the tower make every cached output stale.
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module.clear_image_cache())
 
     # -- embedding pieces -------------------------------------------------------------------------
     def instruction_tokens(self, instructions: list[str]) -> tuple[Tensor, Tensor]:
@@ -131,8 +141,26 @@ class VLAStudent(nn.Module):
         """uint8 (B, T, V, 3, H, W) -> (B, T, V * tokens_per_image, hidden)."""
         b, t, v = images.shape[:3]
         flat = images.to(self.action_token.device, non_blocking=True).flatten(0, 2)
-        emb = self.backbone.embed_images(flat)
+        if self.image_cache is not None and self.training and self.vision_is_fixed():
+            emb = self.image_cache(flat, self.backbone.embed_images)
+        else:
+            emb = self.backbone.embed_images(flat)
         return emb.reshape(b, t, v * emb.shape[1], emb.shape[2])
+
+    def vision_is_fixed(self) -> bool:
+        """Whether the vision tower gives each image one output: every parameter frozen, every module in eval
+        mode (no dropout). Image features are cached only then."""
+        modules = [sub for m in self.backbone.vision_modules() for sub in m.modules()]
+        return not any(sub.training for sub in modules) and not any(p.requires_grad for m in modules
+                                                                        for p in m.parameters(recurse=False))
+
+    def clear_image_cache(self) -> None:
+        if getattr(self, "image_cache", None) is not None:
+            self.image_cache.clear()
+
+    def _apply(self, fn, recurse=True):
+        self.clear_image_cache()  # another device or dtype: cached outputs would no longer match
+        return super()._apply(fn, recurse)
 
     def embed_instruction(self, instructions: list[str]) -> tuple[Tensor, Tensor]:
         ids, real = self.instruction_tokens(instructions)

@@ -320,3 +320,34 @@ def test_reach_action_points_at_the_goal_in_a_straight_line():
     # Beyond ``speed`` the command is scaled as a whole: the direction (a straight line) is kept.
     far = reach_action(eef, eef + [0.5, -0.25, 0.05], DOWN, DOWN, speed=0.5)
     np.testing.assert_allclose(far[:3], [0.5, -0.25, 0.05])
+
+
+def _square(job):
+    import time
+
+    time.sleep(0.01 * (job[1] % 3))  # out-of-order completion: results must still come back in job order
+    return job[1] ** 2
+
+
+def test_ordered_results_keep_job_order_and_stop_a_skipped_task_within_the_window():
+    from multiprocessing.pool import ThreadPool
+
+    from vitavla.demos.libero_scripted import ordered_results
+
+    skip, read = set(), []
+
+    def jobs():
+        for job in [(0, a) for a in range(30)] + [(3, a) for a in range(30, 36)]:
+            if job[0] not in skip:
+                read.append(job)
+                yield job
+
+    out = []
+    with ThreadPool(2) as pool:
+        for value in ordered_results(pool, _square, jobs(), window=4):
+            out.append(value)
+            if len(out) == 5:  # task 0 has what it needs: its later attempts must not start
+                skip.add(0)
+    task0 = [a for t, a in read if t == 0]
+    assert task0 == list(range(8))  # 5 taken and the 3 still in the window of 4; imap would read all 30
+    assert out == [a * a for a in task0] + [a * a for a in range(30, 36)]
