@@ -198,3 +198,40 @@ def test_default_tasks_pick_objects_in_different_places():
     finally:
         env.close()
     assert np.linalg.norm(spots[0] - spots[1]) > 0.2
+
+
+@pytest.mark.parametrize("per_seed_teacher", [False, True])
+def test_seeds_run_as_one_job_set_and_each_is_saved_when_it_finishes(monkeypatch, tmp_path, per_seed_teacher):
+    # Fake trainings and rollouts (--jobs 1 runs them in this process): which teacher each seed's students get,
+    # and what per_seed.json holds when the next seed's first training starts.
+    from vitavla import evidence, quickstart as qs
+
+    out, seen = tmp_path / "ev", []
+
+    def fake_fit(configs, run_dir, name, steps, overrides, curve_every=0):
+        done = out / "per_seed.json"
+        teacher = next((o.split("=", 1)[1] for o in overrides if "teacher.init_args.checkpoint=" in o), None)
+        seen.append((run_dir.parent.name, name, teacher, sorted(json.loads(done.read_text())) if done.is_file()
+                     else []))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "teacher.safetensors").write_bytes(b"")
+        return qs.RunResult(name, f"{run_dir}/last.ckpt", str(run_dir), 1, 0.0, {"val/arm_mae": 0.1})
+
+    def fake_eval(args, out_dir, name, run, configs, model, curve_episodes=0):
+        return {"successes": 1 + len(name) % 2, "episodes": 2}, {}
+
+    monkeypatch.setattr(qs, "_fit", fake_fit)
+    monkeypatch.setattr(qs, "evaluate_policy", fake_eval)
+    monkeypatch.setattr(qs, "record_demos", lambda args, o: qs.Demos(o / "demos", 2, 2, False, 0.0))
+    argv = ["--out", str(out), "--seeds", "0", "1", "--modes", "two_stage", "--jobs", "1"]
+    summary = evidence.main(argv + (["--teacher-per-seed"] if per_seed_teacher else []))
+    teachers = {seed: str(out / seed / "teacher" / "teacher.safetensors") for seed in ("seed0", "seed1")}
+    students = [(seed, name, teacher) for seed, name, teacher, _ in seen if name != "teacher"]
+    assert students == [("seed0", "align", teachers["seed0"]), ("seed0", "two_stage", teachers["seed0"]),
+                        ("seed1", "align", teachers["seed1" if per_seed_teacher else "seed0"]),
+                        ("seed1", "two_stage", teachers["seed1" if per_seed_teacher else "seed0"])]
+    assert [name for seed, name, _, _ in seen if seed == "seed1"][0] == ("teacher" if per_seed_teacher else "align")
+    # Seed 0 was saved before anything of seed 1 ran.
+    assert all(done == ["0"] for seed, _, _, done in seen if seed == "seed1")
+    assert summary["policies"]["two_stage"]["seeds"] == [0, 1]
+    assert summary["policies"]["teacher"]["seeds"] == ([0, 1] if per_seed_teacher else [0])
