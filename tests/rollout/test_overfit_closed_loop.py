@@ -8,6 +8,7 @@ adapter or the data."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -23,6 +24,12 @@ KERNEL = "--model.init_args.optim.fused=false"
 
 @pytest.mark.sim
 @pytest.mark.slow
+# Opt-in until it is recalibrated (#10): on 2026-12-02 it failed in a freshly built environment (the episode
+# missed) with no change to the code it runs (teacher training, in-process demo recording, the rollout), the
+# same day the quickstart teacher's held-out numbers moved with identical demos. Run it with
+# VITAVLA_EDGE_TESTS=1.
+@pytest.mark.skipif(not os.environ.get("VITAVLA_EDGE_TESTS"),
+                    reason="one episode at the edge of reproduction; set VITAVLA_EDGE_TESTS=1 (issue #10)")
 def test_teacher_overfit_on_one_demo_reproduces_it_closed_loop(tmp_path):
     pytest.importorskip("libero.libero")
     from cli import build_cli
